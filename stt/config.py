@@ -1,0 +1,284 @@
+"""One typed settings object, built from the environment and command-line flags.
+
+Every knob lives here once: its environment variable, its command-line flag (derived from
+the field name), its unit (in the field name) and its default. ``stt worker --help`` and the
+README's configuration table are generated from the same fields, so they cannot drift.
+
+Defaults are chosen to work on a laptop; the Kubernetes manifests set the production values.
+Bad values fail at start-up with a message naming the variable (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENGINES = ("sphinx", "whisper", "http")
+ENCODINGS = ("pcm_s16le", "pcm_f32le", "mulaw", "alaw")
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value. ``variable`` names the environment variable."""
+
+    def __init__(self, variable: str, message: str) -> None:
+        super().__init__(f"{variable}: {message}")
+        self.variable = variable
+
+
+def setting(default: Any, env: str, help: str, *, choices: tuple[str, ...] | None = None,
+            secret: bool = False, group: str = "worker") -> Any:
+    return field(default=default, metadata={"env": env, "help": help, "choices": choices,
+                                            "secret": secret, "group": group})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- engine ------------------------------------------------------------------------
+    engine: str = setting("sphinx", "STT_ENGINE",
+                          "Transcription engine: sphinx (offline, bundled model), whisper (local "
+                          "openai-whisper), http (OpenAI-compatible service), or module:Class.",
+                          group="engine")
+    engine_workers: int = setting(0, "STT_ENGINE_WORKERS",
+                                  "Parallel engine jobs (processes for sphinx, requests for http); "
+                                  "0 = number of CPU cores.", group="engine")
+    language: str = setting("en", "STT_LANGUAGE",
+                            "Default language when a session's start gives none ('' = detect).",
+                            group="engine")
+    whisper_url: str = setting("http://127.0.0.1:8000", "WHISPER_URL",
+                               "Base URL of the Whisper HTTP service (http engine).", group="engine")
+    whisper_path: str = setting("/v1/audio/transcriptions", "WHISPER_PATH",
+                                "Path of the transcription endpoint under WHISPER_URL.",
+                                group="engine")
+    whisper_api_key: str = setting("", "WHISPER_API_KEY",
+                                   "Bearer token for the Whisper HTTP service.", secret=True,
+                                   group="engine")
+    whisper_model_size: str = setting("base.en", "WHISPER_MODEL_SIZE",
+                                      "Whisper model name (tiny, base.en, large-v3, turbo, ...) or "
+                                      "path to a checkpoint file.", group="engine")
+    whisper_device: str = setting("auto", "WHISPER_DEVICE",
+                                  "cuda (NVIDIA or ROCm), cpu, or auto.", choices=("auto", "cuda", "cpu"),
+                                  group="engine")
+    whisper_download_root: str = setting("", "WHISPER_DOWNLOAD_ROOT",
+                                         "Directory for downloaded Whisper weights "
+                                         "('' = openai-whisper's default cache).", group="engine")
+    engine_timeout_s: float = setting(30.0, "STT_ENGINE_TIMEOUT_S",
+                                      "Longest one transcription may take before it fails.",
+                                      group="engine")
+
+    # --- NATS --------------------------------------------------------------------------
+    nats_url: str = setting("nats://127.0.0.1:4222", "NATS_URL",
+                            "NATS server(s), comma separated.", group="nats")
+    nats_user: str = setting("", "NATS_USER", "NATS user name.", group="nats")
+    nats_password: str = setting("", "NATS_PASSWORD", "NATS password.", secret=True, group="nats")
+    nats_token: str = setting("", "NATS_TOKEN", "NATS token.", secret=True, group="nats")
+    nats_nkey_seed: str = setting("", "NATS_NKEY_SEED",
+                                  "Path to an nkey seed file.", group="nats")
+    nats_creds: str = setting("", "NATS_CREDS", "Path to a .creds file (JWT + nkey).", group="nats")
+    nats_tls_ca: str = setting("", "NATS_TLS_CA", "CA bundle for the NATS server's certificate.",
+                               group="nats")
+    nats_tls_cert: str = setting("", "NATS_TLS_CERT", "Client certificate for NATS mTLS.",
+                                 group="nats")
+    nats_tls_key: str = setting("", "NATS_TLS_KEY", "Client key for NATS mTLS.", group="nats")
+    nats_name: str = setting("stt-worker", "NATS_CLIENT_NAME", "Client name shown by the server.",
+                             group="nats")
+    input_subject: str = setting("ai.voice.stream.*", "STT_INPUT_SUBJECT",
+                                 "Subscription subject; the last token is the session id.",
+                                 group="nats")
+    output_subject_prefix: str = setting("ai.voice.transcription", "STT_OUTPUT_SUBJECT_PREFIX",
+                                         "Transcripts go to PREFIX.{session_id}.", group="nats")
+    queue_group: str = setting("", "STT_QUEUE_GROUP",
+                               "NATS queue group ('' = none). Only safe when each session's "
+                               "messages reach one worker (see README, scaling).", group="nats")
+
+    # --- segmentation -------------------------------------------------------------------
+    buffer_size_bytes: int = setting(480_000, "STT_BUFFER_SIZE_BYTES",
+                                     "Longest segment, in bytes of received audio, before it is "
+                                     "cut (at a quiet point) and finalized.")
+    chunk_timeout_s: float = setting(0.6, "STT_CHUNK_TIMEOUT",
+                                     "Seconds of silence (or of no audio arriving) that end an "
+                                     "utterance.")
+    enable_vad: bool = setting(True, "STT_ENABLE_VAD",
+                               "Voice activity detection; off = every frame counts as speech.")
+    vad_aggressiveness: int = setting(2, "STT_VAD_AGGRESSIVENESS", "webrtcvad mode, 0-3.")
+    vad_start_ms: int = setting(90, "STT_VAD_START_MS",
+                                "Voiced audio within a 150 ms window that opens an utterance.")
+    preroll_ms: int = setting(300, "STT_PREROLL_MS",
+                              "Audio kept before detected speech, so first syllables survive.")
+    hangover_ms: int = setting(300, "STT_HANGOVER_MS",
+                               "Silence kept after speech in a finalized segment.")
+    partial_interval_s: float = setting(0.5, "STT_PARTIAL_INTERVAL",
+                                        "Seconds of new speech between partial transcripts "
+                                        "(0 = no partials).")
+    enable_interrupt_detection: bool = setting(True, "STT_ENABLE_INTERRUPT_DETECTION",
+                                               "Detect the user talking over the assistant while "
+                                               "'responding'; off = half duplex.")
+    interrupt_min_speech_ms: int = setting(300, "STT_INTERRUPT_MIN_SPEECH_MS",
+                                           "Voiced audio needed before an interrupt fires.")
+
+    # --- limits ---------------------------------------------------------------------------
+    session_idle_timeout_s: float = setting(30.0, "STT_SESSION_IDLE_TIMEOUT",
+                                            "Seconds without any message before a session is ended "
+                                            "(reason idle_timeout).", group="limits")
+    max_sessions: int = setting(2000, "STT_MAX_SESSIONS",
+                                "Concurrent sessions per worker; more get 'overloaded'.",
+                                group="limits")
+    max_chunk_bytes: int = setting(256 * 1024, "STT_MAX_CHUNK_BYTES",
+                                   "Largest decoded audio chunk; larger get 'too_large'.",
+                                   group="limits")
+    max_segment_s: float = setting(30.0, "STT_MAX_SEGMENT_SECONDS",
+                                   "Hard cap on one segment sent to the engine and on one chunk's "
+                                   "duration.", group="limits")
+    max_pending_segments: int = setting(8, "STT_MAX_PENDING_SEGMENTS",
+                                        "Finals queued per session while the engine is busy; more "
+                                        "are dropped with 'overloaded'.", group="limits")
+    drain_timeout_s: float = setting(20.0, "STT_DRAIN_TIMEOUT_S",
+                                     "On SIGTERM, longest wait for live sessions' finals.",
+                                     group="limits")
+
+    # --- operations -----------------------------------------------------------------------
+    health_port: int = setting(0, "STT_HEALTH_PORT",
+                               "Port for /livez, /readyz and /metrics (0 = off).", group="ops")
+    health_host: str = setting("0.0.0.0", "STT_HEALTH_HOST", "Address the health port binds.",
+                               group="ops")
+    log_level: str = setting("INFO", "STT_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", group="ops")
+    log_format: str = setting("text", "STT_LOG_FORMAT", "text or json.", choices=("text", "json"),
+                              group="ops")
+    otel_enabled: bool = setting(False, "OTEL_ENABLED",
+                                 "OpenTelemetry traces and metrics over OTLP.", group="ops")
+    hyperdx_enabled: bool = setting(False, "HYPERDX_ENABLED",
+                                    "Send telemetry to HyperDX (needs HYPERDX_API_KEY).", group="ops")
+    hyperdx_api_key: str = setting("", "HYPERDX_API_KEY", "HyperDX ingestion key.", secret=True,
+                                   group="ops")
+
+    # ------------------------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None,
+                 overrides: Mapping[str, Any] | None = None) -> Settings:
+        """Environment first, then ``overrides`` (parsed command-line flags) on top."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            env = f.metadata["env"]
+            if env in environ:
+                values[f.name] = _convert(environ[env], hints[f.name], env)
+        for name, value in (overrides or {}).items():
+            if value is None:
+                continue
+            flag = "--" + name.replace("_", "-")
+            values[name] = _convert(value, hints[name], flag) if isinstance(value, str) else value
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        def need(cond: bool, name: str, message: str) -> None:
+            if not cond:
+                raise ConfigError(_FIELDS[name].metadata["env"], message)
+
+        need(self.engine in ENGINES or ":" in self.engine, "engine",
+             f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)} or module:Class")
+        need(self.whisper_device in ("auto", "cuda", "cpu"), "whisper_device",
+             "must be auto, cuda or cpu")
+        need(0 <= self.vad_aggressiveness <= 3, "vad_aggressiveness", "must be 0, 1, 2 or 3")
+        need(self.chunk_timeout_s > 0, "chunk_timeout_s", "must be > 0 seconds")
+        need(self.buffer_size_bytes >= 3200, "buffer_size_bytes", "must be at least 3200 bytes")
+        need(self.partial_interval_s >= 0, "partial_interval_s", "must be >= 0")
+        need(self.session_idle_timeout_s > 0, "session_idle_timeout_s", "must be > 0")
+        need(self.max_sessions > 0, "max_sessions", "must be > 0")
+        need(self.max_chunk_bytes > 0, "max_chunk_bytes", "must be > 0")
+        need(1.0 <= self.max_segment_s <= 600, "max_segment_s", "must be between 1 and 600 s")
+        need(self.max_pending_segments > 0, "max_pending_segments", "must be > 0")
+        need(self.interrupt_min_speech_ms >= 30, "interrupt_min_speech_ms", "must be >= 30 ms")
+        need(0 <= self.vad_start_ms <= 150, "vad_start_ms", "must be between 0 and 150 ms")
+        need(0 <= self.preroll_ms <= 2000, "preroll_ms", "must be between 0 and 2000 ms")
+        need(0 <= self.hangover_ms <= 2000, "hangover_ms", "must be between 0 and 2000 ms")
+        need(0 <= self.health_port <= 65535, "health_port", "must be a TCP port or 0")
+        need(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
+             "must be DEBUG, INFO, WARNING or ERROR")
+        need(self.log_format in ("text", "json"), "log_format", "must be text or json")
+        need(self.input_subject.endswith(".*") or self.input_subject.endswith(".>"),
+             "input_subject", "must end with '.*' (the session id token)")
+        need(bool(self.output_subject_prefix) and not self.output_subject_prefix.endswith("."),
+             "output_subject_prefix", "must be a subject prefix without a trailing dot")
+        need(not (self.hyperdx_enabled and not self.hyperdx_api_key), "hyperdx_api_key",
+             "HYPERDX_ENABLED is set but HYPERDX_API_KEY is empty")
+        need(self.drain_timeout_s >= 0, "drain_timeout_s", "must be >= 0")
+        for name in ("nats_creds", "nats_nkey_seed", "nats_tls_ca", "nats_tls_cert", "nats_tls_key"):
+            path = getattr(self, name)
+            need(not path or os.path.isfile(path), name, f"file not found: {path}")
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings for logs: secrets masked."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = "***" if f.metadata["secret"] and value else value
+        return out
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _convert(raw: Any, hint: Any, source: str) -> Any:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    text = str(raw).strip()
+    try:
+        if hint is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError("expected true/false")
+        if hint is int:
+            return int(text.replace("_", ""))
+        if hint is float:
+            return float(text)
+        return text
+    except ValueError as exc:
+        raise ConfigError(source, f"bad value {text!r}: {exc}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] | None = None) -> None:
+    """One ``--flag`` per setting (``--chunk-timeout-s`` for ``chunk_timeout_s``).
+
+    Flags default to ``None`` so that an unset flag leaves the environment's value alone.
+    """
+    hints = typing.get_type_hints(Settings)
+    sections: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(Settings):
+        group = f.metadata["group"]
+        if groups is not None and group not in groups:
+            continue
+        section = sections.get(group) or parser.add_argument_group(f"{group} settings")
+        sections[group] = section
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} [env {f.metadata['env']}, default {f.default!r}]"
+        if hints[f.name] is bool:
+            section.add_argument(flag, dest=f.name, default=None,
+                                 action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            section.add_argument(flag, dest=f.name, default=None, metavar=f.metadata["env"],
+                                 choices=f.metadata["choices"], help=help_text)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in _FIELDS if getattr(args, name, None) is not None}
+
+
+def markdown_table() -> str:
+    """The README's configuration table."""
+    rows = ["| variable | flag | default | meaning |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default != "" else "(empty)"
+        rows.append(f"| `{f.metadata['env']}` | `{flag}` | `{default}` | {f.metadata['help']} |")
+    return "\n".join(rows)

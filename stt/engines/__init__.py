@@ -1,0 +1,41 @@
+"""Engines behind one interface (see :mod:`stt.engines.base`); one module per engine."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..config import Settings
+from .base import Engine, EngineError, EngineUnavailable, TranscribeOptions, Transcription, Word
+
+__all__ = ["Engine", "EngineError", "EngineUnavailable", "TranscribeOptions", "Transcription",
+           "Word", "create_engine"]
+
+
+def create_engine(settings: Settings) -> Engine:
+    """Build (not start) the engine named by ``STT_ENGINE``.
+
+    ``module:Class`` loads any :class:`Engine` subclass, constructed with the settings; the
+    benchmarks use that for an engine that answers at once.
+    """
+    name = settings.engine
+    if name == "sphinx":
+        from .sphinx import SphinxEngine
+
+        return SphinxEngine(workers=settings.engine_workers)
+    if name == "whisper":
+        from .whisper import WhisperEngine
+
+        return WhisperEngine.from_settings(settings)
+    if name == "http":
+        from .http import HttpEngine
+
+        return HttpEngine.from_settings(settings)
+    module_name, _, class_name = name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise EngineUnavailable(f"STT_ENGINE={name!r}: cannot load {class_name} from "
+                                f"{module_name}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Engine)):
+        raise EngineUnavailable(f"STT_ENGINE={name!r} is not an Engine subclass")
+    return cls(settings)

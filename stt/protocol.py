@@ -1,0 +1,277 @@
+"""Wire protocol: msgpack maps on ``ai.voice.stream.{id}`` in, ``ai.voice.transcription.{id}`` out.
+
+This module is the only place that knows field names, subjects and the msgpack codec.
+Input is parsed into small typed events (:class:`Start`, :class:`Chunk`, :class:`StateChange`,
+:class:`End`); anything malformed raises :class:`ProtocolError`, whose ``code`` and ``message``
+travel back to the client in an ``error`` message. Output messages are built by the
+``*_message`` functions, so every message of a kind carries the same fields.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .config import ENCODINGS
+
+MAX_SESSION_ID_LEN = 128
+MAX_PROMPT_CHARS = 2000
+MIN_SAMPLE_RATE = 8000
+MAX_SAMPLE_RATE = 192_000
+MAX_CHANNELS = 8
+
+
+class State(str, enum.Enum):
+    LISTENING = "listening"
+    RESPONDING = "responding"
+
+
+class ErrorCode(str, enum.Enum):
+    BAD_MESSAGE = "bad_message"
+    BAD_AUDIO = "bad_audio"
+    SESSION_MISMATCH = "session_mismatch"
+    TOO_LARGE = "too_large"
+    OVERLOADED = "overloaded"
+    ENGINE_FAILED = "engine_failed"
+
+
+class EndReason(str, enum.Enum):
+    END = "end"
+    IDLE_TIMEOUT = "idle_timeout"
+    SHUTDOWN = "shutdown"
+
+
+class ProtocolError(Exception):
+    """A message the worker cannot use; reported to the client as ``type: error``."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# --- subjects -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Subjects:
+    input_subject: str = "ai.voice.stream.*"
+    output_prefix: str = "ai.voice.transcription"
+
+    def session_id(self, subject: str) -> str:
+        """The session id is the last token of the input subject."""
+        token = subject.rsplit(".", 1)[-1]
+        if not token or len(token) > MAX_SESSION_ID_LEN:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"bad session id in subject {subject[:200]!r}")
+        return token
+
+    def output(self, session_id: str) -> str:
+        return f"{self.output_prefix}.{session_id}"
+
+    def input(self, session_id: str) -> str:
+        return f"{self.input_subject.rsplit('.', 1)[0]}.{session_id}"
+
+
+# --- codec ------------------------------------------------------------------------------------
+
+
+def pack(message: dict[str, Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(payload: bytes) -> dict[str, Any]:
+    try:
+        message = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises many types for garbage
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"payload is not msgpack: {exc}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                            f"payload must be a msgpack map, got {type(message).__name__}")
+    return message
+
+
+# --- input events ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    sample_rate: int = 16000
+    channels: int = 1
+    encoding: str = "pcm_s16le"
+    state: State = State.LISTENING
+    speaker_id: str | None = None
+    language: str | None = None
+    prompt: str | None = None
+    word_timestamps: bool = False
+    claimed_session_id: str | None = None  # the body's session_id, if any
+
+
+@dataclass(frozen=True)
+class Chunk:
+    audio: bytes
+    timestamp: float | None = None
+    seq: int | None = None
+
+
+@dataclass(frozen=True)
+class StateChange:
+    state: State
+
+
+@dataclass(frozen=True)
+class End:
+    pass
+
+
+Event = Start | Chunk | StateChange | End
+
+
+def parse(message: dict[str, Any]) -> Event:
+    kind = message.get("type")
+    if kind == "chunk":  # the hot path first
+        return _parse_chunk(message)
+    if kind == "start":
+        return _parse_start(message)
+    if kind == "state_change":
+        return StateChange(state=_state(message.get("state"), "state_change"))
+    if kind == "end":
+        return End()
+    if kind is None:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "message has no 'type'")
+    raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                        f"unknown type {str(kind)[:40]!r}; expected start, chunk, state_change or end")
+
+
+def _state(value: Any, where: str) -> State:
+    try:
+        return State(value)
+    except ValueError:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                            f"{where}: state must be 'listening' or 'responding', "
+                            f"got {str(value)[:40]!r}") from None
+
+
+def _optional_str(message: dict[str, Any], key: str, limit: int) -> str | None:
+    value = message.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"start: {key} must be a string")
+    if len(value) > limit:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"start: {key} longer than {limit} characters")
+    return value or None
+
+
+def _int_field(message: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    value = message.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"start: {key} must be an integer")
+    if not low <= value <= high:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"start: {key} must be in {low}..{high}, got {value}")
+    return int(value)
+
+
+def _parse_start(message: dict[str, Any]) -> Start:
+    encoding = message.get("encoding") or "pcm_s16le"
+    if encoding not in ENCODINGS:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                            f"start: encoding {str(encoding)[:40]!r} not supported; "
+                            f"use one of {', '.join(ENCODINGS)}")
+    claimed = message.get("session_id")
+    speaker = message.get("speaker_id")
+    if speaker is not None and not isinstance(speaker, str | int):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "start: speaker_id must be a string")
+    return Start(
+        sample_rate=_int_field(message, "sample_rate", 16000, MIN_SAMPLE_RATE, MAX_SAMPLE_RATE),
+        channels=_int_field(message, "channels", 1, 1, MAX_CHANNELS),
+        encoding=encoding,
+        state=_state(message.get("state") or "listening", "start"),
+        speaker_id=None if speaker is None else str(speaker)[:MAX_SESSION_ID_LEN],
+        language=_optional_str(message, "language", 16),
+        prompt=_optional_str(message, "prompt", MAX_PROMPT_CHARS),
+        word_timestamps=bool(message.get("word_timestamps", False)),
+        claimed_session_id=None if claimed is None else str(claimed)[:MAX_SESSION_ID_LEN],
+    )
+
+
+def _parse_chunk(message: dict[str, Any]) -> Chunk:
+    audio = message.get("audio")
+    if audio is None:
+        b64 = message.get("audio_b64")
+        if b64 is None:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "chunk has neither 'audio_b64' nor 'audio'")
+        if not isinstance(b64, str | bytes):
+            raise ProtocolError(ErrorCode.BAD_AUDIO, "chunk: audio_b64 must be a base64 string")
+        try:
+            audio = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolError(ErrorCode.BAD_AUDIO, "chunk: audio_b64 is not valid base64") from None
+    elif not isinstance(audio, bytes):
+        raise ProtocolError(ErrorCode.BAD_AUDIO, "chunk: audio must be msgpack bin (raw bytes)")
+    timestamp = message.get("timestamp")
+    if timestamp is not None and (isinstance(timestamp, bool) or not isinstance(timestamp, int | float)
+                                  or not math.isfinite(timestamp)):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "chunk: timestamp must be a number (epoch seconds)")
+    seq = message.get("seq")
+    if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "chunk: seq must be an integer")
+    return Chunk(audio=audio, timestamp=None if timestamp is None else float(timestamp), seq=seq)
+
+
+# --- output messages --------------------------------------------------------------------------
+# ``sequence`` is filled in by the session when the message is emitted.
+
+
+def transcript_message(session_id: str, *, text: str, is_final: bool, state: State,
+                       speaker_id: str | None, has_voice_activity: bool, segment_id: int,
+                       start_s: float, end_s: float, language: str | None,
+                       words: list[dict[str, Any]] | None = None,
+                       extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "type": "transcript",
+        "session_id": session_id,
+        "transcript": text,
+        "sequence": 0,
+        "is_partial": not is_final,
+        "is_final": is_final,
+        "timestamp": time.time(),
+        "speaker_id": speaker_id,
+        "has_voice_activity": has_voice_activity,
+        "state": state.value,
+        "segment_id": segment_id,
+        "start": round(start_s, 3),
+        "end": round(end_s, 3),
+        "language": language,
+    }
+    if words:
+        message["words"] = words
+    if extra:
+        message.update(extra)
+    return message
+
+
+def interrupt_message(session_id: str, speaker_id: str | None, **extra: Any) -> dict[str, Any]:
+    return {"type": "interrupt", "session_id": session_id, "sequence": 0,
+            "timestamp": time.time(), "speaker_id": speaker_id, **extra}
+
+
+def end_message(session_id: str, reason: EndReason, audio_seconds: float, segments: int,
+                speaker_id: str | None) -> dict[str, Any]:
+    return {"type": "end", "session_id": session_id, "sequence": 0, "timestamp": time.time(),
+            "reason": reason.value, "audio_seconds": round(audio_seconds, 3),
+            "segments": segments, "speaker_id": speaker_id}
+
+
+def error_message(session_id: str, code: ErrorCode, message: str,
+                  sequence: int = 0) -> dict[str, Any]:
+    return {"type": "error", "session_id": session_id, "sequence": sequence,
+            "timestamp": time.time(), "code": code.value, "message": message}

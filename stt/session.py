@@ -1,0 +1,580 @@
+"""One streaming session as a plain object: events and the current time in, actions out.
+
+Theory of operation
+-------------------
+Everything that decides *what happens to a session* lives in this file; nothing here does
+I/O, reads a clock or knows about NATS. The worker feeds it:
+
+* ``handle(event, now)``        a parsed input message (start, chunk, state_change, end);
+* ``reject(error, now)``        a message for this session that could not be parsed;
+* ``tick(now)``                 the passage of time (idle timeout, audio that stopped arriving);
+* ``transcribed(job_id, ...)``  an engine result for a job this session asked for;
+* ``finish(reason, now)``       end it (``end``, idle timeout, worker shutdown).
+
+and executes the returned actions in order: :class:`Publish` (a message, already numbered
+with the session's ``sequence``), :class:`Transcribe` (a :class:`Job` for the engine) and
+:class:`Close` (forget the session).
+
+Audio path: each chunk is decoded and resampled to 16 kHz, cut into 30 ms frames, and each
+frame gets one VAD decision. While QUIET, the last ``preroll_ms`` of frames are kept; speech
+opens a segment when ``vad_start_ms`` of the last 150 ms are voiced, and the segment starts with
+that pre-roll. While SPEAKING, the segment ends (a *final*) on ``chunk_timeout_s`` of trailing
+silence, on no audio arriving for ``chunk_timeout_s``, on a ``state_change``, ``end`` or idle
+timeout; when it reaches the size limit it is cut at its quietest recent point and the rest
+carries on as the next segment. Every ``partial_interval_s`` of new audio, a *partial* of the
+growing segment is requested.
+
+Ordering: at most one engine job per session is in flight; finals wait in a bounded queue and
+partials are only requested when nothing is waiting, so results come back in order and a
+session's messages are published in order. A partial that returns after its segment was
+finalized is dropped.
+
+Barge-in: while ``responding`` (with interrupt detection on) speech still opens a segment,
+but as a *candidate*: once it holds ``interrupt_min_speech_ms`` of voiced frames (and most of
+its frames since onset are voiced), an ``interrupt`` is published, the session switches to
+``listening`` and the candidate, pre-roll included, carries on as a normal utterance. A
+candidate that ends before that (a cough, a click) is discarded. With detection off, audio
+received while ``responding`` is dropped (half duplex).
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .audio import SAMPLE_RATE, Converter
+from .config import Settings
+from .engines.base import TranscribeOptions, Transcription
+from .protocol import (
+    Chunk,
+    End,
+    EndReason,
+    ErrorCode,
+    Event,
+    ProtocolError,
+    Start,
+    State,
+    StateChange,
+    end_message,
+    error_message,
+    interrupt_message,
+    transcript_message,
+)
+from .vad import FRAME_S, FRAME_SAMPLES, Framer, FrameVAD, frame_energy
+
+START_WINDOW_FRAMES = 5          # 150 ms window for the speech-onset decision
+INTERRUPT_MIN_VOICED_RATIO = 0.6  # of frames since onset, so a few loud clicks do not qualify
+CUT_SEARCH_S = 3.0               # how far back from the size limit to look for a quiet point
+SEEN_SEQ_WINDOW = 256            # recent chunk seq numbers kept to tell duplicates from late ones
+
+
+class VADState(enum.Enum):
+    QUIET = "quiet"
+    SPEAKING = "speaking"
+
+
+# --- actions ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """Audio for the engine, and what to do with the answer."""
+
+    job_id: int
+    session_id: str
+    segment_id: int
+    audio: np.ndarray
+    is_final: bool
+    start_s: float
+    end_s: float
+    options: TranscribeOptions
+    created_at: float
+    speech_end_at: float | None = None  # wall clock when the end of speech was decided (finals)
+    had_partials: bool = False  # partials were published for this segment: a final must follow
+
+    @property
+    def duration_s(self) -> float:
+        return self.audio.size / SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class Publish:
+    message: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Transcribe:
+    job: Job
+
+
+@dataclass(frozen=True)
+class Close:
+    reason: EndReason
+
+
+Action = Publish | Transcribe | Close
+
+
+@dataclass
+class Counters:
+    """Per-session tallies the worker turns into metrics (never labelled by session)."""
+
+    chunks_ok: int = 0
+    chunks_duplicate: int = 0
+    chunks_late: int = 0
+    chunks_dropped: int = 0
+    seq_gaps: int = 0
+    audio_in_s: float = 0.0
+    interrupts: int = 0
+    finals: int = 0
+    partials: int = 0
+    errors: int = 0
+
+
+@dataclass
+class _Segment:
+    segment_id: int
+    first_frame: int                  # index on the session's frame timeline
+    frames: list[np.ndarray] = field(default_factory=list)
+    voiced: list[bool] = field(default_factory=list)
+    energy: list[float] = field(default_factory=list)
+    voiced_count: int = 0
+    voiced_since_onset: int = 0
+    frames_since_onset: int = 0
+    trailing_silence: int = 0
+    partial_at_frames: int = 0        # segment length when the last partial was requested
+    partials_published: int = 0
+    last_partial_text: str = ""
+    candidate: bool = False           # opened while responding; becomes real on interrupt
+
+    def append(self, frame: np.ndarray, voiced: bool, energy: float) -> None:
+        self.frames.append(frame)
+        self.voiced.append(voiced)
+        self.energy.append(energy)
+        if voiced:
+            self.voiced_count += 1
+            self.trailing_silence = 0
+        else:
+            self.trailing_silence += 1
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+class Session:
+    def __init__(self, session_id: str, settings: Settings, now: float,
+                 start: Start | None = None) -> None:
+        self.session_id = session_id
+        self.settings = settings
+        self.created_at = now
+        self.last_message_at = now
+        self.last_audio_at = now
+        self.counters = Counters()
+        self.closed = False
+        self.implicit_start = start is None
+        self._sequence = 1
+        self._next_segment_id = 1
+        self._next_job_id = 1
+        self._frame_index = 0          # frames processed on the session timeline
+        self._vad_state = VADState.QUIET
+        self._segment: _Segment | None = None
+        self._window: collections.deque[bool] = collections.deque(maxlen=START_WINDOW_FRAMES)
+        self._preroll: collections.deque[tuple[np.ndarray, bool, float]] = collections.deque()
+        self._inflight: Job | None = None
+        self._queue: collections.deque[Job] = collections.deque()
+        self._closing: EndReason | None = None
+        self._last_seq: int | None = None
+        self._seen_seq: collections.deque[int] = collections.deque(maxlen=SEEN_SEQ_WINDOW)
+        self._last_final_text = ""
+        self._finals_published = 0
+        # frame counts derived from settings
+        s = settings
+        self._silence_frames = max(1, math.ceil(s.chunk_timeout_s / FRAME_S))
+        self._hangover_frames = max(0, round(s.hangover_ms / 1000 / FRAME_S))
+        self._preroll_frames = max(START_WINDOW_FRAMES, round(s.preroll_ms / 1000 / FRAME_S))
+        self._start_frames = max(1, math.ceil(s.vad_start_ms / 1000 / FRAME_S)) \
+            if s.enable_vad else 1
+        self._partial_frames = (round(s.partial_interval_s / FRAME_S)
+                                if s.partial_interval_s > 0 else 0)
+        self._interrupt_frames = max(1, math.ceil(s.interrupt_min_speech_ms / 1000 / FRAME_S))
+        self._vad = FrameVAD(s.enable_vad, s.vad_aggressiveness)
+        self._configure(start or Start())
+
+    # --- public API ----------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def sequence(self) -> int:
+        """The sequence number the next published message will carry."""
+        return self._sequence
+
+    @property
+    def busy(self) -> bool:
+        return self._inflight is not None or bool(self._queue)
+
+    @property
+    def deadline(self) -> float:
+        """Earliest time at which ``tick`` may have something to do."""
+        t = self.last_message_at + self.settings.session_idle_timeout_s
+        if self._vad_state is VADState.SPEAKING:
+            t = min(t, self.last_audio_at + self.settings.chunk_timeout_s)
+        return t
+
+    def handle(self, event: Event, now: float) -> list[Action]:
+        if self.closed or self._closing is not None:
+            return []
+        self.last_message_at = now
+        if isinstance(event, Chunk):
+            return self._on_chunk(event, now)
+        if isinstance(event, Start):
+            return self._on_start(event, now)
+        if isinstance(event, StateChange):
+            return self._on_state_change(event.state, now)
+        if isinstance(event, End):
+            return self.finish(EndReason.END, now)
+        raise TypeError(f"not an event: {event!r}")
+
+    def reject(self, error: ProtocolError, now: float) -> list[Action]:
+        """Report a bad message for this session; nothing else changes."""
+        if self.closed:
+            return []
+        self.last_message_at = now
+        return [self._error(error.code, error.message)]
+
+    def tick(self, now: float) -> list[Action]:
+        if self.closed or self._closing is not None:
+            return []
+        if now - self.last_message_at >= self.settings.session_idle_timeout_s:
+            return self.finish(EndReason.IDLE_TIMEOUT, now)
+        if (self._vad_state is VADState.SPEAKING
+                and now - self.last_audio_at >= self.settings.chunk_timeout_s):
+            # The client stopped sending audio mid-utterance (push-to-talk released, network).
+            return self._end_segment(now)
+        return []
+
+    def finish(self, reason: EndReason, now: float) -> list[Action]:
+        """Flush what is buffered; the ``end`` message follows the last final."""
+        if self.closed or self._closing is not None:
+            return []
+        actions: list[Action] = []
+        for frame in self._drain_audio():
+            actions += self._on_frame(frame, now)
+        actions += self._end_segment(now)
+        self._closing = reason
+        actions += self._pump(now)
+        return actions
+
+    def transcribed(self, job_id: int, result: Transcription, now: float) -> list[Action]:
+        job = self._take_inflight(job_id)
+        if job is None:
+            return []
+        actions: list[Action] = []
+        text = result.text.strip()
+        words = [w.as_dict(job.start_s) for w in result.words] or None
+        language = result.language or job.options.language
+        if job.is_final:
+            if text or job.had_partials:
+                actions.append(self._emit(transcript_message(
+                    self.session_id, text=text, is_final=True, state=self._state,
+                    speaker_id=self.speaker_id, has_voice_activity=True,
+                    segment_id=job.segment_id, start_s=job.start_s, end_s=job.end_s,
+                    language=language, words=words)))
+                self.counters.finals += 1
+                self._finals_published += 1
+            if text:
+                self._last_final_text = text
+        else:
+            seg = self._segment
+            if (seg is not None and seg.segment_id == job.segment_id and text
+                    and text != seg.last_partial_text):
+                seg.last_partial_text = text
+                seg.partials_published += 1
+                self.counters.partials += 1
+                actions.append(self._emit(transcript_message(
+                    self.session_id, text=text, is_final=False, state=self._state,
+                    speaker_id=self.speaker_id, has_voice_activity=True,
+                    segment_id=job.segment_id, start_s=job.start_s, end_s=job.end_s,
+                    language=language, words=words, extra={"stability": 0.0})))
+        actions += self._pump(now)
+        return actions
+
+    def transcription_failed(self, job_id: int, message: str, now: float) -> list[Action]:
+        job = self._take_inflight(job_id)
+        if job is None:
+            return []
+        actions: list[Action] = []
+        if job.is_final:  # a failed partial is simply superseded by the next one
+            actions.append(self._error(ErrorCode.ENGINE_FAILED,
+                                       f"segment {job.segment_id}: {message}"))
+        return actions + self._pump(now)
+
+    # --- configuration -------------------------------------------------------------------
+
+    def _configure(self, start: Start) -> None:
+        self._start = start
+        self._state = start.state
+        self.speaker_id = start.speaker_id
+        self._converter = Converter(start.sample_rate, start.channels, start.encoding)
+        self._framer = Framer()
+        seconds = self.settings.buffer_size_bytes / self._converter.bytes_per_second
+        seconds = min(seconds, self.settings.max_segment_s)
+        self._max_segment_frames = max(self._silence_frames + 2, int(seconds / FRAME_S))
+        self._language = start.language or self.settings.language or None
+
+    def _on_start(self, start: Start, now: float) -> list[Action]:
+        actions: list[Action] = []
+        if start.claimed_session_id is not None and start.claimed_session_id != self.session_id:
+            actions.append(self._error(
+                ErrorCode.SESSION_MISMATCH,
+                f"start.session_id {start.claimed_session_id!r} differs from the subject's "
+                f"{self.session_id!r}; using the subject's"))
+        if self._frame_index or self._segment is not None:
+            # A start for a session that already has audio: close the current utterance,
+            # then carry on in the new format.
+            for frame in self._drain_audio():
+                actions += self._on_frame(frame, now)
+            actions += self._end_segment(now)
+        self.implicit_start = False
+        self._configure(start)
+        return actions
+
+    # --- audio -----------------------------------------------------------------------------
+
+    def _on_chunk(self, chunk: Chunk, now: float) -> list[Action]:
+        if chunk.seq is not None:
+            verdict = self._check_seq(chunk.seq)
+            if verdict is not None:
+                return []
+        if len(chunk.audio) > self.settings.max_chunk_bytes:
+            self.counters.chunks_dropped += 1
+            return [self._error(ErrorCode.TOO_LARGE,
+                                f"chunk of {len(chunk.audio)} bytes exceeds the limit of "
+                                f"{self.settings.max_chunk_bytes} (STT_MAX_CHUNK_BYTES)")]
+        duration = len(chunk.audio) / self._converter.bytes_per_second
+        if duration > self.settings.max_segment_s:
+            self.counters.chunks_dropped += 1
+            return [self._error(ErrorCode.TOO_LARGE,
+                                f"chunk of {duration:.1f} s exceeds the limit of "
+                                f"{self.settings.max_segment_s} s (STT_MAX_SEGMENT_SECONDS)")]
+        try:
+            samples = self._converter.convert(chunk.audio)
+        except ProtocolError as exc:
+            self.counters.chunks_dropped += 1
+            return [self._error(exc.code, exc.message)]
+        self.counters.chunks_ok += 1
+        self.counters.audio_in_s += duration
+        self.last_audio_at = now
+        actions: list[Action] = []
+        for frame in self._framer.push(samples):
+            actions += self._on_frame(frame, now)
+        return actions
+
+    def _check_seq(self, seq: int) -> str | None:
+        """None for a chunk to use; 'duplicate' or 'late' for one to drop."""
+        last = self._last_seq
+        if last is not None and seq <= last:
+            if seq in self._seen_seq:
+                self.counters.chunks_duplicate += 1
+                return "duplicate"
+            self.counters.chunks_late += 1
+            return "late"
+        if last is not None and seq > last + 1:
+            self.counters.seq_gaps += seq - last - 1
+        self._last_seq = seq
+        self._seen_seq.append(seq)
+        return None
+
+    def _drain_audio(self) -> list[np.ndarray]:
+        """Frames still inside the resampler and framer, at the end of a stream."""
+        tail = self._converter.flush()
+        frames = self._framer.push(tail) if tail.size else []
+        last = self._framer.flush()
+        if last is not None:
+            frames.append(last)
+        return frames
+
+    def _on_frame(self, frame: np.ndarray, now: float) -> list[Action]:
+        index = self._frame_index
+        self._frame_index += 1
+        responding = self._state is State.RESPONDING
+        if responding and not self.settings.enable_interrupt_detection:
+            return []  # half duplex: the assistant is speaking, the user is not transcribed
+        voiced = self._vad.is_speech(frame)
+        energy = frame_energy(frame)
+        if self._vad_state is VADState.QUIET:
+            self._preroll.append((frame, voiced, energy))
+            if len(self._preroll) > self._preroll_frames:
+                self._preroll.popleft()
+            self._window.append(voiced)
+            if voiced and sum(self._window) >= self._start_frames:
+                self._open_segment(index, candidate=responding)
+            return []
+        seg = self._segment
+        assert seg is not None
+        seg.append(frame, voiced, energy)
+        seg.frames_since_onset += 1
+        seg.voiced_since_onset += voiced
+        actions: list[Action] = []
+        if seg.candidate:
+            if (seg.voiced_since_onset >= self._interrupt_frames and seg.voiced_since_onset
+                    >= INTERRUPT_MIN_VOICED_RATIO * seg.frames_since_onset):
+                actions.append(self._fire_interrupt(seg))
+        if seg.trailing_silence >= self._silence_frames:
+            actions += self._end_segment(now)
+        elif len(seg) >= self._max_segment_frames:
+            actions += self._cut_segment(now)
+        elif self._partial_due(seg):
+            actions += self._request_partial(seg, now)
+        return actions
+
+    def _open_segment(self, index: int, candidate: bool) -> None:
+        frames = list(self._preroll)
+        self._preroll.clear()
+        self._window.clear()
+        seg = _Segment(segment_id=self._next_segment_id, first_frame=index + 1 - len(frames),
+                       candidate=candidate)
+        self._next_segment_id += 1
+        for frame, voiced, energy in frames:
+            seg.append(frame, voiced, energy)
+        # onset counts from the voiced frames of the start window, not the quiet pre-roll
+        seg.frames_since_onset = START_WINDOW_FRAMES
+        seg.voiced_since_onset = sum(v for _, v, _ in frames[-START_WINDOW_FRAMES:])
+        self._segment = seg
+        self._vad_state = VADState.SPEAKING
+
+    def _fire_interrupt(self, seg: _Segment) -> Publish:
+        seg.candidate = False
+        self._state = State.LISTENING
+        self.counters.interrupts += 1
+        return self._emit(interrupt_message(
+            self.session_id, self.speaker_id, segment_id=seg.segment_id,
+            start=round(seg.first_frame * FRAME_S, 3)))
+
+    # --- segments and jobs -------------------------------------------------------------------
+
+    def _end_segment(self, now: float) -> list[Action]:
+        """Close the open segment (if any) and queue its final."""
+        seg = self._segment
+        self._segment = None
+        self._vad_state = VADState.QUIET
+        self._window.clear()
+        if seg is None:
+            return []
+        keep = len(seg) - max(0, seg.trailing_silence - self._hangover_frames)
+        # the dropped silence is the next segment's pre-roll
+        for i in range(max(keep, len(seg) - self._preroll_frames), len(seg)):
+            self._preroll.append((seg.frames[i], seg.voiced[i], seg.energy[i]))
+        while len(self._preroll) > self._preroll_frames:
+            self._preroll.popleft()
+        if seg.candidate:
+            return []  # speech while responding that never became an interrupt: noise
+        return self._queue_final(seg, keep, now)
+
+    def _cut_segment(self, now: float) -> list[Action]:
+        """The segment reached the size limit: finalize up to its quietest recent point."""
+        seg = self._segment
+        assert seg is not None
+        n = len(seg)
+        lo = max(1, n - int(CUT_SEARCH_S / FRAME_S), n // 2)
+        best, best_run, run = None, 0, 0
+        for i in range(lo, n):  # longest unvoiced run; cut in its middle
+            run = run + 1 if not seg.voiced[i] else 0
+            if run > best_run:
+                best_run, best = run, i - run // 2
+        if best is None:
+            best = lo + int(np.argmin(seg.energy[lo:n]))
+        cut = max(1, best)
+        actions: list[Action] = []
+        if seg.candidate:  # a very long candidate is speech: it fires before the cut
+            actions.append(self._fire_interrupt(seg))
+        actions += self._queue_final(seg, cut, now)
+        rest = _Segment(segment_id=self._next_segment_id, first_frame=seg.first_frame + cut)
+        self._next_segment_id += 1
+        for i in range(cut, n):
+            rest.append(seg.frames[i], seg.voiced[i], seg.energy[i])
+        rest.frames_since_onset = len(rest)
+        rest.voiced_since_onset = rest.voiced_count
+        self._segment = rest
+        return actions
+
+    def _queue_final(self, seg: _Segment, n_frames: int, now: float) -> list[Action]:
+        if seg.voiced_count == 0 or n_frames <= 0:
+            return []
+        if len(self._queue) >= self.settings.max_pending_segments:
+            self.counters.errors += 1
+            return [self._error(ErrorCode.OVERLOADED,
+                                f"segment {seg.segment_id} dropped: {len(self._queue)} segments "
+                                f"already wait for the engine (STT_MAX_PENDING_SEGMENTS)")]
+        self._queue.append(self._job(seg, n_frames, is_final=True, now=now))
+        return self._pump(now)
+
+    def _partial_due(self, seg: _Segment) -> bool:
+        return (self._partial_frames > 0 and not seg.candidate and self._inflight is None
+                and not self._queue and seg.voiced_count > 0
+                and len(seg) - seg.partial_at_frames >= self._partial_frames)
+
+    def _request_partial(self, seg: _Segment, now: float) -> list[Action]:
+        seg.partial_at_frames = len(seg)
+        job = self._job(seg, len(seg), is_final=False, now=now)
+        self._inflight = job
+        return [Transcribe(job)]
+
+    def _job(self, seg: _Segment, n_frames: int, *, is_final: bool, now: float) -> Job:
+        audio = np.concatenate(seg.frames[:n_frames]) if n_frames > 1 else seg.frames[0].copy()
+        start_s = seg.first_frame * FRAME_S
+        job = Job(
+            job_id=self._next_job_id, session_id=self.session_id, segment_id=seg.segment_id,
+            audio=audio, is_final=is_final, start_s=start_s,
+            end_s=start_s + n_frames * FRAME_SAMPLES / SAMPLE_RATE,
+            options=TranscribeOptions(language=self._language, prompt=self._start.prompt,
+                                      context=self._last_final_text or None,
+                                      word_timestamps=self._start.word_timestamps,
+                                      is_partial=not is_final),
+            created_at=now, speech_end_at=now if is_final else None,
+            had_partials=is_final and seg.partials_published > 0)
+        self._next_job_id += 1
+        return job
+
+    def _pump(self, now: float) -> list[Action]:
+        """Start the next queued job; when nothing is left and the session is ending, end it."""
+        if self._inflight is not None:
+            return []
+        if self._queue:
+            self._inflight = self._queue.popleft()
+            return [Transcribe(self._inflight)]
+        if self._closing is not None:
+            self.closed = True
+            return [self._emit(end_message(self.session_id, self._closing,
+                                           self._frame_index * FRAME_S, self._finals_published,
+                                           self.speaker_id)),
+                    Close(self._closing)]
+        seg = self._segment
+        if seg is not None and self._partial_due(seg):
+            return self._request_partial(seg, now)
+        return []
+
+    def _take_inflight(self, job_id: int) -> Job | None:
+        job = self._inflight
+        if job is None or job.job_id != job_id:
+            return None
+        self._inflight = None
+        return job
+
+    # --- messages ---------------------------------------------------------------------------
+
+    def _emit(self, message: dict[str, Any]) -> Publish:
+        message["sequence"] = self._sequence
+        self._sequence += 1
+        return Publish(message)
+
+    def _error(self, code: ErrorCode, message: str) -> Publish:
+        self.counters.errors += 1
+        return self._emit(error_message(self.session_id, code, message))

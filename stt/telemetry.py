@@ -1,0 +1,51 @@
+"""Telemetry hooks the worker calls. This base class does nothing and costs nothing.
+
+The worker calls these at a handful of points (never per chunk): when a control message
+(start, state_change, end) arrives with NATS headers, around each engine job, and when it
+publishes a message. ``create(settings, worker)`` returns the OpenTelemetry implementation
+when ``OTEL_ENABLED``/``HYPERDX_ENABLED`` is set, this no-op otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .session import Job
+    from .worker import Worker
+
+
+class Telemetry:
+    enabled = False
+
+    def control_message(self, session_id: str, kind: str, headers: dict[str, str] | None) -> None:
+        """A start/state_change/end arrived; ``headers`` may carry W3C trace context."""
+
+    def session_closed(self, session_id: str, reason: str) -> None:
+        """The session is gone; drop anything kept for it."""
+
+    def job_started(self, job: Job) -> Any:
+        """An engine job begins; the return value is handed to ``job_finished``."""
+        return None
+
+    def job_finished(self, token: Any, job: Job, *, engine_s: float, error: str | None) -> None:
+        """An engine job ended (``error`` is None on success)."""
+
+    def publish_headers(self, session_id: str, message: dict[str, Any]) -> dict[str, str] | None:
+        """Headers for an outgoing message (trace context), or None."""
+        return None
+
+    def final_published(self, job: Job, latency_s: float) -> None:
+        """A final left; ``latency_s`` is from the end-of-speech decision to publication."""
+
+    async def shutdown(self) -> None:
+        """Flush exporters."""
+
+
+def create(settings: Settings, worker: Worker | None = None) -> Telemetry:
+    if not (settings.otel_enabled or settings.hyperdx_enabled):
+        return Telemetry()
+    from .otel import OtelTelemetry
+
+    return OtelTelemetry(settings, worker)

@@ -1,0 +1,412 @@
+"""The NATS worker: subscribes to the input subject, feeds sessions, runs engine jobs, publishes.
+
+All session decisions are in :mod:`stt.session`; this module only does I/O around it:
+
+* one subscription callback parses each message and hands it to its session (created on
+  ``start``, or adopted on a ``chunk``/``state_change`` for an unknown id);
+* actions come back in order: messages go onto one outbound queue drained by a single
+  publisher task, so each session's messages leave in the order they were made; engine jobs
+  run as tasks (the engine keeps the event loop free), so a slow transcription never delays
+  any session's chunks;
+* a ticker drives idle timeouts and "audio stopped arriving" cuts;
+* SIGTERM/SIGINT: stop taking messages, finalize every session, publish finals and ``end``,
+  drain the connection, return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from . import protocol
+from .config import Settings
+from .engines.base import Engine, EngineError
+from .protocol import EndReason, ErrorCode, ProtocolError, Subjects
+from .session import Action, Close, Job, Publish, Session, Transcribe
+from .telemetry import Telemetry
+
+log = logging.getLogger("stt.worker")
+
+TICK_S = 0.05
+OUTBOX_LIMIT = 200_000  # messages held while NATS is unreachable; oldest dropped beyond
+
+
+class Stats:
+    """Worker-wide counters (no per-session labels); read by health, metrics and benchmarks."""
+
+    def __init__(self) -> None:
+        self.messages_in = 0
+        self.bad_messages = 0
+        self.published = 0
+        self.publish_failures = 0
+        self.sessions_started = 0
+        self.sessions_ended: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.engine_jobs = 0
+        self.engine_failures = 0
+        self.engine_seconds = 0.0
+        self.audio_transcribed_s = 0.0
+        self.reconnects = 0
+        self.disconnects = 0
+        self.chunk_handling_s: list[float] = []  # filled only when sampling is on (benchmarks)
+        self.sample_chunk_handling = False
+
+    def count_error(self, code: str) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+
+class Worker:
+    def __init__(self, settings: Settings, engine: Engine,
+                 clock: Callable[[], float] = time.monotonic,
+                 telemetry: Telemetry | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.clock = clock
+        self.telemetry = telemetry or Telemetry()
+        self.subjects = Subjects(settings.input_subject, settings.output_subject_prefix)
+        self.sessions: dict[str, Session] = {}
+        self.stats = Stats()
+        self.nc: Client | None = None
+        self.engine_ready = False
+        self.draining = False
+        self._sub: Any = None
+        self._outbox: asyncio.Queue[tuple[str, bytes, dict[str, str] | None]] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._jobs: set[asyncio.Task[Any]] = set()
+        self._stopped = asyncio.Event()
+        self._session_totals: dict[str, int] = {}  # chunk outcome totals of ended sessions
+        self._final_jobs: dict[str, Job] = {}  # the final job in flight, per session
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    @property
+    def ready(self) -> bool:
+        return self.connected and self.engine_ready and not self.draining
+
+    async def start(self) -> None:
+        t0 = time.perf_counter()
+        await self.engine.start()
+        self.engine_ready = True
+        log.info("engine ready", extra={"engine": self.engine.describe(),
+                                        "load_s": round(time.perf_counter() - t0, 2)})
+        self.nc = await self._connect()
+        self._spawn(self._publisher())
+        self._spawn(self._ticker())
+        self._sub = await self.nc.subscribe(
+            self.settings.input_subject, queue=self.settings.queue_group, cb=self._on_msg,
+            pending_msgs_limit=1_000_000, pending_bytes_limit=1024 * 1024 * 1024)
+        await self.nc.flush()
+        log.info("listening", extra={"subject": self.settings.input_subject,
+                                     "output": self.settings.output_subject_prefix + ".*",
+                                     "nats": self.nc.connected_url.netloc if self.nc.connected_url else None})
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start, serve until ``stop`` is set, then shut down gracefully."""
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        if self._stopped.is_set():
+            return
+        self.draining = True
+        log.info("shutting down", extra={"sessions": len(self.sessions)})
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception as exc:  # connection already gone
+                log.debug("unsubscribe failed: %s", exc)
+        now = self.clock()
+        for session in list(self.sessions.values()):
+            self._execute(session, session.finish(EndReason.SHUTDOWN, now))
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self.sessions:
+            log.warning("drain timeout: sessions still waiting for the engine",
+                        extra={"sessions": len(self.sessions)})
+        while not self._outbox.empty() and self.connected and time.monotonic() < deadline + 2:
+            await asyncio.sleep(0.02)
+        for task in list(self._tasks) + list(self._jobs):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._jobs, return_exceptions=True)
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), timeout=5)
+            except Exception as exc:
+                log.warning("NATS drain failed: %s", exc)
+                await self.nc.close()
+        await self.engine.close()
+        await self.telemetry.shutdown()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def _connect(self) -> Client:
+        s = self.settings
+        options: dict[str, Any] = {
+            "servers": [u.strip() for u in s.nats_url.split(",") if u.strip()],
+            "name": s.nats_name,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 1,
+            "connect_timeout": 3,
+            "ping_interval": 10,
+            "max_outstanding_pings": 3,
+            "pending_size": 32 * 1024 * 1024,
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+            "closed_cb": self._on_closed,
+        }
+        if s.nats_user:
+            options["user"], options["password"] = s.nats_user, s.nats_password
+        if s.nats_token:
+            options["token"] = s.nats_token
+        if s.nats_nkey_seed:
+            options["nkeys_seed"] = s.nats_nkey_seed
+        if s.nats_creds:
+            options["user_credentials"] = s.nats_creds
+        if s.nats_tls_ca or s.nats_tls_cert:
+            ctx = ssl.create_default_context(cafile=s.nats_tls_ca or None)
+            if s.nats_tls_cert:
+                ctx.load_cert_chain(s.nats_tls_cert, s.nats_tls_key or None)
+            options["tls"] = ctx
+        delay = 0.5
+        while True:  # nats-py gives up on a failed first connect; a pod may start before NATS
+            try:
+                return await nats.connect(**options)
+            except Exception as exc:
+                if self.draining:
+                    raise
+                log.warning("cannot reach NATS, retrying", extra={"error": str(exc) or type(exc).__name__,
+                                                                   "retry_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("NATS error: %s", exc or type(exc).__name__)
+
+    async def _on_disconnected(self) -> None:
+        if self.draining:
+            return
+        self.stats.disconnects += 1
+        log.warning("NATS disconnected; sessions kept, reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        self.stats.reconnects += 1
+        url = self.nc.connected_url.netloc if self.nc and self.nc.connected_url else None
+        log.info("NATS reconnected", extra={"nats": url})
+
+    async def _on_closed(self) -> None:
+        log.info("NATS connection closed")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- input ---------------------------------------------------------------------------------
+
+    async def _on_msg(self, msg: Msg) -> None:
+        started = time.perf_counter() if self.stats.sample_chunk_handling else 0.0
+        self.stats.messages_in += 1
+        try:
+            self.handle(msg.subject, msg.data, msg.headers)
+        except Exception:  # a bug must not take the subscription down
+            log.exception("unexpected error handling a message", extra={"subject": msg.subject})
+        if started:
+            self.stats.chunk_handling_s.append(time.perf_counter() - started)
+
+    def handle(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+        """One input message (synchronous: nothing here waits)."""
+        now = self.clock()
+        try:
+            session_id = self.subjects.session_id(subject)
+        except ProtocolError as err:
+            self.stats.bad_messages += 1
+            log.warning("message on a bad subject dropped: %s", err.message)
+            return
+        session = self.sessions.get(session_id)
+        try:
+            event = protocol.parse(protocol.unpack(data))
+        except ProtocolError as err:
+            self.stats.bad_messages += 1
+            self.stats.count_error(err.code.value)
+            log.warning("bad message: %s", err.message,
+                        extra={"session_id": session_id, "code": err.code.value})
+            if session is not None:
+                self._execute(session, session.reject(err, now))
+            else:
+                self._send(session_id, protocol.error_message(session_id, err.code, err.message))
+            return
+        if not isinstance(event, protocol.Chunk):
+            self.telemetry.control_message(session_id, type(event).__name__.lower(), headers)
+        if session is None:
+            session = self._open(session_id, event, now)
+            if session is None:
+                return
+        self._execute(session, session.handle(event, now))
+
+    def _open(self, session_id: str, event: protocol.Event, now: float) -> Session | None:
+        if isinstance(event, protocol.End):
+            # Already ended (idle timeout, another worker) or never started: say it is over.
+            self._send(session_id, protocol.end_message(session_id, EndReason.END, 0.0, 0, None))
+            return None
+        if self.draining:
+            self._send(session_id, protocol.error_message(
+                session_id, ErrorCode.OVERLOADED, "worker is shutting down; retry on another"))
+            return None
+        if len(self.sessions) >= self.settings.max_sessions:
+            self.stats.count_error(ErrorCode.OVERLOADED.value)
+            self._send(session_id, protocol.error_message(
+                session_id, ErrorCode.OVERLOADED,
+                f"worker at its limit of {self.settings.max_sessions} sessions (STT_MAX_SESSIONS)"))
+            return None
+        session = Session(session_id, self.settings, now)
+        self.sessions[session_id] = session
+        self.stats.sessions_started += 1
+        if isinstance(event, protocol.Start):
+            log.info("session started", extra={
+                "session_id": session_id, "sample_rate": event.sample_rate,
+                "channels": event.channels, "encoding": event.encoding, "state": event.state.value,
+                "speaker_id": event.speaker_id})
+        else:
+            log.info("session adopted without start (lost or late start); using defaults",
+                     extra={"session_id": session_id, "first": type(event).__name__.lower()})
+        return session
+
+    # --- actions -------------------------------------------------------------------------------
+
+    def _execute(self, session: Session, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Publish):
+                message = action.message
+                if message["type"] == "transcript" and message["is_final"]:
+                    self._final_sent(session, message)
+                elif message["type"] == "error":
+                    self.stats.count_error(message["code"])
+                    log.warning("error sent: %s", message["message"],
+                                extra={"session_id": session.session_id, "code": message["code"]})
+                elif message["type"] == "interrupt":
+                    log.info("interrupt", extra={"session_id": session.session_id})
+                self._send(session.session_id, message)
+            elif isinstance(action, Transcribe):
+                task = asyncio.get_running_loop().create_task(self._run_job(session, action.job))
+                self._jobs.add(task)
+                task.add_done_callback(self._jobs.discard)
+            elif isinstance(action, Close):
+                self.sessions.pop(session.session_id, None)
+                self._final_jobs.pop(session.session_id, None)
+                self.telemetry.session_closed(session.session_id, action.reason.value)
+                self.stats.sessions_ended[action.reason.value] = \
+                    self.stats.sessions_ended.get(action.reason.value, 0) + 1
+                c = session.counters
+                log.info("session ended", extra={
+                    "session_id": session.session_id, "reason": action.reason.value,
+                    "audio_s": round(c.audio_in_s, 2), "finals": c.finals, "partials": c.partials,
+                    "interrupts": c.interrupts, "chunks": c.chunks_ok,
+                    "duplicates": c.chunks_duplicate, "late": c.chunks_late,
+                    "dropped": c.chunks_dropped, "gaps": c.seq_gaps})
+                for key in ("chunks_ok", "chunks_duplicate", "chunks_late", "chunks_dropped"):
+                    self._session_totals[key] = self._session_totals.get(key, 0) + getattr(c, key)
+
+    async def _run_job(self, session: Session, job: Job) -> None:
+        started = time.perf_counter()
+        token = self.telemetry.job_started(job)
+        if job.is_final:
+            self._final_jobs[session.session_id] = job
+        try:
+            result = await asyncio.wait_for(self.engine.transcribe(job.audio, job.options),
+                                            self.settings.engine_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except (EngineError, TimeoutError, Exception) as exc:
+            self.stats.engine_failures += 1
+            reason = ("engine timed out after %.0f s" % self.settings.engine_timeout_s
+                      if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__)
+            log.warning("transcription failed: %s", reason,
+                        extra={"session_id": session.session_id, "segment_id": job.segment_id,
+                               "final": job.is_final})
+            self.telemetry.job_finished(token, job, engine_s=time.perf_counter() - started,
+                                        error=reason)
+            actions = session.transcription_failed(job.job_id, reason, self.clock())
+        else:
+            elapsed = time.perf_counter() - started
+            self.telemetry.job_finished(token, job, engine_s=elapsed, error=None)
+            self.stats.engine_jobs += 1
+            self.stats.engine_seconds += elapsed
+            self.stats.audio_transcribed_s += job.duration_s
+            if job.is_final:
+                log.info("final", extra={"session_id": session.session_id,
+                                         "segment_id": job.segment_id,
+                                         "audio_s": round(job.duration_s, 2),
+                                         "engine_s": round(elapsed, 3)})
+            actions = session.transcribed(job.job_id, result, self.clock())
+        self._execute(session, actions)
+
+    def _final_sent(self, session: Session, message: dict[str, Any]) -> None:
+        job = self._final_jobs.pop(session.session_id, None)
+        if job is not None and job.speech_end_at is not None:
+            self.telemetry.final_published(job, self.clock() - job.speech_end_at)
+
+    def _send(self, session_id: str, message: dict[str, Any]) -> None:
+        if self._outbox.qsize() >= OUTBOX_LIMIT:
+            self._outbox.get_nowait()
+            self.stats.publish_failures += 1
+        headers = self.telemetry.publish_headers(session_id, message)
+        self._outbox.put_nowait((self.subjects.output(session_id), protocol.pack(message), headers))
+
+    async def _publisher(self) -> None:
+        """The only place that publishes: one queue, so per-session order is kept."""
+        assert self.nc is not None
+        while True:
+            subject, payload, headers = await self._outbox.get()
+            while True:
+                try:
+                    await self.nc.publish(subject, payload, headers=headers)
+                    self.stats.published += 1
+                    break
+                except nats.errors.OutboundBufferLimitError:
+                    await asyncio.sleep(0.1)  # disconnected and the client buffer is full: wait
+                except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
+                    self.stats.publish_failures += 1
+                    break
+                except Exception as exc:
+                    self.stats.publish_failures += 1
+                    log.warning("publish failed: %s", exc)
+                    break
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = self.clock()
+            for session in list(self.sessions.values()):
+                if now >= session.deadline:
+                    self._execute(session, session.tick(now))
+
+    # --- introspection --------------------------------------------------------------------------
+
+    def chunk_totals(self) -> dict[str, int]:
+        totals = dict(self._session_totals)
+        for s in self.sessions.values():
+            for key in ("chunks_ok", "chunks_duplicate", "chunks_late", "chunks_dropped"):
+                totals[key] = totals.get(key, 0) + getattr(s.counters, key)
+        return totals
+
+    @property
+    def pending_outbound(self) -> int:
+        return self._outbox.qsize()
