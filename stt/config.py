@@ -98,8 +98,9 @@ class Settings:
 
     # --- segmentation -------------------------------------------------------------------
     buffer_size_bytes: int = setting(480_000, "STT_BUFFER_SIZE_BYTES",
-                                     "Longest segment, in bytes of received audio, before it is "
-                                     "cut (at a quiet point) and finalized.")
+                                     "Longest segment before it is cut (at a quiet point) and "
+                                     "finalized, in bytes of 16 kHz 16-bit mono audio (32000 "
+                                     "per second) whatever the session's format.")
     chunk_timeout_s: float = setting(0.6, "STT_CHUNK_TIMEOUT",
                                      "Seconds of silence (or of no audio arriving) that end an "
                                      "utterance.")

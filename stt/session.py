@@ -71,6 +71,7 @@ START_WINDOW_FRAMES = 5          # 150 ms window for the speech-onset decision
 INTERRUPT_MIN_VOICED_RATIO = 0.6  # of frames since onset, so a few loud clicks do not qualify
 CUT_SEARCH_S = 3.0               # how far back from the size limit to look for a quiet point
 SEEN_SEQ_WINDOW = 256            # recent chunk seq numbers kept to tell duplicates from late ones
+BYTES_PER_SECOND_16K = SAMPLE_RATE * 2  # STT_BUFFER_SIZE_BYTES is counted in 16 kHz s16 mono
 
 
 class VADState(enum.Enum):
@@ -148,6 +149,7 @@ class _Segment:
     frames_since_onset: int = 0
     trailing_silence: int = 0
     partial_at_frames: int = 0        # segment length when the last partial was requested
+    partial_at_voiced: int = 0        # voiced frames then: no partial without new speech
     partials_published: int = 0
     last_partial_text: str = ""
     candidate: bool = False           # opened while responding; becomes real on interrupt
@@ -324,8 +326,10 @@ class Session:
         self.speaker_id = start.speaker_id
         self._converter = Converter(start.sample_rate, start.channels, start.encoding)
         self._framer = Framer()
-        seconds = self.settings.buffer_size_bytes / self._converter.bytes_per_second
-        seconds = min(seconds, self.settings.max_segment_s)
+        # Bytes of 16 kHz 16-bit mono, the seed's format: the limit is a length of speech
+        # that does not shrink 12x when a browser sends 48 kHz stereo float.
+        seconds = min(self.settings.buffer_size_bytes / BYTES_PER_SECOND_16K,
+                      self.settings.max_segment_s)
         self._max_segment_frames = max(self._silence_frames + 2, int(seconds / FRAME_S))
         self._language = start.language or self.settings.language or None
 
@@ -344,6 +348,16 @@ class Session:
             actions += self._end_segment(now)
         self.implicit_start = False
         self._configure(start)
+        return actions
+
+    def _on_state_change(self, state: State, now: float) -> list[Action]:
+        if state is self._state:
+            return []
+        # The turn changed hands: whatever the user said so far is one finished utterance.
+        actions = self._end_segment(now)
+        self._state = state
+        if state is State.RESPONDING:
+            self._preroll.clear()  # audio from the user's turn is not an interruption's pre-roll
         return actions
 
     # --- audio -----------------------------------------------------------------------------
@@ -519,10 +533,12 @@ class Session:
     def _partial_due(self, seg: _Segment) -> bool:
         return (self._partial_frames > 0 and not seg.candidate and self._inflight is None
                 and not self._queue and seg.voiced_count > 0
+                and seg.voiced_count > seg.partial_at_voiced
                 and len(seg) - seg.partial_at_frames >= self._partial_frames)
 
     def _request_partial(self, seg: _Segment, now: float) -> list[Action]:
         seg.partial_at_frames = len(seg)
+        seg.partial_at_voiced = seg.voiced_count
         job = self._job(seg, len(seg), is_final=False, now=now)
         self._inflight = job
         return [Transcribe(job)]

@@ -1,0 +1,85 @@
+"""Shared fixtures: a real nats-server per test, an in-process worker, the corpus."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from stt.config import Settings
+from stt.engines import create_engine
+from stt.engines.base import Engine
+from stt.nats_server import NatsServer
+from stt.worker import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "stt" / "data" / "sample.flac"
+SAMPLE_TEXT = (ROOT / "stt" / "data" / "sample.txt").read_text().split("\n")
+CORPUS = Path(os.environ.get("STT_CORPUS", ROOT.parent / "shared" / "corpus"))
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    with NatsServer() as server:
+        yield server
+
+
+@pytest.fixture
+def corpus() -> Path:
+    if not (CORPUS / "references.tsv").exists():
+        pytest.skip(f"corpus not available at {CORPUS}")
+    return CORPUS
+
+
+def corpus_clips(corpus: Path) -> list[tuple[Path, str]]:
+    rows = (corpus / "references.tsv").read_text().splitlines()[1:]
+    return [(corpus / p, ref) for p, ref in (r.split("\t", 1) for r in rows if r.strip())]
+
+
+def make_settings(nats_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"nats_url": nats_url, "engine": "sphinx", "engine_workers": 1,
+                              "drain_timeout_s": 10.0}
+    values.update(overrides)
+    return Settings.from_env(environ={}, overrides=values)
+
+
+WorkerFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def worker_factory(nats_server: NatsServer) -> AsyncIterator[WorkerFactory]:
+    """``await make(engine=None, **settings)`` starts a worker on the test's nats-server."""
+    started: list[Worker] = []
+
+    async def make(engine: Engine | None = None, **overrides: Any) -> Worker:
+        settings = make_settings(nats_server.url, **overrides)
+        worker = Worker(settings, engine or create_engine(settings))
+        await worker.start()
+        started.append(worker)
+        return worker
+
+    yield make
+    for worker in started:
+        await worker.shutdown()
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[Any]:
+    client = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    yield client
+    with contextlib.suppress(Exception):
+        await client.close()
+
+
+async def eventually(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)

@@ -1,0 +1,538 @@
+"""Session logic with a fake clock: every flush rule, states, interrupts, bad input.
+
+Speech is real (the bundled LibriVox sample); silence is digital zeros. Nothing here touches
+NATS or an engine: jobs come out as actions and results are fed back by hand.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import SAMPLE
+
+from stt.audio import load_16k_mono
+from stt.client import encode_pcm16
+from stt.config import Settings
+from stt.engines.base import Transcription, Word
+from stt.protocol import (
+    Chunk,
+    End,
+    EndReason,
+    ProtocolError,
+    Start,
+    State,
+    StateChange,
+    parse,
+)
+from stt.session import Close, Job, Publish, Session, Transcribe
+
+SR = 16000
+CHUNK_S = 0.04
+SEED_FIELDS = {"session_id", "transcript", "sequence", "is_partial", "is_final", "timestamp",
+               "speaker_id", "has_voice_activity", "state"}
+
+_SPEECH = load_16k_mono(str(SAMPLE))
+# spans of the sample (seconds) the VAD calls continuous speech, and one of pure silence
+SENTENCE_1 = _SPEECH[int(0.55 * SR): int(7.2 * SR)]
+SENTENCE_2 = _SPEECH[int(8.4 * SR): int(11.5 * SR)]
+LONG_SPEECH = _SPEECH[int(18.2 * SR): int(24.0 * SR)]  # 5.8 s without a pause
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * SR), dtype=np.float32)
+
+
+def settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {"chunk_timeout_s": 0.6, "partial_interval_s": 0.0,
+                              "session_idle_timeout_s": 30.0}
+    values.update(overrides)
+    return Settings.from_env(environ={}, overrides=values)
+
+
+class Harness:
+    """A session, a fake clock, and every action it returned."""
+
+    def __init__(self, start: Start | None = None, **overrides: Any) -> None:
+        self.now = 1000.0
+        self.session = Session("s1", settings(**overrides), self.now)
+        self.published: list[dict[str, Any]] = []
+        self.jobs: list[Job] = []
+        self.closed: EndReason | None = None
+        self.auto_answer = False  # answer every job as soon as it is asked for
+        self._answering = False
+        if start is not None:
+            self.apply(self.session.handle(start, self.now))
+
+    def apply(self, actions: list[Any]) -> list[Any]:
+        for a in actions:
+            if isinstance(a, Publish):
+                self.published.append(a.message)
+            elif isinstance(a, Transcribe):
+                self.jobs.append(a.job)
+            elif isinstance(a, Close):
+                self.closed = a.reason
+        if self.auto_answer and not self._answering:
+            self._answering = True
+            while self.session._inflight is not None:
+                self.answer(f"segment {self.session._inflight.segment_id}")
+            self._answering = False
+        return actions
+
+    def feed(self, audio: np.ndarray, rate: int = SR, chunk_s: float = CHUNK_S,
+             seq_start: int | None = None) -> None:
+        step = int(rate * chunk_s)
+        for i, off in enumerate(range(0, len(audio), step)):
+            self.now += chunk_s
+            seq = None if seq_start is None else seq_start + i
+            self.apply(self.session.handle(Chunk(encode_pcm16(audio[off:off + step]), seq=seq),
+                                           self.now))
+
+    def answer(self, text: str = "hello world", **kw: Any) -> Job:
+        """Complete the job in flight."""
+        job = self.session._inflight
+        assert job is not None, "no job in flight"
+        self.now += 0.05
+        self.apply(self.session.transcribed(job.job_id, Transcription(text=text, **kw), self.now))
+        return job
+
+    def answer_final(self, text: str, **kw: Any) -> Job:
+        """Let any partial still in flight come back (it is stale), then answer the final."""
+        while self.session._inflight is not None and not self.session._inflight.is_final:
+            self.answer("stale partial")
+        return self.answer(text, **kw)
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [m for m in self.published if m["type"] == kind]
+
+    @property
+    def finals(self) -> list[dict[str, Any]]:
+        return [m for m in self.of("transcript") if m["is_final"]]
+
+    @property
+    def partials(self) -> list[dict[str, Any]]:
+        return [m for m in self.of("transcript") if m["is_partial"]]
+
+
+# --- segmentation -------------------------------------------------------------------------
+
+
+def test_silence_alone_produces_nothing() -> None:
+    h = Harness(Start())
+    h.feed(silence(3.0))
+    assert h.jobs == [] and h.published == []
+
+
+def test_speech_then_silence_timeout_makes_one_final_with_seed_fields() -> None:
+    h = Harness(Start(speaker_id="alice"), chunk_timeout_s=0.6)
+    h.feed(silence(0.5))
+    h.feed(SENTENCE_1)
+    assert h.jobs == []  # still speaking
+    h.feed(silence(0.5))
+    assert h.jobs == []  # not yet chunk_timeout of silence
+    h.feed(silence(0.3))
+    assert len(h.jobs) == 1
+    job = h.jobs[0]
+    assert job.is_final
+    # pre-roll: the segment starts before the first voiced frame, and covers the sentence
+    assert 0.1 <= job.start_s <= 0.55
+    assert job.end_s >= 0.5 + len(SENTENCE_1) / SR
+    # the hangover keeps only some of the trailing silence
+    assert job.end_s <= 0.5 + len(SENTENCE_1) / SR + 0.45
+    h.answer("and mister john")
+    (final,) = h.finals
+    assert SEED_FIELDS <= final.keys()
+    assert final["transcript"] == "and mister john"
+    assert final["is_final"] is True and final["is_partial"] is False
+    assert final["speaker_id"] == "alice" and final["state"] == "listening"
+    assert final["has_voice_activity"] is True and final["sequence"] == 1
+    assert final["segment_id"] == 1 and final["type"] == "transcript"
+
+
+def test_chunk_timeout_sets_how_much_silence_ends_an_utterance() -> None:
+    h = Harness(Start(), chunk_timeout_s=1.5)
+    h.feed(SENTENCE_1)
+    h.feed(silence(1.2))
+    assert h.jobs == []
+    h.feed(silence(0.5))
+    assert len(h.jobs) == 1
+
+
+def test_two_sentences_two_finals_in_order() -> None:
+    h = Harness(Start())
+    h.feed(SENTENCE_1)
+    h.feed(silence(1.0))
+    h.answer("one")
+    h.feed(SENTENCE_2)
+    h.feed(silence(1.0))
+    h.answer("two")
+    assert [f["transcript"] for f in h.finals] == ["one", "two"]
+    assert [f["segment_id"] for f in h.finals] == [1, 2]
+    assert h.finals[1]["start"] > h.finals[0]["end"]
+
+
+def test_audio_that_stops_arriving_ends_the_utterance_on_tick() -> None:
+    h = Harness(Start(), chunk_timeout_s=0.6)
+    h.feed(SENTENCE_1[: 2 * SR])  # the client stops mid-word
+    assert h.jobs == []
+    h.apply(h.session.tick(h.now + 0.3))
+    assert h.jobs == []
+    assert h.session.deadline == pytest.approx(h.now + 0.6)
+    h.apply(h.session.tick(h.now + 0.61))
+    assert len(h.jobs) == 1 and h.jobs[0].is_final
+
+
+def test_buffer_size_cuts_long_speech_at_a_quiet_point_and_continues() -> None:
+    # 2 s worth of 16 kHz s16 bytes: the 5.8 s span must be cut at least twice
+    h = Harness(Start(), buffer_size_bytes=2 * SR * 2)
+    h.auto_answer = True
+    h.feed(LONG_SPEECH)
+    h.feed(silence(1.0))
+    finals = [j for j in h.jobs if j.is_final]
+    assert len(finals) >= 3
+    assert all(j.duration_s <= 2.0 + 1e-6 for j in finals)
+    # consecutive pieces tile the timeline: no gap, no overlap, nothing lost
+    for a, b in zip(finals, finals[1:], strict=False):
+        assert b.start_s == pytest.approx(a.end_s, abs=1e-6)
+    assert [f["segment_id"] for f in h.finals] == [j.segment_id for j in finals]
+
+
+def test_buffer_size_means_the_same_length_of_speech_in_every_format() -> None:
+    limits = {Session("a", settings(buffer_size_bytes=64000), 0.0, start)._max_segment_frames
+              for start in (Start(), Start(sample_rate=8000, encoding="mulaw"),
+                            Start(sample_rate=48000, channels=2, encoding="pcm_f32le"))}
+    assert limits == {66}  # 2 s of 30 ms frames
+
+
+def test_partials_at_the_interval_while_speaking_then_final() -> None:
+    h = Harness(Start(), partial_interval_s=0.5)
+    h.feed(SENTENCE_1[: int(0.8 * SR)])
+    partial_jobs = [j for j in h.jobs if not j.is_final]
+    assert len(partial_jobs) == 1
+    h.feed(SENTENCE_1[int(0.8 * SR): int(2.0 * SR)])
+    assert len(h.jobs) == 1  # engine busy: no second partial piles up
+    h.answer("and")
+    assert [p["transcript"] for p in h.partials] == ["and"]
+    assert h.partials[0]["is_partial"] and not h.partials[0]["is_final"]
+    assert "stability" in h.partials[0]
+    h.feed(SENTENCE_1[int(2.0 * SR): int(2.6 * SR)])
+    assert len(h.jobs) == 2 and not h.jobs[1].is_final
+    assert h.jobs[1].duration_s > h.jobs[0].duration_s  # the growing utterance
+    h.answer("and mister")
+    h.feed(silence(1.0))
+    h.answer_final("and mister john")
+    assert [m["transcript"] for m in h.of("transcript")] == ["and", "and mister", "and mister john"]
+    assert [m["sequence"] for m in h.published] == [1, 2, 3]
+
+
+def test_partial_that_returns_after_the_final_was_queued_is_dropped() -> None:
+    h = Harness(Start(), partial_interval_s=0.3)
+    h.feed(SENTENCE_2)
+    partial = h.session._inflight
+    assert partial is not None and not partial.is_final
+    h.feed(silence(1.0))  # the segment ends while the partial is still running
+    h.answer("stale partial")
+    assert h.partials == []
+    final = h.session._inflight
+    assert final is not None and final.is_final
+    h.answer("he was not")
+    assert [f["transcript"] for f in h.finals] == ["he was not"]
+
+
+def test_empty_final_is_published_only_when_partials_were_shown() -> None:
+    h = Harness(Start())
+    h.feed(SENTENCE_2)
+    h.feed(silence(1.0))
+    h.answer("")
+    assert h.published == []
+    h2 = Harness(Start(), partial_interval_s=0.3)
+    h2.feed(SENTENCE_2[: SR])
+    h2.answer("he")
+    h2.feed(silence(1.0))
+    h2.answer_final("")
+    assert h2.finals[0]["transcript"] == ""  # replaces the partial the client is showing
+
+
+def test_words_are_on_the_session_timeline() -> None:
+    h = Harness(Start(word_timestamps=True))
+    h.feed(silence(2.0))
+    h.feed(SENTENCE_2)
+    h.feed(silence(1.0))
+    job = h.jobs[0]
+    assert job.options.word_timestamps
+    h.answer("he was", words=[Word("he", 0.1, 0.3, 0.9), Word("was", 0.3, 0.5, 0.8)])
+    words = h.finals[0]["words"]
+    assert words[0]["word"] == "he"
+    assert words[0]["start"] == pytest.approx(job.start_s + 0.1, abs=1e-3)
+
+
+def test_previous_final_is_context_for_the_next_segment() -> None:
+    h = Harness(Start(language="en", prompt="Dashwood"))
+    h.feed(SENTENCE_1)
+    h.feed(silence(1.0))
+    assert h.jobs[0].options.context is None
+    assert h.jobs[0].options.prompt == "Dashwood" and h.jobs[0].options.language == "en"
+    h.answer("first sentence")
+    h.feed(SENTENCE_2)
+    h.feed(silence(1.0))
+    assert h.jobs[1].options.context == "first sentence"
+
+
+# --- end, idle, ordering ---------------------------------------------------------------------
+
+
+def test_end_flushes_then_publishes_end_after_the_last_final() -> None:
+    h = Harness(Start())
+    h.feed(SENTENCE_1[: 3 * SR])
+    h.apply(h.session.handle(End(), h.now))
+    assert len(h.jobs) == 1 and h.jobs[0].is_final
+    assert h.of("end") == [] and h.closed is None
+    h.answer("and mister john")
+    assert [m["type"] for m in h.published] == ["transcript", "end"]
+    end = h.of("end")[0]
+    assert end["reason"] == "end" and end["segments"] == 1
+    assert end["audio_seconds"] == pytest.approx(3.0, abs=0.05)
+    assert h.closed is EndReason.END and h.session.closed
+    assert h.session.handle(Chunk(encode_pcm16(SENTENCE_1[:640])), h.now) == []
+
+
+def test_end_with_nothing_buffered_ends_at_once() -> None:
+    h = Harness(Start())
+    h.feed(silence(1.0))
+    h.apply(h.session.handle(End(), h.now))
+    assert [m["type"] for m in h.published] == ["end"] and h.closed is EndReason.END
+
+
+def test_idle_timeout_ends_the_session_with_its_final() -> None:
+    h = Harness(Start(), session_idle_timeout_s=5.0)
+    h.feed(SENTENCE_1[: 2 * SR])
+    t = h.now
+    assert h.session.tick(t + 4.0) == [] or True
+    h.apply(h.session.tick(t + 5.01))
+    h.answer("and mister")
+    assert h.of("end")[0]["reason"] == "idle_timeout"
+    assert h.closed is EndReason.IDLE_TIMEOUT
+
+
+def test_shutdown_finishes_like_end() -> None:
+    h = Harness(Start())
+    h.feed(SENTENCE_2)
+    h.apply(h.session.finish(EndReason.SHUTDOWN, h.now))
+    h.answer("he was")
+    assert [m["type"] for m in h.published] == ["transcript", "end"]
+    assert h.of("end")[0]["reason"] == "shutdown"
+
+
+def test_sequence_increases_by_one_across_every_message_type() -> None:
+    h = Harness(Start(claimed_session_id="other"))  # error 1
+    h.apply(h.session.reject(ProtocolError(parse_error_code(), "bad"), h.now))  # error 2
+    h.feed(SENTENCE_2)
+    h.feed(silence(1.0))
+    h.answer("he was")  # final 3
+    h.apply(h.session.handle(End(), h.now))  # end 4
+    assert [m["sequence"] for m in h.published] == [1, 2, 3, 4]
+    assert [m["type"] for m in h.published] == ["error", "error", "transcript", "end"]
+
+
+def parse_error_code() -> Any:
+    from stt.protocol import ErrorCode
+
+    return ErrorCode.BAD_MESSAGE
+
+
+def test_finals_queue_is_bounded() -> None:
+    h = Harness(Start(), max_pending_segments=1, buffer_size_bytes=SR * 2)
+    h.feed(LONG_SPEECH)  # several cuts while the first final is still in flight
+    errors = h.of("error")
+    assert errors and errors[0]["code"] == "overloaded"
+    assert len(h.session._queue) <= 1
+
+
+def test_engine_failure_on_a_final_is_an_error_and_the_session_goes_on() -> None:
+    h = Harness(Start())
+    h.feed(SENTENCE_1)
+    h.feed(silence(1.0))
+    job = h.jobs[0]
+    h.apply(h.session.transcription_failed(job.job_id, "service down", h.now))
+    assert h.of("error")[0]["code"] == "engine_failed"
+    assert "service down" in h.of("error")[0]["message"]
+    h.feed(SENTENCE_2)
+    h.feed(silence(1.0))
+    h.answer("he was")
+    assert h.finals[0]["transcript"] == "he was"
+
+
+# --- states and barge-in ---------------------------------------------------------------------
+
+
+def test_state_change_to_responding_finalizes_the_utterance() -> None:
+    h = Harness(Start())
+    h.feed(SENTENCE_1[: 2 * SR])
+    h.apply(h.session.handle(StateChange(State.RESPONDING), h.now))
+    assert len(h.jobs) == 1 and h.jobs[0].is_final
+    h.answer("and mister")
+    assert h.finals[0]["state"] == "responding"
+    assert h.session.state is State.RESPONDING
+
+
+def test_interrupt_fires_on_sustained_speech_and_the_words_are_kept() -> None:
+    h = Harness(Start(state=State.RESPONDING, speaker_id="bob"), interrupt_min_speech_ms=300)
+    h.feed(silence(1.0))
+    h.feed(SENTENCE_2[: int(0.2 * SR)])
+    assert h.of("interrupt") == []
+    h.feed(SENTENCE_2[int(0.2 * SR): int(0.6 * SR)])
+    (interrupt,) = h.of("interrupt")
+    assert interrupt["session_id"] == "s1" and interrupt["speaker_id"] == "bob"
+    assert {"type", "timestamp"} <= interrupt.keys()
+    assert h.session.state is State.LISTENING
+    h.feed(SENTENCE_2[int(0.6 * SR):])
+    h.feed(silence(1.0))
+    (job,) = [j for j in h.jobs if j.is_final]
+    # the speech that triggered the interrupt, with pre-roll, is in the final
+    assert job.start_s <= 1.0 and job.end_s >= 1.0 + len(SENTENCE_2) / SR - 0.05
+    h.answer("he was not an ill disposed young man")
+    assert h.finals[0]["state"] == "listening"
+    assert h.published[0]["type"] == "interrupt"
+
+
+def test_a_click_while_responding_is_not_an_interrupt_and_not_transcribed() -> None:
+    h = Harness(Start(state=State.RESPONDING), interrupt_min_speech_ms=300)
+    click = SENTENCE_2[: int(0.12 * SR)]
+    for _ in range(3):
+        h.feed(silence(1.0))
+        h.feed(click)
+    h.feed(silence(1.5))
+    assert h.of("interrupt") == [] and h.jobs == []
+    assert h.session.state is State.RESPONDING
+
+
+def test_without_interrupt_detection_responding_audio_is_not_transcribed() -> None:
+    h = Harness(Start(state=State.RESPONDING), enable_interrupt_detection=False)
+    h.feed(SENTENCE_1)
+    h.feed(silence(1.0))
+    assert h.jobs == [] and h.published == []
+    h.apply(h.session.handle(StateChange(State.LISTENING), h.now))
+    h.feed(SENTENCE_2)
+    h.feed(silence(1.0))
+    assert len(h.jobs) == 1
+
+
+def test_vad_off_counts_everything_as_voice() -> None:
+    h = Harness(Start(), enable_vad=False)
+    h.feed(silence(1.0))
+    assert h.session._segment is not None  # silence is "speech" with VAD off
+    h.apply(h.session.tick(h.now + 0.61))  # ends when audio stops arriving
+    assert len(h.jobs) == 1
+
+
+# --- input handling ----------------------------------------------------------------------------
+
+
+def test_start_with_another_session_id_is_an_error_and_the_subject_wins() -> None:
+    h = Harness(Start(claimed_session_id="not-s1"))
+    (err,) = h.of("error")
+    assert err["code"] == "session_mismatch" and err["session_id"] == "s1"
+    h.feed(SENTENCE_2)
+    h.feed(silence(1.0))
+    assert len(h.jobs) == 1
+
+
+@pytest.mark.parametrize("encoding,rate,channels", [
+    ("pcm_s16le", 16000, 1), ("pcm_s16le", 22050, 1), ("pcm_s16le", 48000, 2),
+    ("pcm_f32le", 44100, 1), ("mulaw", 8000, 1), ("alaw", 8000, 1)])
+def test_every_encoding_and_rate_reaches_the_engine_as_16k_speech(encoding: str, rate: int,
+                                                                   channels: int) -> None:
+    import soxr
+
+    from audio_util import encode
+
+    speech = soxr.resample(SENTENCE_2, SR, rate).astype(np.float32) if rate != SR else SENTENCE_2
+    quiet = np.zeros(rate, dtype=np.float32)
+    signal = np.concatenate([quiet, speech, quiet, quiet])
+    h = Harness(Start(sample_rate=rate, channels=channels, encoding=encoding))
+    step = int(rate * CHUNK_S)
+    for off in range(0, len(signal), step):
+        h.now += CHUNK_S
+        piece = signal[off:off + step]
+        if channels == 2:
+            piece = np.stack([piece, piece], axis=1)
+        h.apply(h.session.handle(Chunk(encode(piece, encoding)), h.now))
+    assert len(h.jobs) == 1
+    job = h.jobs[0]
+    assert job.audio.dtype == np.float32
+    assert abs(job.duration_s - (len(SENTENCE_2) / SR + 0.3 + 0.3)) < 0.4
+    assert 0.5 < job.start_s < 1.05
+
+
+def test_bad_chunks_get_errors_and_change_nothing_else() -> None:
+    h = Harness(Start(), max_chunk_bytes=8000)
+    h.feed(SENTENCE_2[: SR])
+    before = h.session._frame_index
+    h.apply(h.session.handle(Chunk(b"\x01\x02\x03"), h.now))  # odd byte count
+    h.apply(h.session.handle(Chunk(b"\x00" * 9000), h.now))  # too large
+    codes = [m["code"] for m in h.of("error")]
+    assert codes == ["bad_audio", "too_large"]
+    assert h.session._frame_index == before
+    h.feed(SENTENCE_2[SR:])
+    h.feed(silence(1.0))
+    assert len([j for j in h.jobs if j.is_final]) == 1
+    assert h.session.counters.chunks_dropped == 2
+
+
+def test_duplicate_and_late_chunks_are_dropped_and_gaps_counted() -> None:
+    h = Harness(Start())
+    pcm = encode_pcm16(SENTENCE_2[:640])
+    for seq in (0, 1, 1, 2, 5, 3, 6):
+        h.now += 0.04
+        h.apply(h.session.handle(Chunk(pcm, seq=seq), h.now))
+    c = h.session.counters
+    assert c.chunks_ok == 5 and c.chunks_duplicate == 1 and c.chunks_late == 1
+    assert c.seq_gaps == 2
+    assert h.published == []  # dropped quietly: a retransmit is not the client's error
+
+
+def test_late_start_after_audio_closes_the_utterance_and_reconfigures() -> None:
+    h = Harness(None)  # adopted by a chunk, defaults (16 kHz s16)
+    assert h.session.implicit_start
+    h.feed(SENTENCE_1[: 2 * SR])
+    h.apply(h.session.handle(Start(sample_rate=8000, encoding="mulaw"), h.now))
+    assert len(h.jobs) == 1 and h.jobs[0].is_final
+    assert h.session._converter.sample_rate == 8000 and not h.session.implicit_start
+
+
+@pytest.mark.parametrize("message,code", [
+    ({}, "bad_message"),
+    ({"type": "bogus"}, "bad_message"),
+    ({"type": "chunk"}, "bad_message"),
+    ({"type": "chunk", "audio_b64": "***not base64***"}, "bad_audio"),
+    ({"type": "chunk", "audio_b64": 12}, "bad_audio"),
+    ({"type": "chunk", "audio": "text, not bytes"}, "bad_audio"),
+    ({"type": "chunk", "audio_b64": "", "timestamp": "yesterday"}, "bad_message"),
+    ({"type": "chunk", "audio_b64": "", "seq": 1.5}, "bad_message"),
+    ({"type": "start", "sample_rate": 7}, "bad_message"),
+    ({"type": "start", "sample_rate": "16000"}, "bad_message"),
+    ({"type": "start", "channels": 0}, "bad_message"),
+    ({"type": "start", "encoding": "opus"}, "bad_message"),
+    ({"type": "start", "state": "sleeping"}, "bad_message"),
+    ({"type": "start", "prompt": "x" * 5000}, "bad_message"),
+    ({"type": "state_change", "state": None}, "bad_message"),
+])
+def test_malformed_messages_are_refused_with_a_code(message: dict[str, Any], code: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse(message)
+    assert info.value.code.value == code
+
+
+def test_well_formed_messages_parse_with_seed_defaults() -> None:
+    start = parse({"type": "start", "session_id": "x"})
+    assert isinstance(start, Start)
+    assert (start.sample_rate, start.channels, start.state, start.encoding) == \
+        (16000, 1, State.LISTENING, "pcm_s16le")
+    pcm = encode_pcm16(SENTENCE_2[:320])
+    a = parse({"type": "chunk", "audio_b64": base64.b64encode(pcm).decode(), "timestamp": 1.5})
+    b = parse({"type": "chunk", "audio": pcm, "seq": 7})
+    assert isinstance(a, Chunk) and isinstance(b, Chunk)
+    assert a.audio == b.audio == pcm and b.seq == 7
+    assert isinstance(parse({"type": "end"}), End)
