@@ -245,13 +245,10 @@ class Worker:
             event = protocol.parse(protocol.unpack(data))
         except ProtocolError as err:
             self.stats.bad_messages += 1
-            self.stats.count_error(err.code.value)
-            log.warning("bad message: %s", err.message,
-                        extra={"session_id": session_id, "code": err.code.value})
             if session is not None:
-                self._execute(session, session.reject(err, now))
+                self._execute(session, session.reject(err, now))  # counted and logged there
             else:
-                self._send(session_id, protocol.error_message(session_id, err.code, err.message))
+                self._send_error(session_id, err.code, err.message)
             return
         if not isinstance(event, protocol.Chunk):
             self.telemetry.control_message(session_id, type(event).__name__.lower(), headers)
@@ -267,14 +264,13 @@ class Worker:
             self._send(session_id, protocol.end_message(session_id, EndReason.END, 0.0, 0, None))
             return None
         if self.draining:
-            self._send(session_id, protocol.error_message(
-                session_id, ErrorCode.OVERLOADED, "worker is shutting down; retry on another"))
+            self._send_error(session_id, ErrorCode.OVERLOADED,
+                             "worker is shutting down; retry on another")
             return None
         if len(self.sessions) >= self.settings.max_sessions:
-            self.stats.count_error(ErrorCode.OVERLOADED.value)
-            self._send(session_id, protocol.error_message(
-                session_id, ErrorCode.OVERLOADED,
-                f"worker at its limit of {self.settings.max_sessions} sessions (STT_MAX_SESSIONS)"))
+            self._send_error(session_id, ErrorCode.OVERLOADED,
+                             f"worker at its limit of {self.settings.max_sessions} sessions "
+                             "(STT_MAX_SESSIONS)")
             return None
         session = Session(session_id, self.settings, now)
         self.sessions[session_id] = session
@@ -357,6 +353,12 @@ class Worker:
                                          "engine_s": round(elapsed, 3)})
             actions = session.transcribed(job.job_id, result, self.clock())
         self._execute(session, actions)
+
+    def _send_error(self, session_id: str, code: ErrorCode, message: str) -> None:
+        """An error about a message that belongs to no live session (so: sequence 0)."""
+        self.stats.count_error(code.value)
+        log.warning("error sent: %s", message, extra={"session_id": session_id, "code": code.value})
+        self._send(session_id, protocol.error_message(session_id, code, message))
 
     def _final_sent(self, session: Session, message: dict[str, Any]) -> None:
         job = self._final_jobs.pop(session.session_id, None)
