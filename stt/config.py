@@ -70,6 +70,81 @@ class Settings:
     engine_timeout_s: float = setting(30.0, "STT_ENGINE_TIMEOUT_S",
                                       "Longest one transcription may take before it fails.",
                                       group="engine")
+    # local whisper engine
+    whisper_cpu_threads: int = setting(0, "WHISPER_CPU_THREADS",
+                                       "PyTorch threads on CPU (0 = the CPUs this process may "
+                                       "use, cgroup quota included).", group="engine")
+    whisper_batch_size: int = setting(8, "WHISPER_BATCH_SIZE",
+                                      "Most segments (from any sessions) decoded in one model "
+                                      "pass; 1 = no batching.", group="engine")
+    whisper_batch_wait_ms: float = setting(5.0, "WHISPER_BATCH_WAIT_MS",
+                                           "How long an idle model waits for other sessions' "
+                                           "segments to join a batch.", group="engine")
+    whisper_short_window: str = setting("partials", "WHISPER_SHORT_WINDOW",
+                                        "Encode short segments without padding them to 30 s: "
+                                        "partials (default), all, or off. Much cheaper; "
+                                        "somewhat less accurate.",
+                                        choices=("partials", "all", "off"), group="engine")
+    whisper_beam_size: int = setting(1, "WHISPER_BEAM_SIZE",
+                                     "Beam search width for finals (1 = greedy; partials are "
+                                     "always greedy).", group="engine")
+    whisper_use_context: bool = setting(True, "WHISPER_USE_CONTEXT",
+                                        "Give the session's previous final to the model as "
+                                        "context for the next final (finals with different "
+                                        "context cannot share a batch).", group="engine")
+    whisper_no_speech_threshold: float = setting(0.6, "WHISPER_NO_SPEECH_THRESHOLD",
+                                                 "Drop text whose no-speech probability is above "
+                                                 "this (and whose avg log-prob is below "
+                                                 "WHISPER_LOGPROB_THRESHOLD); 1 = never.",
+                                                 group="engine")
+    whisper_logprob_threshold: float = setting(-1.0, "WHISPER_LOGPROB_THRESHOLD",
+                                               "Average token log-probability below which a "
+                                               "final is decoded again at a higher temperature.",
+                                               group="engine")
+    whisper_compression_ratio_threshold: float = setting(
+        2.4, "WHISPER_COMPRESSION_RATIO_THRESHOLD",
+        "gzip compression ratio above which text counts as a repetition loop: retried at a "
+        "higher temperature, then dropped (0 = off).", group="engine")
+    # http engine
+    whisper_http_model: str = setting("whisper-1", "WHISPER_HTTP_MODEL",
+                                      "'model' field sent to the Whisper HTTP service.",
+                                      group="engine")
+    whisper_response_format: str = setting("verbose_json", "WHISPER_RESPONSE_FORMAT",
+                                           "response_format asked of the HTTP service: "
+                                           "verbose_json (segments, words), json or text.",
+                                           choices=("verbose_json", "json", "text"),
+                                           group="engine")
+    whisper_connect_timeout_s: float = setting(3.0, "WHISPER_CONNECT_TIMEOUT_S",
+                                               "Connect timeout for the Whisper HTTP service.",
+                                               group="engine")
+    whisper_read_timeout_s: float = setting(20.0, "WHISPER_READ_TIMEOUT_S",
+                                            "Longest wait for the HTTP service's response.",
+                                            group="engine")
+    whisper_retries: int = setting(2, "WHISPER_RETRIES",
+                                   "Retries of a final after a connection error, timeout, 5xx "
+                                   "or 429 (partials are not retried).", group="engine")
+    whisper_retry_backoff_s: float = setting(0.2, "WHISPER_RETRY_BACKOFF_S",
+                                             "First retry delay; doubles per retry, with "
+                                             "jitter (Retry-After is honoured).", group="engine")
+    whisper_breaker_failures: int = setting(5, "WHISPER_BREAKER_FAILURES",
+                                            "Consecutive failed requests that open the circuit "
+                                            "breaker (requests then fail at once).",
+                                            group="engine")
+    whisper_breaker_cooldown_s: float = setting(5.0, "WHISPER_BREAKER_COOLDOWN_S",
+                                                "Seconds the breaker stays open before one "
+                                                "probe request may try the service again.",
+                                                group="engine")
+    # `stt serve`
+    serve_host: str = setting("127.0.0.1", "STT_SERVE_HOST", "Address `stt serve` binds.",
+                              group="serve")
+    serve_port: int = setting(8000, "STT_SERVE_PORT", "Port `stt serve` listens on.",
+                              group="serve")
+    serve_max_bytes: int = setting(25 * 1024 * 1024, "STT_SERVE_MAX_BYTES",
+                                   "Largest request body `stt serve` accepts (413 beyond).",
+                                   group="serve")
+    serve_api_key: str = setting("", "STT_SERVE_API_KEY",
+                                 "If set, `stt serve` requires 'Authorization: Bearer KEY'.",
+                                 secret=True, group="serve")
 
     # --- NATS --------------------------------------------------------------------------
     nats_url: str = setting("nats://127.0.0.1:4222", "NATS_URL",
@@ -119,6 +194,10 @@ class Settings:
     enable_interrupt_detection: bool = setting(True, "STT_ENABLE_INTERRUPT_DETECTION",
                                                "Detect the user talking over the assistant while "
                                                "'responding'; off = half duplex.")
+    min_pitched_ms: int = setting(90, "STT_MIN_PITCHED_MS",
+                                  "Voiced audio with a pitch an utterance needs before it is "
+                                  "transcribed or can interrupt: noise, clicks and door slams have "
+                                  "none (0 = off).")
     interrupt_min_speech_ms: int = setting(300, "STT_INTERRUPT_MIN_SPEECH_MS",
                                            "Voiced audio needed before an interrupt fires.")
 
@@ -187,6 +266,31 @@ class Settings:
              f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)} or module:Class")
         need(self.whisper_device in ("auto", "cuda", "cpu"), "whisper_device",
              "must be auto, cuda or cpu")
+        need(self.engine_timeout_s > 0, "engine_timeout_s", "must be > 0 seconds")
+        need(self.whisper_cpu_threads >= 0, "whisper_cpu_threads", "must be >= 0")
+        need(1 <= self.whisper_batch_size <= 256, "whisper_batch_size",
+             "must be between 1 and 256")
+        need(0 <= self.whisper_batch_wait_ms <= 1000, "whisper_batch_wait_ms",
+             "must be between 0 and 1000 ms")
+        need(self.whisper_short_window in ("partials", "all", "off"), "whisper_short_window",
+             "must be partials, all or off")
+        need(1 <= self.whisper_beam_size <= 16, "whisper_beam_size", "must be between 1 and 16")
+        need(0 <= self.whisper_no_speech_threshold <= 1, "whisper_no_speech_threshold",
+             "must be between 0 and 1")
+        need(self.whisper_compression_ratio_threshold >= 0,
+             "whisper_compression_ratio_threshold", "must be >= 0 (0 = off)")
+        need(self.whisper_response_format in ("verbose_json", "json", "text"),
+             "whisper_response_format", "must be verbose_json, json or text")
+        need(self.whisper_connect_timeout_s > 0, "whisper_connect_timeout_s", "must be > 0")
+        need(self.whisper_read_timeout_s > 0, "whisper_read_timeout_s", "must be > 0")
+        need(0 <= self.whisper_retries <= 10, "whisper_retries", "must be between 0 and 10")
+        need(self.whisper_retry_backoff_s >= 0, "whisper_retry_backoff_s", "must be >= 0")
+        need(self.whisper_breaker_failures >= 1, "whisper_breaker_failures", "must be >= 1")
+        need(self.whisper_breaker_cooldown_s > 0, "whisper_breaker_cooldown_s", "must be > 0")
+        need(self.engine != "http" or self.whisper_url.startswith(("http://", "https://")),
+             "whisper_url", "must start with http:// or https://")
+        need(0 < self.serve_port <= 65535, "serve_port", "must be a TCP port")
+        need(self.serve_max_bytes >= 1024, "serve_max_bytes", "must be at least 1024 bytes")
         need(0 <= self.vad_aggressiveness <= 3, "vad_aggressiveness", "must be 0, 1, 2 or 3")
         need(self.chunk_timeout_s > 0, "chunk_timeout_s", "must be > 0 seconds")
         need(self.buffer_size_bytes >= 3200, "buffer_size_bytes", "must be at least 3200 bytes")
@@ -197,6 +301,7 @@ class Settings:
         need(1.0 <= self.max_segment_s <= 600, "max_segment_s", "must be between 1 and 600 s")
         need(self.max_pending_segments > 0, "max_pending_segments", "must be > 0")
         need(self.interrupt_min_speech_ms >= 30, "interrupt_min_speech_ms", "must be >= 30 ms")
+        need(0 <= self.min_pitched_ms <= 1000, "min_pitched_ms", "must be between 0 and 1000 ms")
         need(0 <= self.vad_start_ms <= 150, "vad_start_ms", "must be between 0 and 150 ms")
         need(0 <= self.preroll_ms <= 2000, "preroll_ms", "must be between 0 and 2000 ms")
         need(0 <= self.hangover_ms <= 2000, "hangover_ms", "must be between 0 and 2000 ms")

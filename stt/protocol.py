@@ -264,6 +264,13 @@ def interrupt_message(session_id: str, speaker_id: str | None, **extra: Any) -> 
             "timestamp": time.time(), "speaker_id": speaker_id, **extra}
 
 
+def interrupt_cancelled_message(session_id: str, speaker_id: str | None,
+                                **extra: Any) -> dict[str, Any]:
+    """The speech behind an interrupt had no words: the assistant may resume."""
+    return {"type": "interrupt_cancelled", "session_id": session_id, "sequence": 0,
+            "timestamp": time.time(), "speaker_id": speaker_id, **extra}
+
+
 def end_message(session_id: str, reason: EndReason, audio_seconds: float, segments: int,
                 speaker_id: str | None) -> dict[str, Any]:
     return {"type": "end", "session_id": session_id, "sequence": 0, "timestamp": time.time(),

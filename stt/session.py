@@ -62,16 +62,25 @@ from .protocol import (
     StateChange,
     end_message,
     error_message,
+    interrupt_cancelled_message,
     interrupt_message,
     transcript_message,
 )
-from .vad import FRAME_S, FRAME_SAMPLES, Framer, FrameVAD, frame_energy
+from .vad import (
+    FRAME_S,
+    PERIODIC_THRESHOLD,
+    Framer,
+    FrameVAD,
+    frame_energy,
+    periodicity,
+)
 
 START_WINDOW_FRAMES = 5          # 150 ms window for the speech-onset decision
 INTERRUPT_MIN_VOICED_RATIO = 0.6  # of frames since onset, so a few loud clicks do not qualify
 CUT_SEARCH_S = 3.0               # how far back from the size limit to look for a quiet point
 SEEN_SEQ_WINDOW = 256            # recent chunk seq numbers kept to tell duplicates from late ones
 BYTES_PER_SECOND_16K = SAMPLE_RATE * 2  # STT_BUFFER_SIZE_BYTES is counted in 16 kHz s16 mono
+PITCH_CHECK_FRAMES = 3           # periodicity is computed in batches of this many new frames
 
 
 class VADState(enum.Enum):
@@ -91,12 +100,15 @@ class Job:
     segment_id: int
     audio: np.ndarray
     is_final: bool
-    start_s: float
+    start_s: float             # session-timeline time of audio[0] (word times are relative to it)
     end_s: float
+    segment_start_s: float     # where the utterance began (partials may get only its tail)
     options: TranscribeOptions
     created_at: float
     speech_end_at: float | None = None  # wall clock when the end of speech was decided (finals)
     had_partials: bool = False  # partials were published for this segment: a final must follow
+    interrupted: bool = False   # this utterance fired an interrupt
+    committed: list[str] = field(default_factory=list)  # words already published as stable
 
     @property
     def duration_s(self) -> float:
@@ -153,6 +165,14 @@ class _Segment:
     partials_published: int = 0
     last_partial_text: str = ""
     candidate: bool = False           # opened while responding; becomes real on interrupt
+    interrupted: bool = False         # fired an interrupt (a wordless final cancels it)
+    periodic: int = 0                 # voiced frames with a pitch, counted until there are enough
+    pitch_checked: int = 0            # frames examined for pitch so far
+    # stable partials (LocalAgreement-2): words two consecutive hypotheses agreed on are
+    # committed and never withdrawn; the audio they cover is not decoded again for partials
+    committed: list[str] = field(default_factory=list)
+    committed_frames: int = 0         # segment frames covered by the committed words (if timed)
+    previous_tail: list[str] = field(default_factory=list)
 
     def append(self, frame: np.ndarray, voiced: bool, energy: float) -> None:
         self.frames.append(frame)
@@ -194,6 +214,7 @@ class Session:
         self._seen_seq: collections.deque[int] = collections.deque(maxlen=SEEN_SEQ_WINDOW)
         self._last_final_text = ""
         self._finals_published = 0
+        self._interrupt_segment: int | None = None  # utterance that took the turn, until final
         # frame counts derived from settings
         s = settings
         self._silence_frames = max(1, math.ceil(s.chunk_timeout_s / FRAME_S))
@@ -204,6 +225,8 @@ class Session:
         self._partial_frames = (round(s.partial_interval_s / FRAME_S)
                                 if s.partial_interval_s > 0 else 0)
         self._interrupt_frames = max(1, math.ceil(s.interrupt_min_speech_ms / 1000 / FRAME_S))
+        self._pitch_frames = (math.ceil(s.min_pitched_ms / 1000 / FRAME_S)
+                              if s.enable_vad else 0)
         self._vad = FrameVAD(s.enable_vad, s.vad_aggressiveness)
         self._configure(start or Start())
 
@@ -278,35 +301,81 @@ class Session:
         job = self._take_inflight(job_id)
         if job is None:
             return []
+        actions = self._final(job, result) if job.is_final else self._partial(job, result)
+        return actions + self._pump(now)
+
+    def _final(self, job: Job, result: Transcription) -> list[Action]:
+        words = result.text.split()
+        if job.committed:
+            # The final is decoded from the whole utterance; the words already promised as
+            # stable are kept and the final continues from where they align in it.
+            words = job.committed + words[align_prefix(job.committed, words):]
+        text = " ".join(words)
         actions: list[Action] = []
-        text = result.text.strip()
-        words = [w.as_dict(job.start_s) for w in result.words] or None
-        language = result.language or job.options.language
-        if job.is_final:
-            if text or job.had_partials:
-                actions.append(self._emit(transcript_message(
-                    self.session_id, text=text, is_final=True, state=self._state,
-                    speaker_id=self.speaker_id, has_voice_activity=True,
-                    segment_id=job.segment_id, start_s=job.start_s, end_s=job.end_s,
-                    language=language, words=words)))
-                self.counters.finals += 1
-                self._finals_published += 1
-            if text:
-                self._last_final_text = text
-        else:
-            seg = self._segment
-            if (seg is not None and seg.segment_id == job.segment_id and text
-                    and text != seg.last_partial_text):
-                seg.last_partial_text = text
-                seg.partials_published += 1
-                self.counters.partials += 1
-                actions.append(self._emit(transcript_message(
-                    self.session_id, text=text, is_final=False, state=self._state,
-                    speaker_id=self.speaker_id, has_voice_activity=True,
-                    segment_id=job.segment_id, start_s=job.start_s, end_s=job.end_s,
-                    language=language, words=words, extra={"stability": 0.0})))
-        actions += self._pump(now)
+        if text or job.had_partials:
+            actions.append(self._emit(transcript_message(
+                self.session_id, text=text, is_final=True, state=self._state,
+                speaker_id=self.speaker_id, has_voice_activity=True,
+                segment_id=job.segment_id, start_s=job.segment_start_s, end_s=job.end_s,
+                language=result.language or job.options.language,
+                words=self._words(job, result))))
+            self.counters.finals += 1
+            self._finals_published += 1
+        if text:
+            self._last_final_text = text
+        elif job.interrupted:
+            # The "speech" that stopped the assistant had no words (a cough, a laugh, the TV):
+            # say so, and hand the turn back unless the client changed state meanwhile.
+            if self._interrupt_segment == job.segment_id and self._state is State.LISTENING:
+                self._state = State.RESPONDING
+            actions.append(self._emit(interrupt_cancelled_message(
+                self.session_id, self.speaker_id, segment_id=job.segment_id,
+                state=self._state.value)))
+        if self._interrupt_segment == job.segment_id:
+            self._interrupt_segment = None
         return actions
+
+    def _partial(self, job: Job, result: Transcription) -> list[Action]:
+        seg = self._segment
+        if seg is None or seg.segment_id != job.segment_id:
+            return []  # the utterance ended while this partial was decoded
+        decoded = result.text.split()
+        hypothesis = decoded
+        if seg.committed:
+            if job.start_s == job.segment_start_s:  # decoded from the start: drop what is committed
+                hypothesis = hypothesis[align_prefix(seg.committed, hypothesis):]
+            else:  # decoded from the last committed word's end, which word timing only estimates
+                hypothesis = hypothesis[overlap(seg.committed, hypothesis):]
+        # LocalAgreement-2: what this hypothesis and the previous one agree on is stable
+        agreed = common_prefix(seg.previous_tail, hypothesis)
+        if agreed:
+            seg.committed += hypothesis[:agreed]
+            if len(result.words) == len(decoded):  # word times are relative to the window
+                last = result.words[len(decoded) - len(hypothesis) + agreed - 1]
+                offset = job.start_s - job.segment_start_s + last.end
+                seg.committed_frames = min(len(seg), max(seg.committed_frames,
+                                                         int(offset / FRAME_S)))
+        tail = hypothesis[agreed:]
+        seg.previous_tail = tail
+        text = " ".join(seg.committed + tail)
+        if not text or text == seg.last_partial_text:
+            return []
+        seg.last_partial_text = text
+        seg.partials_published += 1
+        self.counters.partials += 1
+        total = len(seg.committed) + len(tail)
+        return [self._emit(transcript_message(
+            self.session_id, text=text, is_final=False, state=self._state,
+            speaker_id=self.speaker_id, has_voice_activity=True, segment_id=job.segment_id,
+            start_s=job.segment_start_s, end_s=job.end_s,
+            language=result.language or job.options.language, words=self._words(job, result),
+            extra={"stable_text": " ".join(seg.committed), "unstable_text": " ".join(tail),
+                   "stability": round(len(seg.committed) / total, 3)}))]
+
+    def _words(self, job: Job, result: Transcription) -> list[dict[str, Any]] | None:
+        if not self._start.word_timestamps or not result.words:
+            return None
+        return [w.as_dict(job.start_s) for w in result.words]
 
     def transcription_failed(self, job_id: int, message: str, now: float) -> list[Action]:
         job = self._take_inflight(job_id)
@@ -356,6 +425,7 @@ class Session:
         # The turn changed hands: whatever the user said so far is one finished utterance.
         actions = self._end_segment(now)
         self._state = state
+        self._interrupt_segment = None  # the client decides the turn from here on
         if state is State.RESPONDING:
             self._preroll.clear()  # audio from the user's turn is not an interruption's pre-roll
         return actions
@@ -439,7 +509,8 @@ class Session:
         actions: list[Action] = []
         if seg.candidate:
             if (seg.voiced_since_onset >= self._interrupt_frames and seg.voiced_since_onset
-                    >= INTERRUPT_MIN_VOICED_RATIO * seg.frames_since_onset):
+                    >= INTERRUPT_MIN_VOICED_RATIO * seg.frames_since_onset
+                    and self._pitched(seg)):
                 actions.append(self._fire_interrupt(seg))
         if seg.trailing_silence >= self._silence_frames:
             actions += self._end_segment(now)
@@ -466,6 +537,8 @@ class Session:
 
     def _fire_interrupt(self, seg: _Segment) -> Publish:
         seg.candidate = False
+        seg.interrupted = True
+        self._interrupt_segment = seg.segment_id
         self._state = State.LISTENING
         self.counters.interrupts += 1
         return self._emit(interrupt_message(
@@ -522,6 +595,8 @@ class Session:
     def _queue_final(self, seg: _Segment, n_frames: int, now: float) -> list[Action]:
         if seg.voiced_count == 0 or n_frames <= 0:
             return []
+        if not self._pitched(seg, upto=n_frames, final=True):
+            return []  # noise the VAD took for speech (no pitch anywhere): nothing to transcribe
         if len(self._queue) >= self.settings.max_pending_segments:
             self.counters.errors += 1
             return [self._error(ErrorCode.OVERLOADED,
@@ -534,28 +609,56 @@ class Session:
         return (self._partial_frames > 0 and not seg.candidate and self._inflight is None
                 and not self._queue and seg.voiced_count > 0
                 and seg.voiced_count > seg.partial_at_voiced
-                and len(seg) - seg.partial_at_frames >= self._partial_frames)
+                and len(seg) - seg.partial_at_frames >= self._partial_frames
+                and self._pitched(seg))
+
+    def _pitched(self, seg: _Segment, upto: int | None = None, final: bool = False) -> bool:
+        """Does the segment hold enough voiced frames with a pitch to be speech, not noise?
+
+        Counted lazily, a few frames at a time, and no more once the answer is yes: speech
+        qualifies within its first syllables, so only noise pays for looking further.
+        """
+        need = self._pitch_frames
+        end = len(seg) if upto is None else upto
+        if seg.periodic >= need:
+            return True
+        if not final and end - seg.pitch_checked < PITCH_CHECK_FRAMES:
+            return False
+        idx = [i for i in range(seg.pitch_checked, end) if seg.voiced[i]]
+        seg.pitch_checked = max(seg.pitch_checked, end)
+        if idx:
+            scores = periodicity(np.stack([seg.frames[i] for i in idx]))
+            seg.periodic += int(np.count_nonzero(scores >= PERIODIC_THRESHOLD))
+        return seg.periodic >= need
 
     def _request_partial(self, seg: _Segment, now: float) -> list[Action]:
         seg.partial_at_frames = len(seg)
         seg.partial_at_voiced = seg.voiced_count
-        job = self._job(seg, len(seg), is_final=False, now=now)
+        # Only the audio after the committed words is decoded again: a long utterance costs
+        # what its unsettled tail costs, not its whole length, on every partial.
+        job = self._job(seg, len(seg), is_final=False, now=now, first=seg.committed_frames)
         self._inflight = job
         return [Transcribe(job)]
 
-    def _job(self, seg: _Segment, n_frames: int, *, is_final: bool, now: float) -> Job:
-        audio = np.concatenate(seg.frames[:n_frames]) if n_frames > 1 else seg.frames[0].copy()
-        start_s = seg.first_frame * FRAME_S
+    def _job(self, seg: _Segment, n_frames: int, *, is_final: bool, now: float,
+             first: int = 0) -> Job:
+        frames = seg.frames[first:n_frames]
+        audio = np.concatenate(frames) if len(frames) > 1 else frames[0].copy()
+        segment_start_s = seg.first_frame * FRAME_S
+        start_s = segment_start_s + first * FRAME_S
+        context = " ".join(seg.committed) if first else self._last_final_text
         job = Job(
             job_id=self._next_job_id, session_id=self.session_id, segment_id=seg.segment_id,
             audio=audio, is_final=is_final, start_s=start_s,
-            end_s=start_s + n_frames * FRAME_SAMPLES / SAMPLE_RATE,
+            end_s=segment_start_s + n_frames * FRAME_S, segment_start_s=segment_start_s,
             options=TranscribeOptions(language=self._language, prompt=self._start.prompt,
-                                      context=self._last_final_text or None,
-                                      word_timestamps=self._start.word_timestamps,
+                                      context=context or None,
+                                      # partials need word times to commit and trim audio
+                                      word_timestamps=self._start.word_timestamps or not is_final,
                                       is_partial=not is_final),
             created_at=now, speech_end_at=now if is_final else None,
-            had_partials=is_final and seg.partials_published > 0)
+            had_partials=is_final and seg.partials_published > 0, interrupted=seg.interrupted,
+            committed=list(seg.committed) if is_final else [])
         self._next_job_id += 1
         return job
 
@@ -594,3 +697,38 @@ class Session:
     def _error(self, code: ErrorCode, message: str) -> Publish:
         self.counters.errors += 1
         return self._emit(error_message(self.session_id, code, message))
+
+
+def common_prefix(a: list[str], b: list[str]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def align_prefix(prefix: list[str], words: list[str]) -> int:
+    """How many of ``words`` the ``prefix`` covers: the cut with the fewest word edits.
+
+    A fresh decode of the whole utterance may spell its beginning a little differently from
+    the words already committed; this finds where the committed words end in it.
+    """
+    if not prefix:
+        return 0
+    row = list(range(len(words) + 1))  # edit distance of prefix[:0] to words[:j]
+    for i, p in enumerate(prefix, 1):
+        nxt = [i] + [0] * len(words)
+        for j, w in enumerate(words, 1):
+            nxt[j] = min(row[j] + 1, nxt[j - 1] + 1, row[j - 1] + (p != w))
+        row = nxt
+    best = min(row)
+    return max(j for j, d in enumerate(row) if d == best)
+
+
+def overlap(committed: list[str], words: list[str], longest: int = 3) -> int:
+    """Words at the start of ``words`` that repeat the end of ``committed``."""
+    for k in range(min(longest, len(committed), len(words)), 0, -1):
+        if committed[-k:] == words[:k]:
+            return k
+    return 0

@@ -59,3 +59,34 @@ class FrameVAD:
 def frame_energy(frame: np.ndarray) -> float:
     """Mean square amplitude; used to find the quietest point to cut a long segment."""
     return float(np.dot(frame, frame)) / frame.size
+
+
+# --- periodicity: is there a pitch? ------------------------------------------------------------
+# webrtcvad calls loud white, pink or brown noise "speech". Voiced speech has something noise,
+# clicks and door slams lack: a pitch period. This is YIN's difference function, normalized per
+# lag (0 = the waveform repeats exactly one period later), after pre-emphasis so that rumble's
+# slowly decaying correlation does not pass for a period. Measured on the bundled sample and
+# generated noise (bench/evaluate.py, README "Conversation quality"): voiced speech frames have a
+# median of 0.39 with ~60% above PERIODIC_THRESHOLD; white/pink/brown noise, clicks and door slams
+# stay under 0.25 at the 90th percentile.
+
+PERIODIC_THRESHOLD = 0.35
+_PITCH_MIN_LAG = 40    # 400 Hz
+_PITCH_MAX_LAG = 200   # 80 Hz
+_PITCH_WINDOW = FRAME_SAMPLES - 1 - _PITCH_MAX_LAG
+_FFT_SIZE = 1024
+
+
+def periodicity(frames: np.ndarray) -> np.ndarray:
+    """Per frame of a (n, 480) array: 1 - the lowest normalized difference over pitch lags."""
+    x = frames[:, 1:] - 0.97 * frames[:, :-1]
+    x = x - x.mean(axis=1, keepdims=True)
+    spectrum = np.fft.rfft(x, _FFT_SIZE)
+    head = np.fft.rfft(x[:, :_PITCH_WINDOW], _FFT_SIZE)
+    corr = np.fft.irfft(np.conj(head) * spectrum, _FFT_SIZE)[:, _PITCH_MIN_LAG:_PITCH_MAX_LAG + 1]
+    energy = np.concatenate([np.zeros((len(x), 1)), np.cumsum(x * x, axis=1)], axis=1)
+    e0 = energy[:, _PITCH_WINDOW:_PITCH_WINDOW + 1]
+    e_lag = (energy[:, _PITCH_MIN_LAG + _PITCH_WINDOW:_PITCH_MAX_LAG + _PITCH_WINDOW + 1]
+             - energy[:, _PITCH_MIN_LAG:_PITCH_MAX_LAG + 1])
+    difference = 1.0 - 2.0 * corr / np.maximum(e0 + e_lag, 1e-9)
+    return np.asarray(1.0 - difference.min(axis=1), dtype=np.float32)

@@ -82,6 +82,7 @@ class Worker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._jobs: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
+        self._all_closed = asyncio.Event()  # set when the last session closes (for the drain)
         self._session_totals: dict[str, int] = {}  # chunk outcome totals of ended sessions
         self._final_jobs: dict[str, Job] = {}  # the final job in flight, per session
 
@@ -133,14 +134,17 @@ class Worker:
         now = self.clock()
         for session in list(self.sessions.values()):
             self._execute(session, session.finish(EndReason.SHUTDOWN, now))
-        deadline = time.monotonic() + self.settings.drain_timeout_s
-        while self.sessions and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
         if self.sessions:
-            log.warning("drain timeout: sessions still waiting for the engine",
-                        extra={"sessions": len(self.sessions)})
-        while not self._outbox.empty() and self.connected and time.monotonic() < deadline + 2:
-            await asyncio.sleep(0.02)
+            self._all_closed.clear()
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), self.settings.drain_timeout_s)
+            except TimeoutError:
+                log.warning("drain timeout: sessions still waiting for the engine",
+                            extra={"sessions": len(self.sessions)})
+        try:  # every message handed to the NATS client before it drains
+            await asyncio.wait_for(self._outbox.join(), 5)
+        except TimeoutError:
+            log.warning("outbound messages not flushed", extra={"pending": self._outbox.qsize()})
         for task in list(self._tasks) + list(self._jobs):
             task.cancel()
         await asyncio.gather(*self._tasks, *self._jobs, return_exceptions=True)
@@ -306,6 +310,8 @@ class Worker:
                 task.add_done_callback(self._jobs.discard)
             elif isinstance(action, Close):
                 self.sessions.pop(session.session_id, None)
+                if not self.sessions:
+                    self._all_closed.set()
                 self._final_jobs.pop(session.session_id, None)
                 self.telemetry.session_closed(session.session_id, action.reason.value)
                 self.stats.sessions_ended[action.reason.value] = \
@@ -332,7 +338,7 @@ class Worker:
             raise
         except (EngineError, TimeoutError, Exception) as exc:
             self.stats.engine_failures += 1
-            reason = ("engine timed out after %.0f s" % self.settings.engine_timeout_s
+            reason = (f"engine timed out after {self.settings.engine_timeout_s:.0f} s"
                       if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__)
             log.warning("transcription failed: %s", reason,
                         extra={"session_id": session.session_id, "segment_id": job.segment_id,
@@ -368,6 +374,7 @@ class Worker:
     def _send(self, session_id: str, message: dict[str, Any]) -> None:
         if self._outbox.qsize() >= OUTBOX_LIMIT:
             self._outbox.get_nowait()
+            self._outbox.task_done()
             self.stats.publish_failures += 1
         headers = self.telemetry.publish_headers(session_id, message)
         self._outbox.put_nowait((self.subjects.output(session_id), protocol.pack(message), headers))
@@ -391,6 +398,7 @@ class Worker:
                     self.stats.publish_failures += 1
                     log.warning("publish failed: %s", exc)
                     break
+            self._outbox.task_done()
 
     async def _ticker(self) -> None:
         while True:

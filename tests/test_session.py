@@ -7,6 +7,7 @@ NATS or an engine: jobs come out as actions and results are fed back by hand.
 from __future__ import annotations
 
 import base64
+import itertools
 from typing import Any
 
 import numpy as np
@@ -194,7 +195,7 @@ def test_buffer_size_cuts_long_speech_at_a_quiet_point_and_continues() -> None:
     assert len(finals) >= 3
     assert all(j.duration_s <= 2.0 + 1e-6 for j in finals)
     # consecutive pieces tile the timeline: no gap, no overlap, nothing lost
-    for a, b in zip(finals, finals[1:], strict=False):
+    for a, b in itertools.pairwise(finals):
         assert b.start_s == pytest.approx(a.end_s, abs=1e-6)
     assert [f["segment_id"] for f in h.finals] == [j.segment_id for j in finals]
 
@@ -445,7 +446,6 @@ def test_start_with_another_session_id_is_an_error_and_the_subject_wins() -> Non
 def test_every_encoding_and_rate_reaches_the_engine_as_16k_speech(encoding: str, rate: int,
                                                                    channels: int) -> None:
     import soxr
-
     from audio_util import encode
 
     speech = soxr.resample(SENTENCE_2, SR, rate).astype(np.float32) if rate != SR else SENTENCE_2
@@ -536,3 +536,104 @@ def test_well_formed_messages_parse_with_seed_defaults() -> None:
     assert isinstance(a, Chunk) and isinstance(b, Chunk)
     assert a.audio == b.audio == pcm and b.seq == 7
     assert isinstance(parse({"type": "end"}), End)
+
+
+# --- stable partials (LocalAgreement-2) ------------------------------------------------------
+
+
+def timed(text: str, start: float = 0.0, step: float = 0.3) -> list[Word]:
+    return [Word(w, start + i * step, start + (i + 1) * step) for i, w in enumerate(text.split())]
+
+
+def test_words_two_hypotheses_agree_on_become_stable_and_stay() -> None:
+    h = Harness(Start(), partial_interval_s=0.3)
+    hypotheses = ["and", "and mr", "and mister john", "and mister john guess",
+                  "and mister jack guess would"]
+    fed = 0
+    for text in hypotheses:
+        while h.session._inflight is None:
+            h.feed(SENTENCE_1[fed: fed + int(0.12 * SR)])
+            fed += int(0.12 * SR)
+        h.answer(text)
+    stable = [p["stable_text"] for p in h.partials]
+    assert stable == ["", "and", "and", "and mister john", "and mister john guess"]
+    for earlier, later in itertools.pairwise(h.partials):
+        assert later["transcript"].startswith(earlier["stable_text"])
+        assert later["stable_text"].startswith(earlier["stable_text"])
+    # the last partial keeps "john": a stable word is never withdrawn
+    assert h.partials[-1]["transcript"] == "and mister john guess would"
+    assert h.partials[-1]["unstable_text"] == "would"
+    assert h.partials[-1]["stability"] == pytest.approx(4 / 5)
+    h.feed(silence(1.0))
+    # the final decode disagrees with a stable word: the stable words win, the rest follows
+    h.answer_final("and mister jack guess would have been")
+    assert h.finals[0]["transcript"] == "and mister john guess would have been"
+
+
+def test_partials_decode_only_the_audio_after_the_committed_words() -> None:
+    h = Harness(Start(), partial_interval_s=0.3)
+    first = None
+    for text in ("and mister", "and mister john"):
+        while h.session._inflight is None:
+            h.feed(SENTENCE_1[: int(0.12 * SR)] if first is None else SENTENCE_1[SR: SR + 1920])
+        job = h.session._inflight
+        first = first or job
+        h.answer(text, words=timed(text, start=0.05, step=0.1))
+    while h.session._inflight is None:
+        h.feed(SENTENCE_1[2 * SR: 2 * SR + 1920])
+    trimmed = h.session._inflight
+    assert trimmed.options.word_timestamps  # partials ask for word times
+    # "and mister" committed, ending 0.05 + 2 * 0.1 s into the utterance: not decoded again
+    assert trimmed.start_s == pytest.approx(trimmed.segment_start_s + 0.25, abs=FRAME_S_TOL)
+    assert trimmed.options.context == "and mister"
+    h.answer("mister john guess", words=timed("mister john guess"))  # repeats the boundary word
+    assert h.partials[-1]["transcript"] == "and mister john guess"
+    assert h.partials[-1]["stable_text"] == "and mister john"
+
+
+FRAME_S_TOL = 0.031
+
+
+# --- noise and false interruptions --------------------------------------------------------------
+
+
+def noise(seconds: float, level: float = 0.3, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (level * rng.standard_normal(int(seconds * SR))).astype(np.float32)
+
+
+def test_noise_that_the_vad_calls_speech_is_not_transcribed() -> None:
+    h = Harness(Start(), partial_interval_s=0.3)
+    h.feed(noise(2.0))
+    h.feed(silence(1.0))
+    assert h.jobs == [] and h.published == []
+
+
+def test_noise_bursts_while_responding_do_not_interrupt() -> None:
+    h = Harness(Start(state=State.RESPONDING))
+    for seconds in (0.2, 0.5, 1.0, 2.0):
+        h.feed(noise(seconds, seed=int(seconds * 10)))
+        h.feed(silence(1.0))
+    assert h.of("interrupt") == [] and h.jobs == []
+    h.feed(SENTENCE_2)  # real speech still does
+    assert len(h.of("interrupt")) == 1
+
+
+def test_wordless_interruption_is_cancelled_and_the_turn_handed_back() -> None:
+    h = Harness(Start(state=State.RESPONDING, speaker_id="bob"))
+    h.feed(SENTENCE_2[: int(0.8 * SR)])
+    assert len(h.of("interrupt")) == 1 and h.session.state is State.LISTENING
+    h.feed(silence(1.0))
+    h.answer_final("")
+    cancelled = h.of("interrupt_cancelled")
+    assert len(cancelled) == 1 and cancelled[0]["speaker_id"] == "bob"
+    assert cancelled[0]["segment_id"] == h.of("interrupt")[0]["segment_id"]
+    assert h.session.state is State.RESPONDING and cancelled[0]["state"] == "responding"
+
+
+def test_interruption_with_words_is_not_cancelled() -> None:
+    h = Harness(Start(state=State.RESPONDING))
+    h.feed(SENTENCE_2)
+    h.feed(silence(1.0))
+    h.answer_final("he was not")
+    assert h.of("interrupt_cancelled") == [] and h.session.state is State.LISTENING
