@@ -310,7 +310,7 @@ class Settings:
              "must be DEBUG, INFO, WARNING or ERROR")
         need(self.log_format in ("text", "json"), "log_format", "must be text or json")
         need(self.input_subject.endswith(".*") or self.input_subject.endswith(".>"),
-             "input_subject", "must end with '.*' (the session id token)")
+             "input_subject", "must end with '.*' or '.>' (the last token is the session id)")
         need(bool(self.output_subject_prefix) and not self.output_subject_prefix.endswith("."),
              "output_subject_prefix", "must be a subject prefix without a trailing dot")
         need(not (self.hyperdx_enabled and not self.hyperdx_api_key), "hyperdx_api_key",

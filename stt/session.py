@@ -228,6 +228,8 @@ class Session:
         self._pitch_frames = (math.ceil(s.min_pitched_ms / 1000 / FRAME_S)
                               if s.enable_vad else 0)
         self._vad = FrameVAD(s.enable_vad, s.vad_aggressiveness)
+        self._state = State.LISTENING
+        self.speaker_id: str | None = None
         self._configure(start or Start())
 
     # --- public API ----------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from typing import cast
 
 from ..config import Settings
 from .base import Engine, EngineError, EngineUnavailable, TranscribeOptions, Transcription, Word
@@ -38,4 +40,5 @@ def create_engine(settings: Settings) -> Engine:
                                 f"{module_name}: {exc}") from None
     if not (isinstance(cls, type) and issubclass(cls, Engine)):
         raise EngineUnavailable(f"STT_ENGINE={name!r} is not an Engine subclass")
-    return cls(settings)
+    factory = cast(Callable[[Settings], Engine], cls)  # plug-in engines take the settings
+    return factory(settings)
