@@ -1,14 +1,582 @@
-"""Placeholder until the whisper engine lands (issue 3)."""
+"""Local Whisper: openai-whisper on PyTorch, on NVIDIA CUDA, AMD ROCm (PyTorch's ``cuda``
+device) or CPU.
+
+Theory of operation
+-------------------
+* The model loads once at start-up (by name into the download cache, or from a checkpoint
+  path), then is warmed up (every decode path, and the word-alignment JIT) before the worker
+  takes sessions. All model work runs on one inference thread; the event loop only awaits.
+* Segments from all sessions go through a :class:`~stt.engines.batching.MicroBatcher`:
+  requests that can share a decoder pass (same language, prompt, window, temperature) are
+  decoded together (at most ``WHISPER_BATCH_SIZE``), finals ahead of partials. On a GPU one
+  pass of 8 costs little more than a pass of 1; on a CPU batching still works, with less gain.
+* Whisper's encoder is trained on 30 s windows, so a 2 s partial normally pays for 30 s of
+  padding. With ``WHISPER_SHORT_WINDOW=partials`` (default) partials are encoded over a short
+  window instead (speech + at least 0.5 s of silence, rounded up to 2 s), slicing the encoder's
+  sinusoidal position embedding as whisper.cpp's ``audio_ctx`` does. Much cheaper, somewhat
+  less accurate (the model never saw short windows), so finals keep the full window unless
+  ``all`` is chosen. ``bench/bench_engines.py`` measures the difference.
+* Prompts: the session's ``prompt`` always; its previous final as context for finals only
+  (``WHISPER_USE_CONTEXT``). Whisper's batched decode takes one prompt per pass, so requests
+  are grouped by prompt: partials (no context) batch well across sessions, finals with context
+  mostly run alone. Turn context off to batch finals too.
+* Guards against invented text, after Whisper's own transcribe(): a final whose text looks like
+  a loop (gzip compression ratio) or is improbable (average log-probability) is decoded again
+  at a higher temperature; text is dropped when the no-speech probability is high and the
+  log-probability low (silence, noise), or when it is still a loop; repeated n-gram runs are
+  cut. Every decode has a token budget proportional to the audio's duration, so a looping
+  model stops early.
+* Audio longer than one window (``stt serve`` uploads) goes through Whisper's own long-form
+  ``transcribe`` (sequential 30 s windows), as a batch of one.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import dataclasses
+import logging
+import math
+import os
+import time
+import types
+from collections.abc import Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..audio import SAMPLE_RATE
 from ..config import Settings
-from .base import Engine, EngineUnavailable
+from .base import (
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    Segment,
+    TranscribeOptions,
+    Transcription,
+    Word,
+)
+from .batching import MicroBatcher
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("stt.engines.whisper")
+
+WINDOW_S = 30                 # Whisper's input window (whisper.audio.CHUNK_LENGTH)
+HOP = 160                     # samples per mel frame (10 ms)
+WINDOW_FRAMES = WINDOW_S * SAMPLE_RATE // HOP
+SHORT_STEP_FRAMES = 200       # short windows grow in 2 s steps: few distinct shapes to batch
+SHORT_TAIL_FRAMES = 50        # >= 0.5 s of silence after the speech, or the last word suffers
+FALLBACK_TEMPERATURES = (0.4, 0.8)  # finals only; two retries bound the worst-case latency
+CONTEXT_MAX_CHARS = 300       # previous final given as context: its end matters, keep it short
+TOKENS_PER_S = 12             # token budget: fast speech is ~4 tokens/s in English, more in CJK
+TOKENS_BASE = 24
+REPEAT_MAX_PERIOD = 12        # loops of up to 12 tokens ...
+REPEAT_MIN_RUNS = 4           # ... seen 4 times in a row are cut to one
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: affinity mask and cgroup v2 quota (containers), not the host's."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` -> ``cuda`` when PyTorch sees a GPU (NVIDIA, or AMD through ROCm), else ``cpu``."""
+    import torch
+
+    if requested == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if requested == "cuda":
+        build = f"ROCm {torch.version.hip}" if getattr(torch.version, "hip", None) else \
+            f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only"
+        raise EngineUnavailable(f"WHISPER_DEVICE=cuda but PyTorch ({torch.__version__}, {build} "
+                                "build) sees no GPU; set WHISPER_DEVICE=cpu or auto")
+    return "cpu"
+
+
+def device_label(device: str) -> str:
+    import torch
+
+    if device != "cuda":
+        return "cpu"
+    kind = "ROCm" if getattr(torch.version, "hip", None) else "CUDA"
+    return f"{kind} {torch.cuda.get_device_name(0)}"
+
+
+def trim_repetitions(tokens: Sequence[int], max_period: int = REPEAT_MAX_PERIOD,
+                     min_runs: int = REPEAT_MIN_RUNS) -> list[int]:
+    """Cut a decoding loop: the first n-gram (n <= max_period) repeated ``min_runs`` times in a
+    row is kept once and everything after it dropped (what follows a loop is not trustworthy)."""
+    tokens = list(tokens)
+    n = len(tokens)
+    for i in range(n):
+        for period in range(1, max_period + 1):
+            if i + period * min_runs > n:
+                break
+            gram = tokens[i:i + period]
+            if all(tokens[i + k * period:i + (k + 1) * period] == gram for k in range(1, min_runs)):
+                return tokens[:i + period]
+    return tokens
+
+
+def split_segments(tokens: Sequence[int], timestamp_begin: int, duration_s: float,
+                   precision_s: float = 0.02) -> list[tuple[float, float, list[int]]]:
+    """Timestamp tokens -> (start, end, text tokens) spans, clamped to the audio."""
+    spans: list[tuple[float, float, list[int]]] = []
+    start = 0.0
+    text: list[int] = []
+    for token in tokens:
+        if token >= timestamp_begin:
+            at = min((token - timestamp_begin) * precision_s, duration_s)
+            if text:
+                spans.append((start, max(at, start), text))
+                text = []
+            start = at
+        else:
+            text.append(token)
+    if text:
+        spans.append((start, max(duration_s, start), text))
+    return spans
+
+
+def short_window_frames(n_samples: int) -> int:
+    """Mel frames of the short window for ``n_samples`` of audio."""
+    frames = n_samples // HOP + SHORT_TAIL_FRAMES
+    return min(WINDOW_FRAMES, math.ceil(frames / SHORT_STEP_FRAMES) * SHORT_STEP_FRAMES)
+
+
+def token_budget(duration_s: float, n_text_ctx: int) -> int:
+    return min(n_text_ctx // 2, TOKENS_BASE + math.ceil(TOKENS_PER_S * duration_s))
+
+
+def _flexible_encoder_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """``AudioEncoder.forward`` for any window up to 30 s (the original asserts exactly 30 s).
+
+    The position embedding is a fixed sinusoid table, so a shorter input uses its first rows;
+    for a full window this is the original computation.
+    """
+    import torch.nn.functional as F
+
+    x = F.gelu(self.conv1(x))
+    x = F.gelu(self.conv2(x))
+    x = x.permute(0, 2, 1)
+    n = x.shape[1]
+    if n > self.positional_embedding.shape[0]:
+        raise ValueError(f"audio window of {n} frames exceeds the model's "
+                         f"{self.positional_embedding.shape[0]}")
+    x = (x + self.positional_embedding[:n]).to(x.dtype)
+    for block in self.blocks:
+        x = block(x)
+    return self.ln_post(x)
+
+
+@dataclass(frozen=True)
+class _Request:
+    audio: np.ndarray
+    options: TranscribeOptions
+    language: str | None
+    prompt: str | None
+    final: bool
+    short: bool
+    long_form: bool = False
+
+    @property
+    def duration_s(self) -> float:
+        return self.audio.size / SAMPLE_RATE
 
 
 class WhisperEngine(Engine):
     name = "whisper"
 
+    def __init__(self, model: str = "base.en", *, device: str = "auto", download_root: str = "",
+                 cpu_threads: int = 0, batch_size: int = 8, batch_wait_s: float = 0.005,
+                 short_window: str = "partials", beam_size: int = 1, use_context: bool = True,
+                 no_speech_threshold: float = 0.6, logprob_threshold: float = -1.0,
+                 compression_ratio_threshold: float = 2.4) -> None:
+        self.model_name = model
+        self.requested_device = device
+        self.download_root = download_root
+        self.cpu_threads = cpu_threads
+        self.batch_size = batch_size
+        self.batch_wait_s = batch_wait_s
+        self.short_window = short_window
+        self.beam_size = beam_size
+        self.use_context = use_context
+        self.no_speech_threshold = no_speech_threshold
+        self.logprob_threshold = logprob_threshold
+        self.compression_ratio_threshold = compression_ratio_threshold
+        self.batches = batch_size > 1
+        self.device = "cpu"
+        self.fp16 = False
+        self.threads = 0  # PyTorch CPU threads (0 on GPU)
+        self.model: Any = None
+        self.load_s = 0.0
+        self.warmup_s = 0.0
+        self._executor: ThreadPoolExecutor | None = None
+        self._batcher: MicroBatcher[_Request, Transcription] | None = None
+        self._long_seq = 0
+        #: Model passes by window length in mel frames (3000 = a full 30 s window).
+        self.passes: collections.Counter[int] = collections.Counter()
+
     @classmethod
-    def from_settings(cls, settings: Settings) -> Engine:
-        raise EngineUnavailable("the whisper engine is not built yet; use STT_ENGINE=sphinx")
+    def from_settings(cls, settings: Settings) -> WhisperEngine:
+        return cls(settings.whisper_model_size, device=settings.whisper_device,
+                   download_root=settings.whisper_download_root,
+                   cpu_threads=settings.whisper_cpu_threads,
+                   batch_size=settings.whisper_batch_size,
+                   batch_wait_s=settings.whisper_batch_wait_ms / 1000.0,
+                   short_window=settings.whisper_short_window,
+                   beam_size=settings.whisper_beam_size,
+                   use_context=settings.whisper_use_context,
+                   no_speech_threshold=settings.whisper_no_speech_threshold,
+                   logprob_threshold=settings.whisper_logprob_threshold,
+                   compression_ratio_threshold=settings.whisper_compression_ratio_threshold)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            import torch
+            import whisper  # noqa: F401
+        except ImportError:
+            raise EngineUnavailable("the whisper engine needs openai-whisper and PyTorch: "
+                                    "pip install 'stt-streaming[local]'") from None
+        self.device = resolve_device(self.requested_device)
+        self.fp16 = self.device == "cuda"  # whisper computes in fp16 on GPU, fp32 on CPU
+        if self.device == "cpu":
+            self.threads = self.cpu_threads or available_cpus()
+            torch.set_num_threads(self.threads)  # before the inference thread exists
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="whisper")
+        loop = asyncio.get_running_loop()
+        try:
+            t0 = time.perf_counter()
+            await loop.run_in_executor(self._executor, self._load)
+            self.load_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            await loop.run_in_executor(self._executor, self._warm_up)
+            self.warmup_s = time.perf_counter() - t0
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+        log.info("whisper model loaded", extra={
+            "model": self.model_name, "device": device_label(self.device), "fp16": self.fp16,
+            "load_s": round(self.load_s, 2), "warmup_s": round(self.warmup_s, 2)})
+        self._batcher = MicroBatcher(self._run_batch, self._executor, max_batch=self.batch_size,
+                                     max_wait_s=self.batch_wait_s)
+        self._batcher.start()
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.close()
+            self._batcher = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        self.model = None
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "model": self.model_name,
+                               "device": device_label(self.device) if self.model else self.device,
+                               "fp16": self.fp16, "batch_size": self.batch_size,
+                               "short_window": self.short_window, "cpu_threads": self.threads,
+                               "load_s": round(self.load_s, 2)}
+        if self._batcher is not None:
+            s = self._batcher.stats
+            out.update(batches=s.batches, mean_batch=round(s.mean_batch, 2), queued=self._batcher.queued)
+        return out
+
+    def _load(self) -> None:
+        import whisper
+
+        try:
+            model = whisper.load_model(self.model_name, device=self.device,
+                                       download_root=self.download_root or None)
+        except Exception as exc:  # offline download, unknown name, bad file
+            raise EngineUnavailable(self._load_error(exc)) from exc
+        model.eval()
+        # Short windows: let the encoder take any length up to 30 s (this instance only).
+        model.encoder.forward = types.MethodType(_flexible_encoder_forward, model.encoder)
+        self.model = model
+
+    def _load_error(self, exc: Exception) -> str:
+        import whisper
+
+        name = self.model_name
+        if name in whisper.available_models():
+            url = getattr(whisper, "_MODELS", {}).get(name, f"/{name}.pt")
+            root = self.download_root or os.path.join(
+                os.getenv("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "whisper")
+            return (f"cannot load Whisper model {name!r} ({exc}). Without internet access, put "
+                    f"{os.path.basename(url)} in WHISPER_DOWNLOAD_ROOT (now {root}) or set "
+                    "WHISPER_MODEL_SIZE to the path of a checkpoint file")
+        if not os.path.exists(name):
+            return (f"WHISPER_MODEL_SIZE={name!r} is neither a Whisper model name "
+                    f"({', '.join(whisper.available_models())}) nor an existing checkpoint file")
+        return f"WHISPER_MODEL_SIZE={name!r}: cannot load this checkpoint: {exc}"
+
+    def _warm_up(self) -> None:
+        """One pass through every path, so the first session pays no kernel selection or JIT."""
+        import torch
+        from whisper.timing import find_alignment
+
+        second = np.zeros(SAMPLE_RATE, dtype=np.float32)
+        requests = [_Request(second, TranscribeOptions(is_partial=True), "en", None,
+                             final=False, short=True),
+                    _Request(second, TranscribeOptions(), "en", None, final=True, short=False)]
+        for request in requests:
+            self._decode_group([request], sample_len=4)
+        tokenizer = self._tokenizer("en")
+        mel = self._mel(second, short_window_frames(second.size))
+        with torch.no_grad():
+            find_alignment(self.model, tokenizer, tokenizer.encode(" warm up"), mel, second.size // HOP)
+        self._pin_threads()
+
+    def _pin_threads(self) -> None:
+        """Re-assert the CPU thread count in the inference thread. numba (word alignment's
+        DTW) resets this thread's OpenMP team to every core on its first run; PyTorch's pool
+        keeps its own size, and the two then spin against each other (measured: 10x slower
+        decoding on a busy 2-core machine)."""
+        if self.device == "cpu" and self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+
+    # --- requests -------------------------------------------------------------------------
+
+    async def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> Transcription:
+        if self._batcher is None or self.model is None:
+            raise EngineError("whisper engine not started")
+        audio = np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
+        if audio.size < HOP:
+            return Transcription(text="", language=options.language, duration_s=audio.size / SAMPLE_RATE)
+        language = self._language(options.language)
+        final = not options.is_partial
+        prompt = self._prompt(options, final)
+        if audio.size > WINDOW_S * SAMPLE_RATE:
+            request = _Request(audio, options, language, prompt, final=True, short=False,
+                               long_form=True)
+            self._long_seq += 1
+            key: Hashable = ("long", self._long_seq)
+        else:
+            # Language detection reads the full window; short windows need a known language.
+            short = language is not None and (
+                self.short_window == "all" or (self.short_window == "partials" and not final))
+            request = _Request(audio, options, language, prompt, final=final, short=short)
+            key = (short, final, language, prompt, options.temperature)
+        try:
+            return await self._batcher.submit(request, key, priority=0 if final else 1)
+        except EngineError:
+            raise
+        except Exception as exc:  # CUDA out of memory, a bad tensor: this request fails only
+            raise EngineError(f"whisper inference failed: {type(exc).__name__}: {exc}") from exc
+
+    def _language(self, requested: str | None) -> str | None:
+        from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+
+        if not self.model.is_multilingual:
+            if requested and not requested.lower().startswith("en"):
+                raise EngineError(f"model {self.model_name} is English-only; language "
+                                  f"{requested!r} is not available")
+            return "en"
+        if not requested:
+            return None
+        code = requested.strip().lower().replace("_", "-")
+        if code in TO_LANGUAGE_CODE:
+            return TO_LANGUAGE_CODE[code]
+        code = code.split("-")[0]
+        if code not in LANGUAGES:
+            raise EngineError(f"unknown language {requested!r}")
+        return code
+
+    def _prompt(self, options: TranscribeOptions, final: bool) -> str | None:
+        parts = [options.prompt.strip()] if options.prompt and options.prompt.strip() else []
+        if final and self.use_context and options.context:
+            context = options.context.strip()
+            if len(context) > CONTEXT_MAX_CHARS:  # keep the end, from a word boundary
+                context = context[-CONTEXT_MAX_CHARS:].partition(" ")[2] or context[-CONTEXT_MAX_CHARS:]
+            parts.append(context)
+        return " ".join(parts) or None
+
+    # --- the inference thread -------------------------------------------------------------
+
+    def _run_batch(self, requests: list[_Request]) -> list[Transcription | BaseException]:
+        import torch
+
+        with torch.no_grad():
+            if requests[0].long_form:
+                return [self._transcribe_long(r) for r in requests]
+            return self._decode_group(requests)
+
+    def _tokenizer(self, language: str | None) -> Any:
+        from whisper.tokenizer import get_tokenizer
+
+        return get_tokenizer(self.model.is_multilingual, num_languages=self.model.num_languages,
+                             language=language or "en", task="transcribe")
+
+    def _mel(self, audio: np.ndarray, n_frames: int) -> torch.Tensor:
+        import torch
+        import whisper
+
+        padded = np.zeros(n_frames * HOP, dtype=np.float32)
+        padded[:min(audio.size, padded.size)] = audio[:padded.size]
+        mel = whisper.log_mel_spectrogram(torch.from_numpy(padded), self.model.dims.n_mels,
+                                          device=self.device)
+        return mel[:, :n_frames]
+
+    def encode(self, mel: torch.Tensor) -> torch.Tensor:
+        """The encoder alone on a (batch, n_mels, frames) mel; for the benchmark."""
+        import torch
+
+        with torch.no_grad():
+            return self.model.encoder(mel.half() if self.fp16 else mel)
+
+    def _decode_group(self, requests: list[_Request], sample_len: int | None = None
+                      ) -> list[Transcription | BaseException]:
+        import torch
+        import whisper
+
+        first = requests[0]
+        n_frames = (max(short_window_frames(r.audio.size) for r in requests) if first.short
+                    else WINDOW_FRAMES)
+        mels = [self._mel(r.audio, n_frames) for r in requests]
+        mel = torch.stack(mels)
+        self.passes[n_frames] += 1
+        options = whisper.DecodingOptions(
+            task="transcribe", language=first.language, temperature=first.options.temperature,
+            sample_len=sample_len or max(token_budget(r.duration_s, self.model.dims.n_text_ctx)
+                                         for r in requests),
+            prompt=first.prompt, without_timestamps=not first.final, fp16=self.fp16,
+            beam_size=(self.beam_size if first.final and self.beam_size > 1
+                       and first.options.temperature == 0 else None))
+        results = list(whisper.decode(self.model, mel, options))
+        if first.final:
+            self._fall_back(mel, options, results)
+        out: list[Transcription | BaseException] = []
+        for request, result, one_mel in zip(requests, results, mels, strict=True):
+            try:
+                out.append(self._finish(request, result, one_mel))
+            except Exception as exc:
+                out.append(EngineError(f"whisper post-processing failed: {exc}"))
+        return out
+
+    def _needs_fallback(self, result: Any) -> bool:
+        cr = self.compression_ratio_threshold
+        needs = bool(cr and result.compression_ratio > cr) or result.avg_logprob < self.logprob_threshold
+        if self._is_silence(result):  # silence: a hotter decode would only invent words
+            return False
+        return needs
+
+    def _is_silence(self, result: Any) -> bool:
+        return (result.no_speech_prob > self.no_speech_threshold
+                and result.avg_logprob < self.logprob_threshold)
+
+    def _fall_back(self, mel: torch.Tensor, options: Any, results: list[Any]) -> None:
+        """Decode again, hotter, the finals that look like loops or guesses (as transcribe() does)."""
+        import whisper
+
+        for temperature in FALLBACK_TEMPERATURES:
+            if temperature <= options.temperature:
+                continue
+            retry = [i for i, r in enumerate(results) if self._needs_fallback(r)]
+            if not retry:
+                return
+            hotter = dataclasses.replace(options, temperature=temperature, beam_size=None)
+            for i, result in zip(retry, whisper.decode(self.model, mel[retry], hotter), strict=True):
+                results[i] = result
+
+    def _finish(self, request: _Request, result: Any, mel: torch.Tensor) -> Transcription:
+        from whisper.utils import compression_ratio
+
+        tokenizer = self._tokenizer(result.language)
+        duration = request.duration_s
+        spans = (split_segments(result.tokens, tokenizer.timestamp_begin, duration)
+                 if request.final else [(0.0, duration, list(result.tokens))])
+        segments: list[Segment] = []
+        text_tokens: list[int] = []
+        for start, end, tokens in spans:
+            tokens = trim_repetitions([t for t in tokens if t < tokenizer.eot])
+            text = tokenizer.decode(tokens).strip()
+            if not text:
+                continue
+            text_tokens += tokens
+            segments.append(Segment(text, round(start, 3), round(end, 3), result.no_speech_prob,
+                                    result.avg_logprob, compression_ratio(text)))
+        text = tokenizer.decode(text_tokens).strip()
+        cr = self.compression_ratio_threshold
+        if self._is_silence(result) or (cr and text and compression_ratio(text) > cr):
+            text, segments, text_tokens = "", [], []
+        words: list[Word] = []
+        if request.options.word_timestamps and text_tokens:
+            words = self._words(tokenizer, text_tokens, mel, request.audio.size // HOP, duration)
+        return Transcription(text=text, language=result.language, segments=segments, words=words,
+                             no_speech_prob=float(result.no_speech_prob), duration_s=duration)
+
+    def _words(self, tokenizer: Any, tokens: list[int], mel: torch.Tensor, n_frames: int,
+               duration_s: float) -> list[Word]:
+        from whisper.timing import find_alignment
+
+        timings = find_alignment(self.model, tokenizer, tokens, mel.half() if self.fp16 else mel,
+                                 n_frames)
+        self._pin_threads()
+        return [Word(t.word.strip(), round(min(float(t.start), duration_s), 3),
+                     round(min(float(t.end), duration_s), 3), round(float(t.probability), 4))
+                for t in timings if t.word.strip()]
+
+    def _transcribe_long(self, request: _Request) -> Transcription:
+        """Audio longer than one window: Whisper's own sequential long-form transcription."""
+        import whisper
+        from whisper.utils import compression_ratio
+
+        cr = self.compression_ratio_threshold
+        t0 = request.options.temperature
+        result = whisper.transcribe(
+            self.model, request.audio, verbose=None, language=request.language,
+            temperature=(t0, *(t for t in FALLBACK_TEMPERATURES if t > t0)),
+            compression_ratio_threshold=cr or None, logprob_threshold=self.logprob_threshold,
+            no_speech_threshold=self.no_speech_threshold,
+            condition_on_previous_text=self.use_context, initial_prompt=request.prompt,
+            word_timestamps=request.options.word_timestamps, fp16=self.fp16,
+            **({"beam_size": self.beam_size} if self.beam_size > 1 else {}))
+        self._pin_threads()
+        # The same clean-up as for single windows: cut loops, drop what still looks like one.
+        tokenizer = self._tokenizer(result.get("language"))
+        segments: list[Segment] = []
+        words: list[Word] = []
+        for seg in result["segments"]:
+            tokens = [t for t in seg["tokens"] if t < tokenizer.eot]
+            kept = trim_repetitions(tokens)
+            text = tokenizer.decode(kept).strip()
+            if not text or (cr and compression_ratio(text) > cr):
+                continue
+            segments.append(Segment(text, float(seg["start"]), float(seg["end"]),
+                                    float(seg["no_speech_prob"]), float(seg["avg_logprob"]),
+                                    compression_ratio(text)))
+            if len(kept) == len(tokens):  # word timings of a cut segment would not match
+                words += [Word(w["word"].strip(), float(w["start"]), float(w["end"]),
+                               float(w["probability"]))
+                          for w in seg.get("words", []) if w["word"].strip()]
+        return Transcription(text=" ".join(s.text for s in segments),
+                             language=result.get("language"), segments=segments, words=words,
+                             no_speech_prob=segments[0].no_speech_prob if segments else None,
+                             duration_s=request.duration_s)

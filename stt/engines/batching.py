@@ -1,0 +1,158 @@
+"""Cross-session micro-batching: many sessions' segments through the model in one pass.
+
+Requests are awaited from the event loop; one task takes them off a queue in groups and runs
+each group on one inference thread. A group holds requests with the same ``key`` (those that
+can share one decoder pass: same language, prompt, window), at most ``max_batch`` of them,
+lowest ``priority`` first (finals before partials), oldest first within a priority.
+
+When the model is idle and a request arrives, the batcher waits up to ``max_wait_s`` for
+others to join (a few milliseconds: the price of batching when load is light). When the model
+is busy, requests pile up on their own and the next group leaves as soon as it is free.
+A request whose caller gave up (timeout, cancellation) is dropped before it costs a pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: What ``run_batch`` returns per request: a result, or the exception for that request alone.
+Outcome = Any
+
+
+@dataclass(order=True)
+class _Pending(Generic[T]):
+    priority: int
+    seq: int
+    key: Hashable = field(compare=False)
+    item: T = field(compare=False)
+    future: asyncio.Future[Any] = field(compare=False)
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    requests: int = 0
+    dropped: int = 0  # callers that gave up before their turn
+    largest: int = 0
+
+    @property
+    def mean_batch(self) -> float:
+        return self.requests / self.batches if self.batches else 0.0
+
+
+class MicroBatcher(Generic[T, R]):
+    """``await submit(item, key, priority)``; ``run_batch(items)`` runs on ``executor``.
+
+    ``run_batch`` returns one outcome per item, in order: the result, or an exception
+    instance that fails that request only. An exception raised by ``run_batch`` itself fails
+    the whole group.
+    """
+
+    def __init__(self, run_batch: Callable[[list[T]], Sequence[R | BaseException]],
+                 executor: Executor, *, max_batch: int = 8, max_wait_s: float = 0.005) -> None:
+        self.run_batch = run_batch
+        self.executor = executor
+        self.max_batch = max(1, max_batch)
+        self.max_wait_s = max(0.0, max_wait_s)
+        self.stats = BatchStats()
+        self._pending: list[_Pending[T]] = []
+        self._arrived = asyncio.Event()
+        self._seq = itertools.count()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for p in self._pending:
+            if not p.future.done():
+                p.future.set_exception(RuntimeError("engine closed"))
+        self._pending.clear()
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    async def submit(self, item: T, key: Hashable, priority: int = 0) -> R:
+        if self._task is None:
+            raise RuntimeError("batcher not started")
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(priority, next(self._seq), key, item, future))
+        self._arrived.set()
+        return await future
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+                await self._gather_companions(loop)
+            batch = self._take()
+            if not batch:
+                continue
+            self.stats.batches += 1
+            self.stats.requests += len(batch)
+            self.stats.largest = max(self.stats.largest, len(batch))
+            try:
+                outcomes = await loop.run_in_executor(self.executor, self.run_batch,
+                                                      [p.item for p in batch])
+                if len(outcomes) != len(batch):
+                    raise RuntimeError(f"run_batch returned {len(outcomes)} outcomes "
+                                       f"for {len(batch)} requests")
+            except asyncio.CancelledError:
+                for p in batch:
+                    p.future.cancel()
+                raise
+            except Exception as exc:
+                outcomes = [exc] * len(batch)
+            for p, outcome in zip(batch, outcomes, strict=True):
+                if p.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    p.future.set_exception(outcome)
+                else:
+                    p.future.set_result(outcome)
+
+    async def _gather_companions(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The model was idle: give other sessions' requests a moment to join this pass."""
+        if self.max_batch == 1 or self.max_wait_s == 0:
+            return
+        deadline = loop.time() + self.max_wait_s
+        while len(self._pending) < self.max_batch:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+
+    def _take(self) -> list[_Pending[T]]:
+        live = [p for p in self._pending if not p.future.done()]
+        self.stats.dropped += len(self._pending) - len(live)
+        if not live:
+            self._pending = []
+            return []
+        live.sort()
+        key = live[0].key
+        batch = [p for p in live if p.key == key][: self.max_batch]
+        chosen = {id(p) for p in batch}
+        self._pending = [p for p in live if id(p) not in chosen]
+        return batch

@@ -1,0 +1,259 @@
+"""``stt serve`` as a real process: the official ``openai`` client for every response format,
+OpenAI-style errors, limits, auth, health, and start-up failures that say what to set."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import ROOT, SAMPLE
+from whisper_checkpoint import write_checkpoint
+
+from stt.audio import SAMPLE_RATE, load_16k_mono, to_pcm16
+from stt.nats_server import free_port
+
+API_KEY = "test-key"
+
+
+class ServeProcess:
+    """``python -m stt serve ...`` on a free loopback port; stop() and start() keep the port."""
+
+    def __init__(self, *args: str, port: int | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.args = list(args)
+        self.port = port or free_port()
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
+        self.leftover_children: list[int] = []  # child processes still alive after stop()
+        self.log = tempfile.NamedTemporaryFile(prefix="stt-serve-", suffix=".log", delete=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def start(self, timeout_s: float = 90.0) -> ServeProcess:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("STT_", "WHISPER_"))}  # the test decides every setting
+        env.update({"STT_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1", **self.env})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stt", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+             *self.args], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"stt serve exited {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"stt serve did not answer in {timeout_s} s:\n{self.output()}")
+
+    def stop(self) -> None:
+        """SIGTERM, as an orchestrator would; records the exit code and any orphaned children."""
+        import psutil
+
+        if self.proc is not None and self.proc.poll() is None:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            _, alive = psutil.wait_procs(children, timeout=5)
+            self.leftover_children = [p.pid for p in alive]
+            for p in alive:  # do not leave them running whatever the test says
+                p.kill()
+        if self.proc is not None:
+            self.returncode = self.proc.returncode
+        self.proc = None
+
+    def __enter__(self) -> ServeProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wav_bytes(samples: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(to_pcm16(samples))
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def clip() -> bytes:
+    return wav_bytes(load_16k_mono(str(SAMPLE))[: 4 * SAMPLE_RATE])  # 128 kB
+
+
+@pytest.fixture(scope="module")
+def sphinx_server() -> Iterator[ServeProcess]:
+    with ServeProcess("--engine", "sphinx", "--engine-workers", "1",
+                      "--serve-max-bytes", "400000", "--serve-api-key", API_KEY) as server:
+        yield server
+
+
+# --- the official OpenAI client ---------------------------------------------------------------
+
+
+def test_openai_client_every_response_format(sphinx_server: ServeProcess, clip: bytes) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=sphinx_server.url + "/v1", api_key=API_KEY, max_retries=0)
+
+    def create(fmt: str, **kwargs: object) -> object:
+        return client.audio.transcriptions.create(model="whisper-1", file=("clip.wav", clip),
+                                                  response_format=fmt, **kwargs)
+
+    as_json = create("json")
+    assert isinstance(as_json.text, str) and len(as_json.text.split()) >= 3  # type: ignore[attr-defined]
+
+    as_text = create("text", language="en", prompt="a novel", temperature=0.0)
+    assert isinstance(as_text, str) and as_text.strip() == as_json.text  # type: ignore[attr-defined]
+
+    srt = create("srt")
+    assert isinstance(srt, str) and srt.startswith("1\n00:00:00,000 --> 00:00:0")
+
+    vtt = create("vtt")
+    assert isinstance(vtt, str) and vtt.startswith("WEBVTT\n\n00:00:00.000 --> ")
+
+    verbose = create("verbose_json", timestamp_granularities=["word", "segment"])
+    assert verbose.language == "english"  # type: ignore[attr-defined]
+    assert verbose.duration == pytest.approx(4.0, abs=0.01)  # type: ignore[attr-defined]
+    assert verbose.segments and verbose.segments[0].end > verbose.segments[0].start  # type: ignore[attr-defined]
+    words = verbose.words  # type: ignore[attr-defined]
+    assert words and all(0 <= w.start <= w.end <= 4.01 for w in words)
+    assert " ".join(w.word for w in words) == verbose.text  # type: ignore[attr-defined]
+
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["sphinx-en-us"]
+
+
+def test_openai_client_sees_openai_style_errors(sphinx_server: ServeProcess, clip: bytes) -> None:
+    openai = pytest.importorskip("openai")
+    wrong = openai.OpenAI(base_url=sphinx_server.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as auth:
+        wrong.audio.transcriptions.create(model="whisper-1", file=("a.wav", clip))
+    assert auth.value.code == "invalid_api_key"
+    client = openai.OpenAI(base_url=sphinx_server.url + "/v1", api_key=API_KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.audio.transcriptions.create(model="whisper-1", file=("a.wav", b"not audio"))
+    assert bad.value.code == "invalid_audio" and bad.value.param == "file"
+
+
+# --- the HTTP surface --------------------------------------------------------------------------
+
+
+def test_errors_limits_and_health(sphinx_server: ServeProcess, clip: bytes) -> None:
+    url = sphinx_server.url
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    post = url + "/v1/audio/transcriptions"
+
+    def error(response: httpx.Response, status: int) -> dict[str, object]:
+        assert response.status_code == status, response.text
+        body = response.json()["error"]
+        assert set(body) == {"message", "type", "param", "code"} and body["message"]
+        return body
+
+    assert error(httpx.post(post, files={"file": ("a.wav", clip)}), 401)["code"] == \
+        "invalid_api_key"
+    assert error(httpx.post(post, headers=auth, data={"model": "whisper-1"}), 400)["param"] == "file"
+    body = error(httpx.post(post, headers=auth, files={"file": ("a.wav", clip)},
+                            data={"response_format": "mp4"}), 400)
+    assert body["param"] == "response_format"
+    body = error(httpx.post(post, headers=auth, files={"file": ("a.wav", clip)},
+                            data={"timestamp_granularities[]": "word"}), 400)
+    assert body["param"] == "timestamp_granularities"
+    body = error(httpx.post(post, headers=auth, files={"file": ("a.wav", clip)},
+                            data={"temperature": "hot"}), 400)
+    assert body["param"] == "temperature"
+    body = error(httpx.post(post, headers=auth, files={"file": ("a.wav", clip)},
+                            data={"language": "en; rm -rf"}), 400)
+    assert body["param"] == "language"
+    short = wav_bytes(np.zeros(SAMPLE_RATE // 20, dtype=np.float32))
+    assert error(httpx.post(post, headers=auth, files={"file": ("a.wav", short)}), 400)["code"] == \
+        "audio_too_short"
+    big = wav_bytes(np.zeros(15 * SAMPLE_RATE, dtype=np.float32))  # 480 kB > 400 kB
+    assert error(httpx.post(post, headers=auth, files={"file": ("a.wav", big)}), 413)["code"] == \
+        "request_too_large"
+    error(httpx.get(url + "/v1/nothing-here", headers=auth), 404)
+    error(httpx.get(url + "/v1/models/whisper-9", headers=auth), 404)
+    assert httpx.get(url + "/v1/models/sphinx-en-us", headers=auth).json()["id"] == "sphinx-en-us"
+    assert httpx.get(url + "/v1/models").status_code == 401
+
+    # A damaged file is refused; another sample rate is resampled.
+    response = httpx.post(post, headers=auth, files={"file": ("s.flac", SAMPLE.read_bytes()[:50])})
+    assert error(response, 400)["code"] == "invalid_audio"
+    two_s = load_16k_mono(str(SAMPLE))[: 2 * SAMPLE_RATE]
+    upsampled = wav_bytes(np.repeat(two_s, 3), rate=48000)
+    response = httpx.post(post, headers=auth, files={"file": ("a.wav", upsampled)},
+                          data={"response_format": "verbose_json"})
+    assert response.status_code == 200 and response.json()["duration"] == pytest.approx(2.0, abs=0.01)
+
+    for path in ("/health", "/healthz", "/readyz"):
+        assert httpx.get(url + path).status_code == 200
+
+
+# --- start-up -------------------------------------------------------------------------------
+
+
+def test_missing_model_offline_fails_at_start_saying_what_to_set(tmp_path: Path) -> None:
+    pytest.importorskip("whisper")
+    # A proxy that refuses connections stands for "no internet", so nothing is downloaded.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STT_", "WHISPER_"))}
+    env.update(https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9",
+               no_proxy="", NO_PROXY="")
+    named = subprocess.run(
+        [sys.executable, "-m", "stt", "serve", "--whisper-model-size", "tiny",
+         "--whisper-download-root", str(tmp_path), "--whisper-device", "cpu"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert named.returncode == 2, named.stderr
+    assert "WHISPER_DOWNLOAD_ROOT" in named.stderr and "tiny.pt" in named.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "stt", "serve", "--whisper-model-size", str(tmp_path / "x.pt")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "WHISPER_MODEL_SIZE" in missing.stderr
+    bad = subprocess.run([sys.executable, "-m", "stt", "serve", "--serve-port", "0"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "STT_SERVE_PORT" in bad.stderr
+
+
+def test_serves_the_local_whisper_engine(tmp_path: Path, clip: bytes) -> None:
+    pytest.importorskip("whisper")
+    checkpoint = write_checkpoint(tmp_path / "random.pt")
+    with ServeProcess("--whisper-model-size", str(checkpoint), "--whisper-device", "cpu",
+                      "--whisper-cpu-threads", "1") as server:
+        health = httpx.get(server.url + "/health").json()
+        assert health["model"] == "random" and health["engine"]["name"] == "whisper"
+        response = httpx.post(server.url + "/v1/audio/transcriptions", timeout=60,
+                              files={"file": ("a.wav", clip)},
+                              data={"response_format": "verbose_json", "language": "en",
+                                    "timestamp_granularities[]": ["word", "segment"]})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert isinstance(body["text"], str) and body["language"] == "english"
+        assert all(0 <= s["start"] <= s["end"] <= 4.01 for s in body["segments"])
+        assert isinstance(body["words"], list)
+        srt = httpx.post(server.url + "/v1/audio/transcriptions", timeout=60,
+                         files={"file": ("a.wav", clip)}, data={"response_format": "srt"})
+        assert srt.status_code == 200 and srt.headers["content-type"].startswith("text/plain")
