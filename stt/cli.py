@@ -37,10 +37,10 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 
 async def run_worker(settings: Settings) -> int:
+    from . import telemetry
+    from .discovery import Discovery
     from .engines import create_engine
     from .worker import Worker
-
-    from . import telemetry
 
     engine = create_engine(settings)
     worker = Worker(settings, engine)
@@ -51,11 +51,20 @@ async def run_worker(settings: Settings) -> int:
     if settings.health_port:
         from .health import HealthServer
 
+        # Up before the model loads and NATS connects: /livez answers, /readyz says why not.
         health = HealthServer(worker, settings.health_host, settings.health_port)
         await health.start()
+    discovery = Discovery(worker)
     try:
-        await worker.run(stop)
+        await worker.start()
+        try:
+            await discovery.start()
+        except Exception as exc:  # discovery is a convenience; the worker runs without it
+            log.warning("NATS service discovery unavailable: %s", exc)
+        await stop.wait()
     finally:
+        await discovery.stop()
+        await worker.shutdown()
         if health is not None:
             await health.stop()
     return 0

@@ -2,8 +2,9 @@
 
 The worker calls these at a handful of points (never per chunk): when a control message
 (start, state_change, end) arrives with NATS headers, around each engine job, and when it
-publishes a message. ``create(settings, worker)`` returns the OpenTelemetry implementation
-when ``OTEL_ENABLED``/``HYPERDX_ENABLED`` is set, this no-op otherwise.
+publishes a message. ``create(settings, worker)`` picks the implementation: OpenTelemetry
+(:mod:`stt.otel`) when ``OTEL_ENABLED``/``HYPERDX_ENABLED`` is set, the ``/metrics`` recorder
+(:mod:`stt.metrics`) when only the health port is on, this no-op otherwise.
 """
 
 from __future__ import annotations
@@ -44,8 +45,28 @@ class Telemetry:
 
 
 def create(settings: Settings, worker: Worker | None = None) -> Telemetry:
-    if not (settings.otel_enabled or settings.hyperdx_enabled):
-        return Telemetry()
-    from .otel import OtelTelemetry
+    """The cheapest implementation that does what the settings ask for.
 
-    return OtelTelemetry(settings, worker)
+    * ``OTEL_ENABLED`` or ``HYPERDX_ENABLED``: :class:`stt.otel.OtelTelemetry` (traces, OTLP
+      metrics, and the ``/metrics`` recorder);
+    * else, with ``STT_HEALTH_PORT`` set: :class:`stt.metrics.MetricsTelemetry` (a few counters
+      and histograms for ``/metrics``, no exporter thread);
+    * else this no-op. Without a worker there is nothing to observe: the no-op too.
+    """
+    if worker is None:
+        return Telemetry()
+    if settings.otel_enabled or settings.hyperdx_enabled:
+        try:
+            from .otel import OtelTelemetry
+        except ImportError as exc:
+            from .config import ConfigError
+
+            variable = "OTEL_ENABLED" if settings.otel_enabled else "HYPERDX_ENABLED"
+            raise ConfigError(variable, f"needs the otel extra: pip install "
+                                        f"'stt-streaming[otel]' ({exc})") from None
+        return OtelTelemetry(settings, worker)
+    if settings.health_port:
+        from .metrics import MetricsTelemetry
+
+        return MetricsTelemetry(worker)
+    return Telemetry()

@@ -56,6 +56,10 @@ class Stats:
         self.audio_transcribed_s = 0.0
         self.reconnects = 0
         self.disconnects = 0
+        self.slow_consumers = 0
+        self.interrupts = 0
+        self.transcripts: dict[str, int] = {"partial": 0, "final": 0}
+        self.audio_ended_s = 0.0  # audio received by sessions that have ended
         self.chunk_handling_s: list[float] = []  # filled only when sampling is on (benchmarks)
         self.sample_chunk_handling = False
 
@@ -202,6 +206,9 @@ class Worker:
                 delay = min(delay * 2, 5.0)
 
     async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            # the subscription's buffer overflowed: messages were dropped by the client
+            self.stats.slow_consumers += 1
         log.warning("NATS error: %s", exc or type(exc).__name__)
 
     async def _on_disconnected(self) -> None:
@@ -295,13 +302,18 @@ class Worker:
         for action in actions:
             if isinstance(action, Publish):
                 message = action.message
-                if message["type"] == "transcript" and message["is_final"]:
-                    self._final_sent(session, message)
+                if message["type"] == "transcript":
+                    if message["is_final"]:
+                        self.stats.transcripts["final"] += 1
+                        self._final_sent(session, message)
+                    else:
+                        self.stats.transcripts["partial"] += 1
                 elif message["type"] == "error":
                     self.stats.count_error(message["code"])
                     log.warning("error sent: %s", message["message"],
                                 extra={"session_id": session.session_id, "code": message["code"]})
                 elif message["type"] == "interrupt":
+                    self.stats.interrupts += 1
                     log.info("interrupt", extra={"session_id": session.session_id})
                 self._send(session.session_id, message)
             elif isinstance(action, Transcribe):
@@ -313,7 +325,6 @@ class Worker:
                 if not self.sessions:
                     self._all_closed.set()
                 self._final_jobs.pop(session.session_id, None)
-                self.telemetry.session_closed(session.session_id, action.reason.value)
                 self.stats.sessions_ended[action.reason.value] = \
                     self.stats.sessions_ended.get(action.reason.value, 0) + 1
                 c = session.counters
@@ -325,6 +336,8 @@ class Worker:
                     "dropped": c.chunks_dropped, "gaps": c.seq_gaps})
                 for key in ("chunks_ok", "chunks_duplicate", "chunks_late", "chunks_dropped"):
                     self._session_totals[key] = self._session_totals.get(key, 0) + getattr(c, key)
+                self.stats.audio_ended_s += c.audio_in_s
+                self.telemetry.session_closed(session.session_id, action.reason.value)
 
     async def _run_job(self, session: Session, job: Job) -> None:
         started = time.perf_counter()
@@ -417,6 +430,14 @@ class Worker:
                 totals[key] = totals.get(key, 0) + getattr(s.counters, key)
         return totals
 
+    def audio_received_s(self) -> float:
+        return self.stats.audio_ended_s + sum(s.counters.audio_in_s for s in self.sessions.values())
+
     @property
     def pending_outbound(self) -> int:
         return self._outbox.qsize()
+
+    @property
+    def pending_inbound(self) -> int:
+        """Messages received from NATS and not yet handled (the event loop is behind)."""
+        return int(getattr(self._sub, "pending_msgs", 0) or 0)

@@ -75,14 +75,14 @@ class Engine(abc.ABC):
     #: True when several sessions' segments can usefully share one pass (GPU batching).
     batches: bool = False
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - optional hook, most engines need it
         """Load and warm up. Raise :class:`EngineUnavailable` with what to set if impossible."""
 
     @abc.abstractmethod
     async def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> Transcription:
         """Transcribe 16 kHz mono float32 audio."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook
         """Release processes, threads, connections."""
 
     def describe(self) -> dict[str, Any]:

@@ -1,0 +1,107 @@
+"""Service discovery over NATS: the worker as a ``nats.micro`` service.
+
+Every worker answers the standard ``$SRV.PING``, ``$SRV.INFO`` and ``$SRV.STATS`` requests
+(``nats micro ls``, ``nats micro info stt-worker``, ``nats micro stats stt-worker``), and has
+one endpoint, ``status``, on a subject of its own (``stt.status.<instance id>``, listed by
+``$SRV.INFO``) that returns its state as JSON: sessions, engine, readiness, counters. The
+same status is attached to the endpoint's ``$SRV.STATS`` entry, so one stats request shows
+every worker's sessions at once.
+
+The status subject is per instance, not shared: a shared subject would be answered by one
+worker of the queue group, chosen at random, which is not what anyone asking wants.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import EndpointStats, Service
+
+from .metrics import package_version
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger("stt.discovery")
+
+SERVICE_NAME = "stt-worker"
+STATUS_SUBJECT_PREFIX = "stt.status"
+
+
+def status(worker: Worker, started_at: float) -> dict[str, Any]:
+    """What the ``status`` endpoint answers (JSON-ready; no per-session detail)."""
+    s = worker.stats
+    return {
+        "ready": worker.ready,
+        "connected": worker.connected,
+        "engine_ready": worker.engine_ready,
+        "draining": worker.draining,
+        "sessions": len(worker.sessions),
+        "max_sessions": worker.settings.max_sessions,
+        "engine": worker.engine.describe(),
+        "pending_outbound": worker.pending_outbound,
+        "uptime_s": round(time.monotonic() - started_at, 1),
+        "counters": {
+            "messages_in": s.messages_in, "published": s.published,
+            "sessions_started": s.sessions_started, "sessions_ended": dict(s.sessions_ended),
+            "engine_jobs": s.engine_jobs, "engine_failures": s.engine_failures,
+            "errors": dict(s.errors), "reconnects": s.reconnects,
+            **worker.chunk_totals(),
+        },
+    }
+
+
+class Discovery:
+    """Registers the worker with ``nats.micro`` on its NATS connection; ``stop()`` removes it."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.started_at = time.monotonic()
+        self.service: Service | None = None
+
+    @property
+    def status_subject(self) -> str | None:
+        return f"{STATUS_SUBJECT_PREFIX}.{self.service.id}" if self.service else None
+
+    async def start(self) -> Service:
+        nc = self.worker.nc
+        if nc is None:
+            raise RuntimeError("the worker is not connected; start it first")
+        settings = self.worker.settings
+        self.service = await add_service(
+            nc, name=SERVICE_NAME, version=package_version(),
+            description="Streaming speech-to-text worker: audio chunks in, transcripts out",
+            metadata={"engine": str(self.worker.engine.describe().get("name", "")),
+                      "input_subject": settings.input_subject,
+                      "output_subject": settings.output_subject_prefix + ".*",
+                      "host": socket.gethostname()},
+            stats_handler=self._stats)
+        await self.service.add_endpoint(name="status", subject=self.status_subject,
+                                        handler=self._on_status)
+        log.info("registered with NATS service discovery",
+                 extra={"service": SERVICE_NAME, "id": self.service.id,
+                        "status_subject": self.status_subject})
+        return self.service
+
+    async def stop(self) -> None:
+        """Leave discovery (before draining, so a stopping worker is no longer listed)."""
+        if self.service is None:
+            return
+        service, self.service = self.service, None
+        try:
+            await service.stop()
+        except Exception as exc:  # the connection may already be gone; nothing to clean up
+            log.debug("micro service stop: %s", exc)
+
+    async def _on_status(self, request: Request) -> None:
+        await request.respond(json.dumps(status(self.worker, self.started_at),
+                                         default=str).encode())
+
+    def _stats(self, endpoint: EndpointStats) -> dict[str, Any]:
+        return status(self.worker, self.started_at)
