@@ -177,8 +177,12 @@ class Settings:
                                      "finalized, in bytes of 16 kHz 16-bit mono audio (32000 "
                                      "per second) whatever the session's format.")
     chunk_timeout_s: float = setting(0.6, "STT_CHUNK_TIMEOUT",
-                                     "Seconds of silence (or of no audio arriving) that end an "
-                                     "utterance.")
+                                     "Seconds of silence that end an utterance.")
+    audio_gap_timeout_s: float = setting(1.0, "STT_AUDIO_GAP_TIMEOUT",
+                                         "Seconds without any audio arriving that end an utterance "
+                                         "in progress (push-to-talk released, client gone); the "
+                                         "larger of this and STT_CHUNK_TIMEOUT applies, so network "
+                                         "jitter does not cut speech.")
     enable_vad: bool = setting(True, "STT_ENABLE_VAD",
                                "Voice activity detection; off = every frame counts as speech.")
     vad_aggressiveness: int = setting(2, "STT_VAD_AGGRESSIVENESS", "webrtcvad mode, 0-3.")
@@ -293,6 +297,7 @@ class Settings:
         need(self.serve_max_bytes >= 1024, "serve_max_bytes", "must be at least 1024 bytes")
         need(0 <= self.vad_aggressiveness <= 3, "vad_aggressiveness", "must be 0, 1, 2 or 3")
         need(self.chunk_timeout_s > 0, "chunk_timeout_s", "must be > 0 seconds")
+        need(self.audio_gap_timeout_s > 0, "audio_gap_timeout_s", "must be > 0 seconds")
         need(self.buffer_size_bytes >= 3200, "buffer_size_bytes", "must be at least 3200 bytes")
         need(self.partial_interval_s >= 0, "partial_interval_s", "must be >= 0")
         need(self.session_idle_timeout_s > 0, "session_idle_timeout_s", "must be > 0")

@@ -19,7 +19,7 @@ Audio path: each chunk is decoded and resampled to 16 kHz, cut into 30 ms frames
 frame gets one VAD decision. While QUIET, the last ``preroll_ms`` of frames are kept; speech
 opens a segment when ``vad_start_ms`` of the last 150 ms are voiced, and the segment starts with
 that pre-roll. While SPEAKING, the segment ends (a *final*) on ``chunk_timeout_s`` of trailing
-silence, on no audio arriving for ``chunk_timeout_s``, on a ``state_change``, ``end`` or idle
+silence, on no audio arriving for ``audio_gap_timeout_s``, on a ``state_change``, ``end`` or idle
 timeout; when it reaches the size limit it is cut at its quietest recent point and the rest
 carries on as the next segment. Every ``partial_interval_s`` of new audio, a *partial* of the
 growing segment is requested.
@@ -218,6 +218,7 @@ class Session:
         # frame counts derived from settings
         s = settings
         self._silence_frames = max(1, math.ceil(s.chunk_timeout_s / FRAME_S))
+        self._audio_gap_s = max(s.audio_gap_timeout_s, s.chunk_timeout_s)
         self._hangover_frames = max(0, round(s.hangover_ms / 1000 / FRAME_S))
         self._preroll_frames = max(START_WINDOW_FRAMES, round(s.preroll_ms / 1000 / FRAME_S))
         self._start_frames = max(1, math.ceil(s.vad_start_ms / 1000 / FRAME_S)) \
@@ -252,7 +253,7 @@ class Session:
         """Earliest time at which ``tick`` may have something to do."""
         t = self.last_message_at + self.settings.session_idle_timeout_s
         if self._vad_state is VADState.SPEAKING:
-            t = min(t, self.last_audio_at + self.settings.chunk_timeout_s)
+            t = min(t, self.last_audio_at + self._audio_gap_s)
         return t
 
     def handle(self, event: Event, now: float) -> list[Action]:
@@ -282,7 +283,7 @@ class Session:
         if now - self.last_message_at >= self.settings.session_idle_timeout_s:
             return self.finish(EndReason.IDLE_TIMEOUT, now)
         if (self._vad_state is VADState.SPEAKING
-                and now - self.last_audio_at >= self.settings.chunk_timeout_s):
+                and now - self.last_audio_at >= self._audio_gap_s):
             # The client stopped sending audio mid-utterance (push-to-talk released, network).
             return self._end_segment(now)
         return []
