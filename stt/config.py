@@ -45,8 +45,8 @@ class Settings:
                           "openai-whisper), http (OpenAI-compatible service), or module:Class.",
                           group="engine")
     engine_workers: int = setting(0, "STT_ENGINE_WORKERS",
-                                  "Parallel engine jobs (processes for sphinx, requests for http); "
-                                  "0 = number of CPU cores.", group="engine")
+                                  "Parallel engine jobs: sphinx processes (0 = CPU cores), "
+                                  "http requests in flight (0 = 16).", group="engine")
     language: str = setting("en", "STT_LANGUAGE",
                             "Default language when a session's start gives none ('' = detect).",
                             group="engine")

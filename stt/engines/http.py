@@ -28,7 +28,6 @@ import enum
 import io
 import logging
 import math
-import os
 import random
 import time
 import wave
@@ -176,6 +175,8 @@ class _Retryable(Exception):
         self.counts = counts
 
 
+DEFAULT_CONCURRENCY = 16  # requests in flight when STT_ENGINE_WORKERS is 0
+
 class HttpEngine(Engine):
     name = "http"
 
@@ -194,7 +195,9 @@ class HttpEngine(Engine):
         self.api_key = api_key
         self.model = model
         self.response_format = response_format
-        self.concurrency = concurrency or os.cpu_count() or 1
+        # The service, not this container's CPUs, bounds useful concurrency: a batching GPU
+        # server wants several requests at once even from a 1-CPU worker.
+        self.concurrency = concurrency or DEFAULT_CONCURRENCY
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self.budget_s = max(1.0, timeout_s - DEADLINE_MARGIN_S)
