@@ -176,7 +176,7 @@ class Settings:
                                      "Longest segment before it is cut (at a quiet point) and "
                                      "finalized, in bytes of 16 kHz 16-bit mono audio (32000 "
                                      "per second) whatever the session's format.")
-    chunk_timeout_s: float = setting(0.6, "STT_CHUNK_TIMEOUT",
+    chunk_timeout_s: float = setting(0.8, "STT_CHUNK_TIMEOUT",
                                      "Seconds of silence that end an utterance.")
     audio_gap_timeout_s: float = setting(1.0, "STT_AUDIO_GAP_TIMEOUT",
                                          "Seconds without any audio arriving that end an utterance "
@@ -195,6 +195,14 @@ class Settings:
     partial_interval_s: float = setting(0.5, "STT_PARTIAL_INTERVAL",
                                         "Seconds of new speech between partial transcripts "
                                         "(0 = no partials).")
+    partial_window_s: float = setting(10.0, "STT_PARTIAL_WINDOW_S",
+                                      "Longest utterance a partial decodes from its start; past "
+                                      "it, partials decode only the audio after the stable words.")
+    final_window: str = setting("full", "STT_FINAL_WINDOW",
+                                "What a final decodes once partials have made words stable: full "
+                                "(the whole utterance; stable words kept) or tail (only the audio "
+                                "after them: cheaper, faster finals on long utterances).",
+                                choices=("full", "tail"))
     enable_interrupt_detection: bool = setting(True, "STT_ENABLE_INTERRUPT_DETECTION",
                                                "Detect the user talking over the assistant while "
                                                "'responding'; off = half duplex.")
@@ -300,6 +308,8 @@ class Settings:
         need(self.audio_gap_timeout_s > 0, "audio_gap_timeout_s", "must be > 0 seconds")
         need(self.buffer_size_bytes >= 3200, "buffer_size_bytes", "must be at least 3200 bytes")
         need(self.partial_interval_s >= 0, "partial_interval_s", "must be >= 0")
+        need(self.final_window in ("full", "tail"), "final_window", "must be full or tail")
+        need(self.partial_window_s >= 1.0, "partial_window_s", "must be at least 1 s")
         need(self.session_idle_timeout_s > 0, "session_idle_timeout_s", "must be > 0")
         need(self.max_sessions > 0, "max_sessions", "must be > 0")
         need(self.max_chunk_bytes > 0, "max_chunk_bytes", "must be > 0")

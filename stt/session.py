@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, Converter
+from .audio import SAMPLE_RATE, Converter, to_pcm16
 from .config import Settings
 from .engines.base import TranscribeOptions, Transcription
 from .protocol import (
@@ -66,14 +66,7 @@ from .protocol import (
     interrupt_message,
     transcript_message,
 )
-from .vad import (
-    FRAME_S,
-    PERIODIC_THRESHOLD,
-    Framer,
-    FrameVAD,
-    frame_energy,
-    periodicity,
-)
+from .vad import FRAME_S, FRAME_SAMPLES, PERIODIC_THRESHOLD, Framer, FrameVAD, periodicity
 
 START_WINDOW_FRAMES = 5          # 150 ms window for the speech-onset decision
 INTERRUPT_MIN_VOICED_RATIO = 0.6  # of frames since onset, so a few loud clicks do not qualify
@@ -81,6 +74,13 @@ CUT_SEARCH_S = 3.0               # how far back from the size limit to look for 
 SEEN_SEQ_WINDOW = 256            # recent chunk seq numbers kept to tell duplicates from late ones
 BYTES_PER_SECOND_16K = SAMPLE_RATE * 2  # STT_BUFFER_SIZE_BYTES is counted in 16 kHz s16 mono
 PITCH_CHECK_FRAMES = 3           # periodicity is computed in batches of this many new frames
+# Stable partials: LocalAgreement-2 (a word two consecutive hypotheses agree on is committed).
+# Measured with sphinx on 30 corpus clips at real time (bench/evaluate.py and README): waiting
+# for 3 agreeing hypotheses or holding back the newest agreed word did not lower the finals' WER
+# further, and decoding partials only after the committed words (trimming) raised it from +0.008
+# to +0.053 over offline decoding, so trimming is kept for utterances past STT_PARTIAL_WINDOW_S.
+AGREEMENT = 2
+HOLDBACK_WORDS = 0
 
 
 class VADState(enum.Enum):
@@ -153,7 +153,9 @@ class Counters:
 class _Segment:
     segment_id: int
     first_frame: int                  # index on the session's frame timeline
-    frames: list[np.ndarray] = field(default_factory=list)
+    # the audio, one growing buffer: a job takes a slice instead of joining a list of frames
+    audio: np.ndarray = field(default_factory=lambda: np.empty(64 * FRAME_SAMPLES, np.float32))
+    n_frames: int = 0
     voiced: list[bool] = field(default_factory=list)
     energy: list[float] = field(default_factory=list)
     voiced_count: int = 0
@@ -172,10 +174,16 @@ class _Segment:
     # committed and never withdrawn; the audio they cover is not decoded again for partials
     committed: list[str] = field(default_factory=list)
     committed_frames: int = 0         # segment frames covered by the committed words (if timed)
-    previous_tail: list[str] = field(default_factory=list)
+    previous_tails: list[list[str]] = field(default_factory=list)  # newest last
 
     def append(self, frame: np.ndarray, voiced: bool, energy: float) -> None:
-        self.frames.append(frame)
+        at = self.n_frames * FRAME_SAMPLES
+        if at + FRAME_SAMPLES > self.audio.size:  # grow geometrically; memory follows speech
+            grown = np.empty(self.audio.size * 2, dtype=np.float32)
+            grown[:at] = self.audio[:at]
+            self.audio = grown  # slices handed to jobs keep the old buffer, which stays valid
+        self.audio[at:at + FRAME_SAMPLES] = frame
+        self.n_frames += 1
         self.voiced.append(voiced)
         self.energy.append(energy)
         if voiced:
@@ -185,7 +193,14 @@ class _Segment:
             self.trailing_silence += 1
 
     def __len__(self) -> int:
-        return len(self.frames)
+        return self.n_frames
+
+    def frame(self, i: int) -> np.ndarray:
+        return self.audio[i * FRAME_SAMPLES:(i + 1) * FRAME_SAMPLES]
+
+    def samples(self, first: int, end: int) -> np.ndarray:
+        """Frames ``first..end`` as one array: a view, never written again."""
+        return self.audio[first * FRAME_SAMPLES:end * FRAME_SAMPLES]
 
 
 class Session:
@@ -207,7 +222,10 @@ class Session:
         self._segment: _Segment | None = None
         self._window: collections.deque[bool] = collections.deque(maxlen=START_WINDOW_FRAMES)
         self._preroll: collections.deque[tuple[np.ndarray, bool, float]] = collections.deque()
-        self._inflight: Job | None = None
+        # At most one final and one partial in flight: a final never waits behind a partial
+        # (whose result it makes moot), and finals run one at a time, in order.
+        self._final_job: Job | None = None
+        self._partial_job: Job | None = None
         self._queue: collections.deque[Job] = collections.deque()
         self._closing: EndReason | None = None
         self._last_seq: int | None = None
@@ -219,6 +237,7 @@ class Session:
         s = settings
         self._silence_frames = max(1, math.ceil(s.chunk_timeout_s / FRAME_S))
         self._audio_gap_s = max(s.audio_gap_timeout_s, s.chunk_timeout_s)
+        self._partial_window_frames = round(s.partial_window_s / FRAME_S)
         self._hangover_frames = max(0, round(s.hangover_ms / 1000 / FRAME_S))
         self._preroll_frames = max(START_WINDOW_FRAMES, round(s.preroll_ms / 1000 / FRAME_S))
         self._start_frames = max(1, math.ceil(s.vad_start_ms / 1000 / FRAME_S)) \
@@ -246,7 +265,13 @@ class Session:
 
     @property
     def busy(self) -> bool:
-        return self._inflight is not None or bool(self._queue)
+        return self._final_job is not None or self._partial_job is not None or bool(self._queue)
+
+    @property
+    def in_flight(self) -> list[Job]:
+        """Jobs handed to the engine and not answered yet, oldest first."""
+        jobs = [j for j in (self._final_job, self._partial_job) if j is not None]
+        return sorted(jobs, key=lambda j: j.job_id)
 
     @property
     def deadline(self) -> float:
@@ -293,8 +318,7 @@ class Session:
         if self.closed or self._closing is not None:
             return []
         actions: list[Action] = []
-        for frame in self._drain_audio():
-            actions += self._on_frame(frame, now)
+        actions += self._on_frames(self._drain_audio(), now)
         actions += self._end_segment(now)
         self._closing = reason
         actions += self._pump(now)
@@ -310,9 +334,12 @@ class Session:
     def _final(self, job: Job, result: Transcription) -> list[Action]:
         words = result.text.split()
         if job.committed:
-            # The final is decoded from the whole utterance; the words already promised as
-            # stable are kept and the final continues from where they align in it.
-            words = job.committed + words[align_prefix(job.committed, words):]
+            # The words already promised as stable are kept; the decode continues them: from
+            # where they align in it (whole utterance decoded) or after them (only the tail).
+            if job.start_s == job.segment_start_s:
+                words = job.committed + words[align_prefix(job.committed, words):]
+            else:
+                words = job.committed + words[overlap(job.committed, words):]
         text = " ".join(words)
         actions: list[Action] = []
         if text or job.had_partials:
@@ -349,8 +376,13 @@ class Session:
                 hypothesis = hypothesis[align_prefix(seg.committed, hypothesis):]
             else:  # decoded from the last committed word's end, which word timing only estimates
                 hypothesis = hypothesis[overlap(seg.committed, hypothesis):]
-        # LocalAgreement-2: what this hypothesis and the previous one agree on is stable
-        agreed = common_prefix(seg.previous_tail, hypothesis)
+        # LocalAgreement-n: what this hypothesis and the n-1 before it agree on is stable,
+        # but for the last HOLDBACK_WORDS (an utterance's newest words are the least settled).
+        agreed = 0
+        if len(seg.previous_tails) >= AGREEMENT - 1:
+            agreed = min(common_prefix(t, hypothesis) for t in seg.previous_tails[-(AGREEMENT - 1):]) \
+                if AGREEMENT > 1 else len(hypothesis)
+            agreed = max(0, agreed - HOLDBACK_WORDS)
         if agreed:
             seg.committed += hypothesis[:agreed]
             if len(result.words) == len(decoded):  # word times are relative to the window
@@ -359,7 +391,10 @@ class Session:
                 seg.committed_frames = min(len(seg), max(seg.committed_frames,
                                                          int(offset / FRAME_S)))
         tail = hypothesis[agreed:]
-        seg.previous_tail = tail
+        # earlier hypotheses share the committed words: keep what follows them
+        seg.previous_tails = [t[agreed:] for t in seg.previous_tails[-(AGREEMENT - 2):]] \
+            if AGREEMENT > 2 else []
+        seg.previous_tails.append(tail)
         text = " ".join(seg.committed + tail)
         if not text or text == seg.last_partial_text:
             return []
@@ -415,8 +450,7 @@ class Session:
         if self._frame_index or self._segment is not None:
             # A start for a session that already has audio: close the current utterance,
             # then carry on in the new format.
-            for frame in self._drain_audio():
-                actions += self._on_frame(frame, now)
+            actions += self._on_frames(self._drain_audio(), now)
             actions += self._end_segment(now)
         self.implicit_start = False
         self._configure(start)
@@ -459,10 +493,7 @@ class Session:
         self.counters.chunks_ok += 1
         self.counters.audio_in_s += duration
         self.last_audio_at = now
-        actions: list[Action] = []
-        for frame in self._framer.push(samples):
-            actions += self._on_frame(frame, now)
-        return actions
+        return self._on_frames(self._framer.push(samples), now)
 
     def _check_seq(self, seq: int) -> str | None:
         """None for a chunk to use; 'duplicate' or 'late' for one to drop."""
@@ -479,23 +510,33 @@ class Session:
         self._seen_seq.append(seq)
         return None
 
-    def _drain_audio(self) -> list[np.ndarray]:
+    def _drain_audio(self) -> np.ndarray:
         """Frames still inside the resampler and framer, at the end of a stream."""
         tail = self._converter.flush()
-        frames = self._framer.push(tail) if tail.size else []
+        frames = self._framer.push(tail)
         last = self._framer.flush()
-        if last is not None:
-            frames.append(last)
-        return frames
+        return frames if last is None else np.concatenate((frames, last[None, :]))
 
-    def _on_frame(self, frame: np.ndarray, now: float) -> list[Action]:
+    def _on_frames(self, frames: np.ndarray, now: float) -> list[Action]:
+        """(n, 480) frames: conversion and energy for the chunk at once, decisions per frame."""
+        if not len(frames):
+            return []
+        pcm = to_pcm16(frames)
+        width = 2 * FRAME_SAMPLES
+        energies = (np.einsum("ij,ij->i", frames, frames) / FRAME_SAMPLES).tolist()
+        actions: list[Action] = []
+        for i, energy in enumerate(energies):
+            actions += self._on_frame(frames[i], pcm[i * width:(i + 1) * width], energy, now)
+        return actions
+
+    def _on_frame(self, frame: np.ndarray, pcm: bytes, energy: float,
+                  now: float) -> list[Action]:
         index = self._frame_index
         self._frame_index += 1
         responding = self._state is State.RESPONDING
         if responding and not self.settings.enable_interrupt_detection:
             return []  # half duplex: the assistant is speaking, the user is not transcribed
-        voiced = self._vad.is_speech(frame)
-        energy = frame_energy(frame)
+        voiced = self._vad.is_speech_pcm(pcm)
         if self._vad_state is VADState.QUIET:
             self._preroll.append((frame, voiced, energy))
             if len(self._preroll) > self._preroll_frames:
@@ -561,7 +602,7 @@ class Session:
         keep = len(seg) - max(0, seg.trailing_silence - self._hangover_frames)
         # the dropped silence is the next segment's pre-roll
         for i in range(max(keep, len(seg) - self._preroll_frames), len(seg)):
-            self._preroll.append((seg.frames[i], seg.voiced[i], seg.energy[i]))
+            self._preroll.append((seg.frame(i).copy(), seg.voiced[i], seg.energy[i]))
         while len(self._preroll) > self._preroll_frames:
             self._preroll.popleft()
         if seg.candidate:
@@ -589,7 +630,7 @@ class Session:
         rest = _Segment(segment_id=self._next_segment_id, first_frame=seg.first_frame + cut)
         self._next_segment_id += 1
         for i in range(cut, n):
-            rest.append(seg.frames[i], seg.voiced[i], seg.energy[i])
+            rest.append(seg.frame(i), seg.voiced[i], seg.energy[i])
         rest.frames_since_onset = len(rest)
         rest.voiced_since_onset = rest.voiced_count
         self._segment = rest
@@ -605,12 +646,15 @@ class Session:
             return [self._error(ErrorCode.OVERLOADED,
                                 f"segment {seg.segment_id} dropped: {len(self._queue)} segments "
                                 f"already wait for the engine (STT_MAX_PENDING_SEGMENTS)")]
-        self._queue.append(self._job(seg, n_frames, is_final=True, now=now))
+        # With final_window "tail", the final decodes only what follows the stable words (its cost
+        # is the unsettled tail, not the utterance); "full" decodes the whole utterance.
+        first = seg.committed_frames if self.settings.final_window == "tail" else 0
+        self._queue.append(self._job(seg, n_frames, is_final=True, now=now, first=first))
         return self._pump(now)
 
     def _partial_due(self, seg: _Segment) -> bool:
-        return (self._partial_frames > 0 and not seg.candidate and self._inflight is None
-                and not self._queue and seg.voiced_count > 0
+        return (self._partial_frames > 0 and not seg.candidate and self._partial_job is None
+                and self._final_job is None and not self._queue and seg.voiced_count > 0
                 and seg.voiced_count > seg.partial_at_voiced
                 and len(seg) - seg.partial_at_frames >= self._partial_frames
                 and self._pitched(seg))
@@ -630,23 +674,24 @@ class Session:
         idx = [i for i in range(seg.pitch_checked, end) if seg.voiced[i]]
         seg.pitch_checked = max(seg.pitch_checked, end)
         if idx:
-            scores = periodicity(np.stack([seg.frames[i] for i in idx]))
+            frames = seg.samples(0, end).reshape(-1, FRAME_SAMPLES)
+            scores = periodicity(frames[idx])
             seg.periodic += int(np.count_nonzero(scores >= PERIODIC_THRESHOLD))
         return seg.periodic >= need
 
     def _request_partial(self, seg: _Segment, now: float) -> list[Action]:
         seg.partial_at_frames = len(seg)
         seg.partial_at_voiced = seg.voiced_count
-        # Only the audio after the committed words is decoded again: a long utterance costs
-        # what its unsettled tail costs, not its whole length, on every partial.
-        job = self._job(seg, len(seg), is_final=False, now=now, first=seg.committed_frames)
-        self._inflight = job
+        # Past the partial window, only the audio after the committed words is decoded again:
+        # a long utterance then costs what its unsettled tail costs, not its whole length.
+        first = seg.committed_frames if len(seg) > self._partial_window_frames else 0
+        job = self._job(seg, len(seg), is_final=False, now=now, first=first)
+        self._partial_job = job
         return [Transcribe(job)]
 
     def _job(self, seg: _Segment, n_frames: int, *, is_final: bool, now: float,
              first: int = 0) -> Job:
-        frames = seg.frames[first:n_frames]
-        audio = np.concatenate(frames) if len(frames) > 1 else frames[0].copy()
+        audio = seg.samples(first, n_frames)
         segment_start_s = seg.first_frame * FRAME_S
         start_s = segment_start_s + first * FRAME_S
         context = " ".join(seg.committed) if first else self._last_final_text
@@ -666,13 +711,13 @@ class Session:
         return job
 
     def _pump(self, now: float) -> list[Action]:
-        """Start the next queued job; when nothing is left and the session is ending, end it."""
-        if self._inflight is not None:
+        """Start the next queued final; when nothing is left and the session is ending, end it."""
+        if self._final_job is not None:
             return []
         if self._queue:
-            self._inflight = self._queue.popleft()
-            return [Transcribe(self._inflight)]
-        if self._closing is not None:
+            self._final_job = self._queue.popleft()
+            return [Transcribe(self._final_job)]
+        if self._closing is not None:  # a partial still decoding no longer matters
             self.closed = True
             return [self._emit(end_message(self.session_id, self._closing,
                                            self._frame_index * FRAME_S, self._finals_published,
@@ -684,11 +729,15 @@ class Session:
         return []
 
     def _take_inflight(self, job_id: int) -> Job | None:
-        job = self._inflight
-        if job is None or job.job_id != job_id:
+        if self.closed:
             return None
-        self._inflight = None
-        return job
+        if self._final_job is not None and self._final_job.job_id == job_id:
+            job, self._final_job = self._final_job, None
+            return job
+        if self._partial_job is not None and self._partial_job.job_id == job_id:
+            job, self._partial_job = self._partial_job, None
+            return job
+        return None
 
     # --- messages ---------------------------------------------------------------------------
 

@@ -25,14 +25,13 @@ class Framer:
     def __init__(self) -> None:
         self._rest = np.zeros(0, dtype=np.float32)
 
-    def push(self, samples: np.ndarray) -> list[np.ndarray]:
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        """The whole frames now available, as an (n, 480) array (n may be 0)."""
         if self._rest.size:
             samples = np.concatenate((self._rest, samples))
         whole = samples.size - samples.size % FRAME_SAMPLES
         self._rest = samples[whole:].copy()
-        if whole == 0:
-            return []
-        return list(samples[:whole].reshape(-1, FRAME_SAMPLES))
+        return samples[:whole].reshape(-1, FRAME_SAMPLES)
 
     def flush(self) -> np.ndarray | None:
         """The partial frame left over, zero-padded to a whole frame (or None)."""
@@ -51,9 +50,13 @@ class FrameVAD:
         self._vad = webrtcvad.Vad(aggressiveness) if enabled else None
 
     def is_speech(self, frame: np.ndarray) -> bool:
+        return self.is_speech_pcm(to_pcm16(frame))
+
+    def is_speech_pcm(self, pcm: bytes) -> bool:
+        """One 30 ms frame of 16 kHz int16 little-endian audio."""
         if self._vad is None:
             return True
-        return bool(self._vad.is_speech(to_pcm16(frame), SAMPLE_RATE))
+        return bool(self._vad.is_speech(pcm, SAMPLE_RATE))
 
 
 def frame_energy(frame: np.ndarray) -> float:

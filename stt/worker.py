@@ -35,7 +35,7 @@ from .telemetry import Telemetry
 
 log = logging.getLogger("stt.worker")
 
-TICK_S = 0.05
+TICK_S = 0.1  # idle and audio-gap timeouts are checked this often
 OUTBOX_LIMIT = 200_000  # messages held while NATS is unreachable; oldest dropped beyond
 
 

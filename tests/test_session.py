@@ -77,8 +77,8 @@ class Harness:
                 self.closed = a.reason
         if self.auto_answer and not self._answering:
             self._answering = True
-            while self.session._inflight is not None:
-                self.answer(f"segment {self.session._inflight.segment_id}")
+            while self.session.in_flight:
+                self.answer(f"segment {self.session.in_flight[0].segment_id}")
             self._answering = False
         return actions
 
@@ -93,16 +93,19 @@ class Harness:
 
     def answer(self, text: str = "hello world", **kw: Any) -> Job:
         """Complete the job in flight."""
-        job = self.session._inflight
-        assert job is not None, "no job in flight"
+        assert self.session.in_flight, "no job in flight"
+        job = self.session.in_flight[0]
         self.now += 0.05
         self.apply(self.session.transcribed(job.job_id, Transcription(text=text, **kw), self.now))
         return job
 
     def answer_final(self, text: str, **kw: Any) -> Job:
         """Let any partial still in flight come back (it is stale), then answer the final."""
-        while self.session._inflight is not None and not self.session._inflight.is_final:
-            self.answer("stale partial")
+        (final,) = [j for j in self.session.in_flight if j.is_final]
+        for job in self.session.in_flight:
+            if not job.is_final:
+                self.answer("stale partial")
+        assert self.session.in_flight[0] is final
         return self.answer(text, **kw)
 
     def of(self, kind: str) -> list[dict[str, Any]]:
@@ -231,13 +234,13 @@ def test_partials_at_the_interval_while_speaking_then_final() -> None:
 def test_partial_that_returns_after_the_final_was_queued_is_dropped() -> None:
     h = Harness(Start(), partial_interval_s=0.3)
     h.feed(SENTENCE_2)
-    partial = h.session._inflight
-    assert partial is not None and not partial.is_final
+    (partial,) = h.session.in_flight
+    assert not partial.is_final
     h.feed(silence(1.0))  # the segment ends while the partial is still running
     h.answer("stale partial")
     assert h.partials == []
-    final = h.session._inflight
-    assert final is not None and final.is_final
+    final = h.session.in_flight[-1]
+    assert final.is_final  # started at once, beside the partial still decoding
     h.answer("he was not")
     assert [f["transcript"] for f in h.finals] == ["he was not"]
 
@@ -551,7 +554,7 @@ def test_words_two_hypotheses_agree_on_become_stable_and_stay() -> None:
                   "and mister jack guess would"]
     fed = 0
     for text in hypotheses:
-        while h.session._inflight is None:
+        while not h.session.in_flight:
             h.feed(SENTENCE_1[fed: fed + int(0.12 * SR)])
             fed += int(0.12 * SR)
         h.answer(text)
@@ -570,22 +573,24 @@ def test_words_two_hypotheses_agree_on_become_stable_and_stay() -> None:
     assert h.finals[0]["transcript"] == "and mister john guess would have been"
 
 
-def test_partials_decode_only_the_audio_after_the_committed_words() -> None:
-    h = Harness(Start(), partial_interval_s=0.3)
+def test_past_the_window_partials_decode_only_the_audio_after_the_committed_words() -> None:
+    h = Harness(Start(), partial_interval_s=0.3, partial_window_s=1.0)
     first = None
     for text in ("and mister", "and mister john"):
-        while h.session._inflight is None:
+        while not h.session.in_flight:
             h.feed(SENTENCE_1[: int(0.12 * SR)] if first is None else SENTENCE_1[SR: SR + 1920])
-        job = h.session._inflight
+        job = h.session.in_flight[0]
         first = first or job
         h.answer(text, words=timed(text, start=0.05, step=0.1))
-    while h.session._inflight is None:
+    while not h.session.in_flight or len(h.session._segment or []) * 0.03 < 1.0:
+        if h.session.in_flight:
+            h.answer("and mister john")
         h.feed(SENTENCE_1[2 * SR: 2 * SR + 1920])
-    trimmed = h.session._inflight
+    trimmed = h.session.in_flight[0]
     assert trimmed.options.word_timestamps  # partials ask for word times
     # "and mister" committed, ending 0.05 + 2 * 0.1 s into the utterance: not decoded again
     assert trimmed.start_s == pytest.approx(trimmed.segment_start_s + 0.25, abs=FRAME_S_TOL)
-    assert trimmed.options.context == "and mister"
+    assert trimmed.options.context == "and mister john"  # the committed words
     h.answer("mister john guess", words=timed("mister john guess"))  # repeats the boundary word
     assert h.partials[-1]["transcript"] == "and mister john guess"
     assert h.partials[-1]["stable_text"] == "and mister john"
