@@ -12,17 +12,16 @@ import soundfile
 import soxr
 import webrtcvad
 
+from stt.audio import SAMPLE_RATE, to_pcm16
+from stt.vad import FRAME_S, FRAME_SAMPLES
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = ROOT.parent / "shared" / "corpus"
 
-VAD_RATE = 16000
-VAD_FRAME_MS = 30
-VAD_FRAME = VAD_RATE * VAD_FRAME_MS // 1000
-VAD_MODE = 2          # the worker's default STT_VAD_AGGRESSIVENESS
-ONSET_WINDOW = 5      # frames; speech starts where 3 of 5 frames are voiced (the worker's rule)
-ONSET_VOICED = 3
-OFFSET_WINDOW = 5     # speech ends at the last voiced frame with 2 of the 5 up to it voiced,
-OFFSET_VOICED = 2     # so a lone click after the last word does not count as speech
+GATE_ABOVE_FLOOR_DB = 10.0  # a speech frame is this much above the clip's noise floor
+GATE_BELOW_PEAK_DB = 45.0   # ... and no more than this below its loud frames
+ONSET_WINDOW, ONSET_VOICED = 5, 3  # 3 of 5 frames voiced opens speech (the worker's rule)
+OFFSET_VOICED = 2                  # last frame with 2 of the 5 up to it voiced closes it
 
 
 class CorpusUnavailable(Exception):
@@ -42,45 +41,71 @@ class Clip:
         return len(self.pcm) / 2 / self.sample_rate
 
 
-def speech_bounds(samples: np.ndarray, sample_rate: int) -> tuple[float, float]:
-    """(start, end) in seconds of the voiced part of a clip, by webrtcvad on 30 ms frames.
+def _rms_db(x: np.ndarray) -> np.ndarray:
+    return 20.0 * np.log10(np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1)) + 1e-9)
 
-    The same detector and mode as the worker, so "end of speech" here is the moment the
-    worker's own VAD stops hearing speech, not a different detector's opinion.
+
+def speech_frames(audio: np.ndarray, aggressiveness: int = 2) -> np.ndarray:
+    """One bool per 30 ms frame of 16 kHz audio: webrtcvad says speech and it is loud enough.
+
+    The same detector and mode as the worker, so "end of speech" is when the worker's own VAD
+    stops hearing speech; the level gate keeps webrtcvad from calling low room noise speech.
     """
-    mono16 = samples if sample_rate == VAD_RATE else soxr.resample(samples, sample_rate, VAD_RATE)
-    pcm = (np.clip(mono16, -1.0, 1.0) * 32767.0).astype("<i2")
-    vad = webrtcvad.Vad(VAD_MODE)
-    n = len(pcm) // VAD_FRAME
-    voiced = np.array([vad.is_speech(pcm[i * VAD_FRAME:(i + 1) * VAD_FRAME].tobytes(), VAD_RATE)
-                       for i in range(n)], dtype=bool)
-    frame_s = VAD_FRAME_MS / 1000
-    if not voiced.any():
-        return 0.0, n * frame_s
-    counts = np.convolve(voiced, np.ones(ONSET_WINDOW, dtype=int))[:n]  # voiced in the 5 up to i
-    onsets = np.flatnonzero(voiced & (counts >= ONSET_VOICED))
-    offsets = np.flatnonzero(voiced & (counts >= OFFSET_VOICED))
-    first = int(onsets[0]) - ONSET_WINDOW + 1 if onsets.size else int(np.flatnonzero(voiced)[0])
-    last = int(offsets[-1]) if offsets.size else int(np.flatnonzero(voiced)[-1])
-    return max(0, first) * frame_s, (last + 1) * frame_s
+    n = audio.size // FRAME_SAMPLES
+    frames = audio[: n * FRAME_SAMPLES].reshape(n, FRAME_SAMPLES)
+    vad = webrtcvad.Vad(aggressiveness)
+    voiced = np.array([vad.is_speech(to_pcm16(f), SAMPLE_RATE) for f in frames], dtype=bool)
+    if n == 0:
+        return voiced
+    level = _rms_db(frames)
+    gate = max(float(np.percentile(level, 10)) + GATE_ABOVE_FLOOR_DB,
+               float(np.percentile(level, 95)) - GATE_BELOW_PEAK_DB)
+    return voiced & (level >= gate)
 
 
-def load_corpus(corpus: Path) -> list[Clip]:
+def speech_bounds(audio: np.ndarray, aggressiveness: int = 2) -> tuple[float, float]:
+    """(onset, offset) in seconds of the speech in a clean 16 kHz clip."""
+    speech = speech_frames(audio, aggressiveness)
+    n = speech.size
+    if not speech.any():
+        return 0.0, n * FRAME_S
+    counts = np.convolve(speech, np.ones(ONSET_WINDOW, dtype=int))[:n]  # speech in the 5 up to i
+    onsets = np.flatnonzero(speech & (counts >= ONSET_VOICED))
+    offsets = np.flatnonzero(speech & (counts >= OFFSET_VOICED))
+    first = (int(onsets[0]) - ONSET_WINDOW + 1) if onsets.size else int(np.flatnonzero(speech)[0])
+    # the window that opened speech may start with quiet frames: begin at its first speech frame
+    first = max(0, first)
+    while first < n and not speech[first]:
+        first += 1
+    last = int(offsets[-1]) if offsets.size else int(np.flatnonzero(speech)[-1])
+    return first * FRAME_S, (last + 1) * FRAME_S
+
+
+def corpus_rows(corpus: Path) -> list[tuple[str, str]]:
+    """(path relative to the corpus, reference transcript) for each clip of references.tsv."""
     table = corpus / "references.tsv"
     if not table.is_file():
         raise CorpusUnavailable(f"corpus not available at {corpus} (no references.tsv)")
-    clips = []
+    rows = []
     for row in table.read_text().splitlines()[1:]:
-        if not row.strip():
-            continue
-        rel = row.split("\t", 1)[0]
+        if row.strip():
+            rel, reference = row.split("\t", 1)
+            rows.append((rel, reference.strip()))
+    if not rows:
+        raise CorpusUnavailable(f"corpus not available at {corpus} (references.tsv is empty)")
+    return rows
+
+
+def load_corpus(corpus: Path) -> list[Clip]:
+    """Clips at their own rate (the load generator streams them so), with speech bounds."""
+    clips = []
+    for rel, _reference in corpus_rows(corpus):
         data, rate = soundfile.read(str(corpus / rel), dtype="float32", always_2d=True)
         mono = data.mean(axis=1, dtype=np.float32)
-        start, end = speech_bounds(mono, int(rate))
+        at16k = mono if rate == SAMPLE_RATE else soxr.resample(mono, rate, SAMPLE_RATE)
+        start, end = speech_bounds(np.asarray(at16k, dtype=np.float32))
         pcm = (np.clip(mono, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
         clips.append(Clip(rel, pcm, int(rate), start, end))
-    if not clips:
-        raise CorpusUnavailable(f"corpus not available at {corpus} (references.tsv is empty)")
     return clips
 
 

@@ -23,16 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import webrtcvad
 
-from stt.audio import SAMPLE_RATE, load_16k_mono, to_pcm16
+from stt.audio import SAMPLE_RATE, load_16k_mono
+
+from .common import corpus_rows, speech_bounds
 
 FRAME_S = 0.03
 FRAME = int(SAMPLE_RATE * FRAME_S)   # 480 samples, webrtcvad's 30 ms frame
-ONSET_WINDOW, ONSET_VOICED = 5, 3    # 3 of 5 frames voiced opens speech (the worker's rule)
-OFFSET_VOICED = 2                    # last frame with 2 of the 5 up to it voiced closes it
-GATE_ABOVE_FLOOR_DB = 10.0           # a speech frame is this much above the clip's noise floor
-GATE_BELOW_PEAK_DB = 45.0            # ... and no more than this below its loud frames
 
 PAUSES_S = (0.15, 0.3, 0.5, 0.8, 1.2, 2.0)   # between clips in the multi scenario
 HESITATION_S = (0.25, 0.5)                    # silence inserted inside a clip (uniform range)
@@ -50,10 +47,6 @@ SILENCE_SESSION_S = 30.0                      # longest corpus-silence session
 # --- corpus ---------------------------------------------------------------------------------
 
 
-class CorpusUnavailable(Exception):
-    pass
-
-
 @dataclass(frozen=True)
 class CorpusClip:
     name: str              # path relative to the corpus directory
@@ -67,56 +60,12 @@ class CorpusClip:
         return self.audio.size / SAMPLE_RATE
 
 
-def _rms_db(x: np.ndarray) -> np.ndarray:
-    return 20.0 * np.log10(np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1)) + 1e-9)
-
-
-def speech_frames(audio: np.ndarray, aggressiveness: int = 2) -> np.ndarray:
-    """One bool per 30 ms frame: webrtcvad says speech and the frame is loud enough."""
-    n = audio.size // FRAME
-    frames = audio[: n * FRAME].reshape(n, FRAME)
-    vad = webrtcvad.Vad(aggressiveness)
-    voiced = np.array([vad.is_speech(to_pcm16(f), SAMPLE_RATE) for f in frames], dtype=bool)
-    level = _rms_db(frames)
-    if n == 0:
-        return voiced
-    gate = max(float(np.percentile(level, 10)) + GATE_ABOVE_FLOOR_DB,
-               float(np.percentile(level, 95)) - GATE_BELOW_PEAK_DB)
-    return voiced & (level >= gate)
-
-
-def speech_bounds(audio: np.ndarray, aggressiveness: int = 2) -> tuple[float, float]:
-    """(onset, offset) of the speech in a clean clip, in seconds."""
-    speech = speech_frames(audio, aggressiveness)
-    n = speech.size
-    if not speech.any():
-        return 0.0, n * FRAME_S
-    counts = np.convolve(speech, np.ones(ONSET_WINDOW, dtype=int))[:n]  # speech in the 5 up to i
-    onsets = np.flatnonzero(speech & (counts >= ONSET_VOICED))
-    offsets = np.flatnonzero(speech & (counts >= OFFSET_VOICED))
-    first = (int(onsets[0]) - ONSET_WINDOW + 1) if onsets.size else int(np.flatnonzero(speech)[0])
-    # the window that opened speech may start with quiet frames: begin at its first speech frame
-    first = max(0, first)
-    while first < n and not speech[first]:
-        first += 1
-    last = int(offsets[-1]) if offsets.size else int(np.flatnonzero(speech)[-1])
-    return first * FRAME_S, (last + 1) * FRAME_S
-
-
 def load_corpus(corpus: Path, aggressiveness: int = 2) -> list[CorpusClip]:
-    table = corpus / "references.tsv"
-    if not table.is_file():
-        raise CorpusUnavailable(f"corpus not available at {corpus} (no references.tsv)")
     clips = []
-    for row in table.read_text().splitlines()[1:]:
-        if not row.strip():
-            continue
-        rel, reference = row.split("\t", 1)
+    for rel, reference in corpus_rows(corpus):
         audio = load_16k_mono(str(corpus / rel))
         onset, offset = speech_bounds(audio, aggressiveness)
-        clips.append(CorpusClip(rel, reference.strip(), audio, onset, offset))
-    if not clips:
-        raise CorpusUnavailable(f"corpus not available at {corpus} (references.tsv is empty)")
+        clips.append(CorpusClip(rel, reference, audio, onset, offset))
     return clips
 
 

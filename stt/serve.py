@@ -41,6 +41,7 @@ from . import config, logs
 from .audio import SAMPLE_RATE
 from .config import Settings
 from .engines.base import Engine, EngineError, EngineUnavailable, Segment, TranscribeOptions
+from .languages import LANGUAGE_NAMES
 
 log = logging.getLogger("stt.serve")
 
@@ -50,15 +51,6 @@ MIN_AUDIO_S = 0.1  # OpenAI refuses shorter audio ("audio_too_short") too
 WORD_GAP_S = 0.6   # segments made from word timings break at pauses this long ...
 SEGMENT_MAX_S = 10.0  # ... or at this length
 
-# verbose_json names the language, as OpenAI does; the http engine maps names back to codes.
-_LANGUAGE_NAMES = {
-    "en": "english", "de": "german", "fr": "french", "es": "spanish", "it": "italian",
-    "pt": "portuguese", "nl": "dutch", "pl": "polish", "ru": "russian", "uk": "ukrainian",
-    "cs": "czech", "sv": "swedish", "da": "danish", "no": "norwegian", "fi": "finnish",
-    "tr": "turkish", "el": "greek", "ar": "arabic", "he": "hebrew", "hi": "hindi",
-    "ja": "japanese", "zh": "chinese", "ko": "korean", "vi": "vietnamese", "th": "thai",
-    "id": "indonesian", "ms": "malay", "ro": "romanian", "hu": "hungarian", "ca": "catalan",
-}
 
 
 _LANGUAGE_FIELD = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})?$|^[A-Za-z ]{4,30}$")
@@ -259,7 +251,7 @@ def create_app(engine: Engine, settings: Settings) -> Any:
             return PlainTextResponse(to_vtt(segments), media_type="text/vtt")
         code = result.language or language or ""
         verbose: dict[str, Any] = {
-            "task": "transcribe", "language": _LANGUAGE_NAMES.get(code, code),
+            "task": "transcribe", "language": LANGUAGE_NAMES.get(code, code),
             "duration": round(duration, 3), "text": text,
             "segments": [{"id": i, "seek": int(s.start * 100), "start": s.start, "end": s.end,
                           "text": s.text, "tokens": [], "temperature": temperature,

@@ -39,6 +39,7 @@ import numpy as np
 
 from ..audio import SAMPLE_RATE, to_pcm16
 from ..config import Settings
+from ..languages import LANGUAGE_CODES
 from .base import Engine, EngineError, Segment, TranscribeOptions, Transcription, Word
 
 log = logging.getLogger("stt.engines.http")
@@ -47,15 +48,6 @@ BACKOFF_CAP_S = 5.0
 CONTEXT_MAX_CHARS = 300
 DEADLINE_MARGIN_S = 0.5  # give up just before the worker's own STT_ENGINE_TIMEOUT_S does
 
-# Some services (OpenAI among them) report the language by name in verbose_json.
-_LANGUAGE_NAMES = {
-    "english": "en", "german": "de", "french": "fr", "spanish": "es", "italian": "it",
-    "portuguese": "pt", "dutch": "nl", "polish": "pl", "russian": "ru", "ukrainian": "uk",
-    "czech": "cs", "swedish": "sv", "danish": "da", "norwegian": "no", "finnish": "fi",
-    "turkish": "tr", "greek": "el", "arabic": "ar", "hebrew": "he", "hindi": "hi",
-    "japanese": "ja", "chinese": "zh", "korean": "ko", "vietnamese": "vi", "thai": "th",
-    "indonesian": "id", "malay": "ms", "romanian": "ro", "hungarian": "hu", "catalan": "ca",
-}
 
 
 class BreakerState(enum.Enum):
@@ -424,4 +416,4 @@ def _language_code(value: Any) -> str | None:
     if not isinstance(value, str) or not value:
         return None
     low = value.strip().lower()
-    return _LANGUAGE_NAMES.get(low, low)
+    return LANGUAGE_CODES.get(low, low)  # some services (OpenAI) report names
