@@ -105,9 +105,9 @@ from stt.protocol import Subjects
 from stt.textnorm import normalize, word_errors
 from stt.worker import Worker
 
+from .common import DEFAULT_CORPUS, CorpusUnavailable
 from .scenarios import (
     CorpusClip,
-    CorpusUnavailable,
     Scenario,
     Utterance,
     build,
@@ -115,8 +115,6 @@ from .scenarios import (
     select,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CORPUS = ROOT.parent / "shared" / "corpus"
 GROUPS = ("single", "multi", "barge", "noise")
 COLUMNS = ("single", "multi", "barge", "barge-listen", "noise")
 SPEECH_COLUMNS = ("single", "multi", "barge", "barge-listen")

@@ -259,15 +259,6 @@ class Session:
         return self._state
 
     @property
-    def sequence(self) -> int:
-        """The sequence number the next published message will carry."""
-        return self._sequence
-
-    @property
-    def busy(self) -> bool:
-        return self._final_job is not None or self._partial_job is not None or bool(self._queue)
-
-    @property
     def in_flight(self) -> list[Job]:
         """Jobs handed to the engine and not answered yet, oldest first."""
         jobs = [j for j in (self._final_job, self._partial_job) if j is not None]
