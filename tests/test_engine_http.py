@@ -187,7 +187,9 @@ def test_circuit_breaker_states() -> None:
     assert breaker.state is BreakerState.OPEN and not breaker.allow()
     assert breaker.retry_in_s() == 5.0
     now[0] = 5.0
-    assert breaker.allow() and breaker.state is BreakerState.HALF_OPEN  # the probe
+    assert not breaker.allow(may_probe=False)  # a partial does not take the probe
+    assert breaker.state is BreakerState.OPEN
+    assert breaker.allow() and breaker.state is BreakerState.HALF_OPEN  # a final probes
     assert not breaker.allow()  # only one probe at a time
     breaker.failure("still down")
     assert breaker.state is BreakerState.OPEN and not breaker.allow()

@@ -70,11 +70,16 @@ class CircuitBreaker:
         self.last_error = ""
         self.times_opened = 0
 
-    def allow(self) -> bool:
-        """May a request go out now? In OPEN after the cool-down, the caller becomes the probe."""
+    def allow(self, may_probe: bool = True) -> bool:
+        """May a request go out now? In OPEN after the cool-down, the caller becomes the probe.
+
+        Partials pass ``may_probe=False``: the one probe after a cool-down belongs to a final,
+        which the client waits for, not to a partial that a final may make moot meanwhile.
+        """
         if self.state is BreakerState.CLOSED:
             return True
-        if self.state is BreakerState.OPEN and self.clock() - self.opened_at >= self.cooldown_s:
+        if (may_probe and self.state is BreakerState.OPEN
+                and self.clock() - self.opened_at >= self.cooldown_s):
             self.state = BreakerState.HALF_OPEN
             return True
         return False
@@ -258,7 +263,7 @@ class HttpEngine(Engine):
         fields, files = self._form(audio, options)
         attempts = 1 + (self.retries if not options.is_partial else 0)
         for attempt in range(attempts):
-            if not self.breaker.allow():
+            if not self.breaker.allow(may_probe=not options.is_partial):
                 raise EngineError(f"whisper service unavailable: {self.breaker.last_error} "
                                   f"(circuit open; next try in {self.breaker.retry_in_s():.1f} s)")
             remaining = deadline - loop.time()
