@@ -84,6 +84,9 @@ class Discovery:
             stats_handler=self._stats)
         await self.service.add_endpoint(name="status", subject=self.status_subject,
                                         handler=self._on_status)
+        # Registered means the server has our subscriptions: until this round trip, a $SRV.PING
+        # from another connection can pass this worker by.
+        await nc.flush()
         log.info("registered with NATS service discovery",
                  extra={"service": SERVICE_NAME, "id": self.service.id,
                         "status_subject": self.status_subject})
