@@ -16,6 +16,8 @@ All session decisions are in :mod:`stt.session`; this module only does I/O aroun
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import ssl
 import time
@@ -36,6 +38,21 @@ from .telemetry import Telemetry
 log = logging.getLogger("stt.worker")
 
 TICK_S = 0.1  # idle and audio-gap timeouts are checked this often
+TRIM_INTERVAL_S = 5.0  # after sessions close, hand freed heap back to the OS at most this often
+
+
+def _malloc_trim() -> Callable[[], object] | None:
+    """glibc's malloc_trim, or None elsewhere.
+
+    Session audio buffers are freed when a session ends, but glibc keeps the heap pages: after
+    2,000 abandoned sessions the worker stayed at 185 MiB, 53 MiB once trimmed (bench/abandon.py).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return lambda: trim(0)
 OUTBOX_LIMIT = 200_000  # messages held while NATS is unreachable; oldest dropped beyond
 
 
@@ -89,6 +106,9 @@ class Worker:
         self._all_closed = asyncio.Event()  # set when the last session closes (for the drain)
         self._session_totals: dict[str, int] = {}  # chunk outcome totals of ended sessions
         self._final_jobs: dict[str, Job] = {}  # the final job in flight, per session
+        self._trim = _malloc_trim()
+        self._closed_since_trim = 0
+        self._last_trim = 0.0
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -322,6 +342,7 @@ class Worker:
                 task.add_done_callback(self._jobs.discard)
             elif isinstance(action, Close):
                 self.sessions.pop(session.session_id, None)
+                self._closed_since_trim += 1
                 if not self.sessions:
                     self._all_closed.set()
                 self._final_jobs.pop(session.session_id, None)
@@ -420,6 +441,10 @@ class Worker:
             for session in list(self.sessions.values()):
                 if now >= session.deadline:
                     self._execute(session, session.tick(now))
+            if (self._trim is not None and self._closed_since_trim
+                    and now - self._last_trim >= TRIM_INTERVAL_S):
+                self._closed_since_trim, self._last_trim = 0, now
+                self._trim()
 
     # --- introspection --------------------------------------------------------------------------
 

@@ -12,7 +12,8 @@ from bench.common import speech_bounds
 from stt.audio import load_16k_mono
 
 
-@pytest.mark.parametrize("module", ["bench.load", "bench.evaluate", "bench.bench_engines"])
+@pytest.mark.parametrize("module", ["bench.load", "bench.evaluate", "bench.bench_engines",
+                                    "bench.abandon"])
 def test_benchmark_commands_start(module: str) -> None:
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
