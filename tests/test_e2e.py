@@ -24,8 +24,8 @@ from stt.protocol import Subjects
 
 SR = 16000
 SPEECH = load_16k_mono(str(SAMPLE))
-FIRST_TWO = SPEECH[: int(12.0 * SR)]  # two sentences and the pause after them
-SENTENCE_2 = SPEECH[int(8.2 * SR): int(11.8 * SR)]
+FIRST_TWO = SPEECH[: int(12.8 * SR)]  # two sentences and the pause after them
+SENTENCE_2 = SPEECH[int(8.6 * SR): int(12.2 * SR)]
 SUBJECTS = Subjects()
 SEED_FIELDS = {"session_id", "transcript", "sequence", "is_partial", "is_final", "timestamp",
                "speaker_id", "has_voice_activity", "state"}

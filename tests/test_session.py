@@ -38,8 +38,8 @@ SEED_FIELDS = {"session_id", "transcript", "sequence", "is_partial", "is_final",
 _SPEECH = load_16k_mono(str(SAMPLE))
 # spans of the sample (seconds) the VAD calls continuous speech, and one of pure silence
 SENTENCE_1 = _SPEECH[int(0.55 * SR): int(7.2 * SR)]
-SENTENCE_2 = _SPEECH[int(8.4 * SR): int(11.5 * SR)]
-LONG_SPEECH = _SPEECH[int(18.2 * SR): int(24.0 * SR)]  # 5.8 s without a pause
+SENTENCE_2 = _SPEECH[int(8.8 * SR): int(11.9 * SR)]
+LONG_SPEECH = _SPEECH[int(19.4 * SR): int(25.2 * SR)]  # 5.8 s without a pause
 
 
 def silence(seconds: float) -> np.ndarray:
