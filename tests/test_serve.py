@@ -3,13 +3,11 @@ OpenAI-style errors, limits, auth, health, and start-up failures that say what t
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
 import tempfile
 import time
-import wave
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +17,8 @@ import pytest
 from conftest import ROOT, SAMPLE
 from whisper_checkpoint import write_checkpoint
 
-from stt.audio import SAMPLE_RATE, load_16k_mono, to_pcm16
+from stt.audio import SAMPLE_RATE, load_16k_mono
+from stt.engines.http import encode_wav
 from stt.nats_server import free_port
 
 API_KEY = "test-key"
@@ -93,13 +92,7 @@ class ServeProcess:
 
 
 def wav_bytes(samples: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(to_pcm16(samples))
-    return buffer.getvalue()
+    return encode_wav(samples, rate)
 
 
 @pytest.fixture(scope="module")

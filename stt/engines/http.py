@@ -112,13 +112,13 @@ class CircuitBreaker:
             self.opened_at = self.clock() - self.cooldown_s
 
 
-def encode_wav(audio: np.ndarray) -> bytes:
-    """16 kHz mono float32 -> 16-bit PCM WAV (what every server reads)."""
+def encode_wav(audio: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
+    """Mono float32 -> 16-bit PCM WAV (what every server reads)."""
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
-        w.setframerate(SAMPLE_RATE)
+        w.setframerate(rate)
         w.writeframes(to_pcm16(audio))
     return buffer.getvalue()
 
