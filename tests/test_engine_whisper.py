@@ -207,11 +207,13 @@ async def test_long_audio_goes_through_long_form(checkpoint: Path, speech: np.nd
     engine = engine_for(checkpoint, compression_ratio_threshold=0, logprob_threshold=-1e9)
     await engine.start()
     try:
-        audio = np.concatenate([speech, speech[: 3 * SAMPLE_RATE]])  # 32 s: two windows
+        audio = np.concatenate([speech, speech[: 3 * SAMPLE_RATE]])  # over 30 s: two windows
         result = await engine.transcribe(audio, TranscribeOptions(language="en"))
         assert result.duration_s == pytest.approx(audio.size / SAMPLE_RATE)
         assert isinstance(result.text, str)
-        assert all(0.0 <= s.start <= s.end <= 32.2 for s in result.segments)
+        duration_s = audio.size / SAMPLE_RATE
+        assert duration_s > 30.0
+        assert all(0.0 <= s.start <= s.end <= duration_s + 0.2 for s in result.segments)
     finally:
         await engine.close()
 
