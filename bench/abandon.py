@@ -19,7 +19,7 @@ import numpy as np
 import psutil
 
 from stt import protocol
-from stt.client import encode_pcm16
+from stt.audio import to_pcm16
 from stt.config import Settings
 from stt.engines import create_engine
 from stt.nats_server import NatsServer
@@ -38,7 +38,7 @@ async def run(sessions: int, idle_timeout_s: float, speech_s: float) -> None:
     # half a second of a voiced-like tone so every session opens a segment with buffered audio
     t = np.arange(int(16000 * speech_s)) / 16000
     tone = (0.3 * np.sin(2 * np.pi * 150 * t) * (1 + 0.1 * rng.standard_normal(t.size)))
-    chunks = [encode_pcm16(tone[i:i + 640].astype(np.float32)) for i in range(0, tone.size, 640)]
+    chunks = [to_pcm16(tone[i:i + 640].astype(np.float32)) for i in range(0, tone.size, 640)]
     subjects = Subjects()
     with NatsServer() as server:
         settings = Settings.from_env(environ={}, overrides={

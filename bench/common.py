@@ -104,7 +104,7 @@ def load_corpus(corpus: Path) -> list[Clip]:
         mono = data.mean(axis=1, dtype=np.float32)
         at16k = mono if rate == SAMPLE_RATE else soxr.resample(mono, rate, SAMPLE_RATE)
         start, end = speech_bounds(np.asarray(at16k, dtype=np.float32))
-        pcm = (np.clip(mono, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+        pcm = to_pcm16(mono)
         clips.append(Clip(rel, pcm, int(rate), start, end))
     return clips
 

@@ -96,8 +96,8 @@ from typing import Any
 import nats
 import numpy as np
 
-from stt.audio import SAMPLE_RATE
-from stt.client import Listener, encode_pcm16, send
+from stt.audio import SAMPLE_RATE, to_pcm16
+from stt.client import Listener, send
 from stt.config import ConfigError, Settings
 from stt.engines import TranscribeOptions, create_engine
 from stt.nats_server import NatsServer
@@ -179,7 +179,7 @@ async def play(nc: Any, subjects: Subjects, sc: Scenario, speed: float,
                                                "state": changes[next_change][1]})
                 next_change += 1
             await send(nc, subjects, sid, {"type": "chunk", "timestamp": time.time(), "seq": i,
-                                           "audio": encode_pcm16(audio[offset: offset + step])})
+                                           "audio": to_pcm16(audio[offset: offset + step])})
         await send(nc, subjects, sid, {"type": "end"})
         ended = True
         try:

@@ -101,6 +101,7 @@ class Converter:
 
 
 def to_pcm16(samples: np.ndarray) -> bytes:
+    """float32 (frames,) or (frames, channels) -> interleaved little-endian int16 bytes."""
     return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
 

@@ -18,12 +18,8 @@ import numpy as np
 from nats.aio.client import Client
 
 from . import protocol
+from .audio import to_pcm16
 from .protocol import Subjects
-
-
-def encode_pcm16(samples: np.ndarray) -> bytes:
-    """float32 (frames, channels) or (frames,) -> interleaved little-endian int16 bytes."""
-    return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
 
 @dataclass
@@ -122,7 +118,7 @@ async def stream_audio(nc: Client, samples: np.ndarray, sample_rate: int, *,
                 delay = t0 + (i * chunk_ms / 1000.0) / speed - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            pcm = encode_pcm16(samples[offset: offset + step])
+            pcm = to_pcm16(samples[offset: offset + step])
             chunk: dict[str, Any] = {"type": "chunk", "timestamp": time.time(), "seq": i}
             if raw_bytes:
                 chunk["audio"] = pcm

@@ -66,6 +66,7 @@ from .protocol import (
     interrupt_message,
     transcript_message,
 )
+from .textnorm import edit_row
 from .vad import FRAME_S, FRAME_SAMPLES, PERIODIC_THRESHOLD, Framer, FrameVAD, periodicity
 
 START_WINDOW_FRAMES = 5          # 150 ms window for the speech-onset decision
@@ -759,12 +760,7 @@ def align_prefix(prefix: list[str], words: list[str]) -> int:
     """
     if not prefix:
         return 0
-    row = list(range(len(words) + 1))  # edit distance of prefix[:0] to words[:j]
-    for i, p in enumerate(prefix, 1):
-        nxt = [i] + [0] * len(words)
-        for j, w in enumerate(words, 1):
-            nxt[j] = min(row[j] + 1, nxt[j - 1] + 1, row[j - 1] + (p != w))
-        row = nxt
+    row = edit_row(prefix, words)
     best = min(row)
     return max(j for j, d in enumerate(row) if d == best)
 

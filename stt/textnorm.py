@@ -12,16 +12,21 @@ def normalize(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", text.lower()).replace("'", "").split())
 
 
+def edit_row(a: list[str], b: list[str]) -> list[int]:
+    """Word edit distance from all of ``a`` to each prefix ``b[:j]`` (index j)."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        nxt = [i] + [0] * len(b)
+        for j, y in enumerate(b, 1):
+            nxt[j] = min(row[j] + 1, nxt[j - 1] + 1, row[j - 1] + (x != y))
+        row = nxt
+    return row
+
+
 def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
     """(edit distance in words, reference length) after normalization."""
     ref, hyp = normalize(reference).split(), normalize(hypothesis).split()
-    previous = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        current = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h))
-        previous = current
-    return previous[-1], len(ref)
+    return edit_row(ref, hyp)[-1], len(ref)
 
 
 def wer(pairs: list[tuple[str, str]]) -> float:

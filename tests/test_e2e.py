@@ -17,8 +17,8 @@ import pytest
 from conftest import ROOT, SAMPLE, eventually
 
 from stt import protocol
-from stt.audio import load_16k_mono
-from stt.client import Listener, encode_pcm16, send, stream_audio
+from stt.audio import load_16k_mono, to_pcm16
+from stt.client import Listener, send, stream_audio
 from stt.nats_server import NatsServer
 from stt.protocol import Subjects
 
@@ -101,10 +101,10 @@ async def test_state_change_ends_the_utterance_and_half_duplex_drops_responding_
     async with Listener(nc, SUBJECTS, sid) as listener:
         await send(nc, SUBJECTS, sid, {"type": "start", "session_id": sid})
         for i in range(0, len(SENTENCE_2), 640):
-            await send(nc, SUBJECTS, sid, {"type": "chunk", "audio": encode_pcm16(SENTENCE_2[i:i + 640])})
+            await send(nc, SUBJECTS, sid, {"type": "chunk", "audio": to_pcm16(SENTENCE_2[i:i + 640])})
         await send(nc, SUBJECTS, sid, {"type": "state_change", "state": "responding"})
         for i in range(0, len(SENTENCE_2), 640):  # the user talks while the assistant does
-            await send(nc, SUBJECTS, sid, {"type": "chunk", "audio": encode_pcm16(SENTENCE_2[i:i + 640])})
+            await send(nc, SUBJECTS, sid, {"type": "chunk", "audio": to_pcm16(SENTENCE_2[i:i + 640])})
         await send(nc, SUBJECTS, sid, {"type": "end"})
         result = await listener.wait_end(30)
     assert len(result.finals) == 1 and "young man" in result.finals[0]["transcript"]
@@ -116,7 +116,7 @@ async def test_malformed_messages_interleaved_do_not_change_a_good_session(
     worker = await worker_factory(partial_interval_s=0)
     clean = await stream_audio(nc, FIRST_TWO, SR, session_id="clean", speed=0)
     rng = random.Random(7)
-    good_chunk = protocol.pack({"type": "chunk", "audio": encode_pcm16(SENTENCE_2[:640])})
+    good_chunk = protocol.pack({"type": "chunk", "audio": to_pcm16(SENTENCE_2[:640])})
     bad_payloads: list[bytes] = [
         b"", b"\xc1", b"not msgpack at all", msgpack.packb([1, 2, 3]), msgpack.packb("chunk"),
         protocol.pack({"type": "chunk"}), protocol.pack({"type": "chunk", "audio_b64": "%%%"}),
@@ -171,7 +171,7 @@ async def test_chunk_for_unknown_session_starts_one_with_defaults(worker_factory
     async with Listener(nc, SUBJECTS, sid) as listener:
         audio = np.concatenate([SENTENCE_2, silence(1.0)])
         for seq, i in enumerate(range(0, len(audio), 640)):
-            b64 = base64.b64encode(encode_pcm16(audio[i:i + 640])).decode()
+            b64 = base64.b64encode(to_pcm16(audio[i:i + 640])).decode()
             await send(nc, SUBJECTS, sid, {"type": "chunk", "audio_b64": b64, "seq": seq})
         await send(nc, SUBJECTS, sid, {"type": "end"})
         result = await listener.wait_end(30)
@@ -214,7 +214,7 @@ async def test_abandoned_sessions_are_ended_by_the_idle_timeout(worker_factory: 
             ends.append(m["reason"])
 
     await nc.subscribe(SUBJECTS.output_prefix + ".>", cb=on_end)
-    chunk = protocol.pack({"type": "chunk", "audio": encode_pcm16(SENTENCE_2[:1600])})
+    chunk = protocol.pack({"type": "chunk", "audio": to_pcm16(SENTENCE_2[:1600])})
     for i in range(2000):
         await nc.publish(SUBJECTS.input(f"gone{i}"), protocol.pack({"type": "start"}))
         await nc.publish(SUBJECTS.input(f"gone{i}"), chunk)

@@ -14,8 +14,8 @@ from conftest import SAMPLE, eventually, make_settings
 from test_serve import ServeProcess
 from whisper_checkpoint import write_checkpoint
 
-from stt.audio import SAMPLE_RATE, load_16k_mono
-from stt.client import Listener, encode_pcm16, send, stream_audio
+from stt.audio import SAMPLE_RATE, load_16k_mono, to_pcm16
+from stt.client import Listener, send, stream_audio
 from stt.engines.http import BreakerState, HttpEngine
 from stt.nats_server import NatsServer
 from stt.protocol import Subjects
@@ -65,7 +65,7 @@ async def test_service_stopped_and_restarted_mid_session(nats_server: NatsServer
             nonlocal seq
             step = SAMPLE_RATE * 40 // 1000
             for offset in range(0, samples.size, step):
-                pcm = encode_pcm16(samples[offset: offset + step])
+                pcm = to_pcm16(samples[offset: offset + step])
                 await send(nc, subjects, sid, {"type": "chunk", "seq": seq, "timestamp": time.time(),
                                                "audio_b64": base64.b64encode(pcm).decode()})
                 seq += 1

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from conftest import SAMPLE
 
-from stt.audio import load_16k_mono
-from stt.client import encode_pcm16
+from stt.audio import load_16k_mono, to_pcm16
 from stt.config import Settings
 from stt.engines.base import Transcription, Word
 from stt.protocol import (
@@ -88,7 +87,7 @@ class Harness:
         for i, off in enumerate(range(0, len(audio), step)):
             self.now += chunk_s
             seq = None if seq_start is None else seq_start + i
-            self.apply(self.session.handle(Chunk(encode_pcm16(audio[off:off + step]), seq=seq),
+            self.apply(self.session.handle(Chunk(to_pcm16(audio[off:off + step]), seq=seq),
                                            self.now))
 
     def answer(self, text: str = "hello world", **kw: Any) -> Job:
@@ -299,7 +298,7 @@ def test_end_flushes_then_publishes_end_after_the_last_final() -> None:
     assert end["reason"] == "end" and end["segments"] == 1
     assert end["audio_seconds"] == pytest.approx(3.0, abs=0.05)
     assert h.closed is EndReason.END and h.session.closed
-    assert h.session.handle(Chunk(encode_pcm16(SENTENCE_1[:640])), h.now) == []
+    assert h.session.handle(Chunk(to_pcm16(SENTENCE_1[:640])), h.now) == []
 
 
 def test_end_with_nothing_buffered_ends_at_once() -> None:
@@ -486,7 +485,7 @@ def test_bad_chunks_get_errors_and_change_nothing_else() -> None:
 
 def test_duplicate_and_late_chunks_are_dropped_and_gaps_counted() -> None:
     h = Harness(Start())
-    pcm = encode_pcm16(SENTENCE_2[:640])
+    pcm = to_pcm16(SENTENCE_2[:640])
     for seq in (0, 1, 1, 2, 5, 3, 6):
         h.now += 0.04
         h.apply(h.session.handle(Chunk(pcm, seq=seq), h.now))
@@ -533,7 +532,7 @@ def test_well_formed_messages_parse_with_seed_defaults() -> None:
     assert isinstance(start, Start)
     assert (start.sample_rate, start.channels, start.state, start.encoding) == \
         (16000, 1, State.LISTENING, "pcm_s16le")
-    pcm = encode_pcm16(SENTENCE_2[:320])
+    pcm = to_pcm16(SENTENCE_2[:320])
     a = parse({"type": "chunk", "audio_b64": base64.b64encode(pcm).decode(), "timestamp": 1.5})
     b = parse({"type": "chunk", "audio": pcm, "seq": 7})
     assert isinstance(a, Chunk) and isinstance(b, Chunk)

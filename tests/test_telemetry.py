@@ -28,8 +28,8 @@ import pytest
 from conftest import ROOT, SAMPLE, eventually, make_settings
 
 from stt import telemetry
-from stt.audio import load_16k_mono
-from stt.client import encode_pcm16, send
+from stt.audio import load_16k_mono, to_pcm16
+from stt.client import send
 from stt.engines import create_engine
 from stt.metrics import MetricsTelemetry
 from stt.nats_server import NatsServer, free_port
@@ -176,7 +176,7 @@ async def speak(nc: Any, session_id: str, header: str | None, chunk_ms: int = 40
     step = SR * chunk_ms // 1000
     for seq, offset in enumerate(range(0, len(AUDIO), step)):
         await send(nc, SUBJECTS, session_id, {"type": "chunk", "seq": seq, "timestamp": 0.0,
-                                              "audio": encode_pcm16(AUDIO[offset:offset + step])})
+                                              "audio": to_pcm16(AUDIO[offset:offset + step])})
     await send(nc, SUBJECTS, session_id, {"type": "end"}, headers)
 
 
