@@ -92,7 +92,7 @@ def whisper_engine(model: str, device: str, batch_size: int, threads: int) -> An
 async def bench_encoder(engine: Any, reps: int) -> dict[str, Any]:
     import torch
 
-    from stt.engines.whisper import WINDOW_FRAMES, short_window_frames
+    from stt.engines.decoding import WINDOW_FRAMES, short_window_frames
 
     out: dict[str, Any] = {}
     windows = {f"{s}s": short_window_frames(s * 16000) for s in SEGMENTS_S}
@@ -171,7 +171,7 @@ def start_serve(model: str, threads: int) -> tuple[subprocess.Popen[bytes], str]
     budget; returns the process and its URL once it answers."""
     import httpx
 
-    import stt.engines.whisper as whisper_module
+    import stt.engines.decoding as whisper_module
     from stt.nats_server import free_port
 
     port = free_port()
@@ -180,7 +180,7 @@ def start_serve(model: str, threads: int) -> tuple[subprocess.Popen[bytes], str]
                   "--whisper-logprob-threshold=-1e9", "--log-level", "WARNING"]
     if threads:
         serve_args += ["--whisper-cpu-threads", str(threads)]
-    launcher = ("import sys, stt.engines.whisper as w; from stt.cli import main; "
+    launcher = ("import sys, stt.engines.decoding as w; from stt.cli import main; "
                 f"w.TOKENS_PER_S = {whisper_module.TOKENS_PER_S}; "
                 f"w.TOKENS_BASE = {whisper_module.TOKENS_BASE}; sys.exit(main({serve_args!r}))")
     log = tempfile.NamedTemporaryFile(prefix="bench-serve-", suffix=".log", delete=False)
@@ -258,7 +258,7 @@ def print_report(report: dict[str, Any]) -> None:
 async def main_async(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     import torch
 
-    import stt.engines.whisper as whisper_module
+    import stt.engines.decoding as whisper_module
 
     # Random weights decode to the budget: make the budget a realistic decode length.
     whisper_module.TOKENS_PER_S = args.tokens_per_s

@@ -25,15 +25,14 @@ from stt.client import stream_audio
 from stt.engines import create_engine
 from stt.engines.base import EngineError, EngineUnavailable, Segment, TranscribeOptions, Word
 from stt.engines.batching import MicroBatcher
-from stt.engines.whisper import (
+from stt.engines.decoding import (
     WINDOW_FRAMES,
-    WhisperEngine,
-    resolve_device,
     short_window_frames,
     split_segments,
     token_budget,
     trim_repetitions,
 )
+from stt.engines.whisper import WhisperEngine, resolve_device
 
 torch = pytest.importorskip("torch")
 whisper = pytest.importorskip("whisper")
@@ -104,7 +103,7 @@ def test_from_settings_and_create_engine(checkpoint: Path) -> None:
     engine = create_engine(settings)
     assert isinstance(engine, WhisperEngine)
     assert (engine.model_name, engine.batch_size, engine.batch_wait_s, engine.short_window,
-            engine.no_speech_threshold) == (str(checkpoint), 4, 0.02, "all", 0.5)
+            engine.guards.no_speech_threshold) == (str(checkpoint), 4, 0.02, "all", 0.5)
 
 
 def test_cuda_requested_without_gpu_says_what_to_set() -> None:

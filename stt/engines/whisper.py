@@ -36,14 +36,11 @@ import asyncio
 import collections
 import dataclasses
 import logging
-import math
 import os
 import time
 import types
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -60,39 +57,27 @@ from .base import (
     Word,
 )
 from .batching import MicroBatcher
+from .decoding import (
+    FALLBACK_TEMPERATURES,
+    HOP,
+    WINDOW_S,
+    Guards,
+    Request,
+    available_cpus,
+    compression_ratio,
+    context_prompt,
+    short_window_frames,
+    split_segments,
+    token_budget,
+    trim_repetitions,
+    uses_short_window,
+    window_frames,
+)
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("stt.engines.whisper")
-
-WINDOW_S = 30                 # Whisper's input window (whisper.audio.CHUNK_LENGTH)
-HOP = 160                     # samples per mel frame (10 ms)
-WINDOW_FRAMES = WINDOW_S * SAMPLE_RATE // HOP
-SHORT_STEP_FRAMES = 200       # short windows grow in 2 s steps: few distinct shapes to batch
-SHORT_TAIL_FRAMES = 50        # >= 0.5 s of silence after the speech, or the last word suffers
-FALLBACK_TEMPERATURES = (0.4, 0.8)  # finals only; two retries bound the worst-case latency
-CONTEXT_MAX_CHARS = 300       # previous final given as context: its end matters, keep it short
-TOKENS_PER_S = 12             # token budget: fast speech is ~4 tokens/s in English, more in CJK
-TOKENS_BASE = 24
-REPEAT_MAX_PERIOD = 12        # loops of up to 12 tokens ...
-REPEAT_MIN_RUNS = 4           # ... seen 4 times in a row are cut to one
-
-
-def available_cpus() -> int:
-    """CPUs this process may use: affinity mask and cgroup v2 quota (containers), not the host's."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:
-        n = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
-
 
 def resolve_device(requested: str) -> str:
     """``auto`` -> ``cuda`` when PyTorch sees a GPU (NVIDIA, or AMD through ROCm), else ``cpu``."""
@@ -119,52 +104,6 @@ def device_label(device: str) -> str:
     return f"{kind} {torch.cuda.get_device_name(0)}"
 
 
-def trim_repetitions(tokens: Sequence[int], max_period: int = REPEAT_MAX_PERIOD,
-                     min_runs: int = REPEAT_MIN_RUNS) -> list[int]:
-    """Cut a decoding loop: the first n-gram (n <= max_period) repeated ``min_runs`` times in a
-    row is kept once and everything after it dropped (what follows a loop is not trustworthy)."""
-    tokens = list(tokens)
-    n = len(tokens)
-    for i in range(n):
-        for period in range(1, max_period + 1):
-            if i + period * min_runs > n:
-                break
-            gram = tokens[i:i + period]
-            if all(tokens[i + k * period:i + (k + 1) * period] == gram for k in range(1, min_runs)):
-                return tokens[:i + period]
-    return tokens
-
-
-def split_segments(tokens: Sequence[int], timestamp_begin: int, duration_s: float,
-                   precision_s: float = 0.02) -> list[tuple[float, float, list[int]]]:
-    """Timestamp tokens -> (start, end, text tokens) spans, clamped to the audio."""
-    spans: list[tuple[float, float, list[int]]] = []
-    start = 0.0
-    text: list[int] = []
-    for token in tokens:
-        if token >= timestamp_begin:
-            at = min((token - timestamp_begin) * precision_s, duration_s)
-            if text:
-                spans.append((start, max(at, start), text))
-                text = []
-            start = at
-        else:
-            text.append(token)
-    if text:
-        spans.append((start, max(duration_s, start), text))
-    return spans
-
-
-def short_window_frames(n_samples: int) -> int:
-    """Mel frames of the short window for ``n_samples`` of audio."""
-    frames = n_samples // HOP + SHORT_TAIL_FRAMES
-    return min(WINDOW_FRAMES, math.ceil(frames / SHORT_STEP_FRAMES) * SHORT_STEP_FRAMES)
-
-
-def token_budget(duration_s: float, n_text_ctx: int) -> int:
-    return min(n_text_ctx // 2, TOKENS_BASE + math.ceil(TOKENS_PER_S * duration_s))
-
-
 def _flexible_encoder_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     """``AudioEncoder.forward`` for any window up to 30 s (the original asserts exactly 30 s).
 
@@ -186,21 +125,6 @@ def _flexible_encoder_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return self.ln_post(x)
 
 
-@dataclass(frozen=True)
-class _Request:
-    audio: np.ndarray
-    options: TranscribeOptions
-    language: str | None
-    prompt: str | None
-    final: bool
-    short: bool
-    long_form: bool = False
-
-    @property
-    def duration_s(self) -> float:
-        return self.audio.size / SAMPLE_RATE
-
-
 class WhisperEngine(Engine):
     name = "whisper"
 
@@ -218,9 +142,7 @@ class WhisperEngine(Engine):
         self.short_window = short_window
         self.beam_size = beam_size
         self.use_context = use_context
-        self.no_speech_threshold = no_speech_threshold
-        self.logprob_threshold = logprob_threshold
-        self.compression_ratio_threshold = compression_ratio_threshold
+        self.guards = Guards(no_speech_threshold, logprob_threshold, compression_ratio_threshold)
         self.batches = batch_size > 1
         self.device = "cpu"
         self.fp16 = False
@@ -229,7 +151,7 @@ class WhisperEngine(Engine):
         self.load_s = 0.0
         self.warmup_s = 0.0
         self._executor: ThreadPoolExecutor | None = None
-        self._batcher: MicroBatcher[_Request, Transcription] | None = None
+        self._batcher: MicroBatcher[Request, Transcription] | None = None
         self._long_seq = 0
         #: Model passes by window length in mel frames (3000 = a full 30 s window).
         self.passes: collections.Counter[int] = collections.Counter()
@@ -341,9 +263,9 @@ class WhisperEngine(Engine):
         from whisper.timing import find_alignment
 
         second = np.zeros(SAMPLE_RATE, dtype=np.float32)
-        requests = [_Request(second, TranscribeOptions(is_partial=True), "en", None,
+        requests = [Request(second, TranscribeOptions(is_partial=True), "en", None,
                              final=False, short=True),
-                    _Request(second, TranscribeOptions(), "en", None, final=True, short=False)]
+                    Request(second, TranscribeOptions(), "en", None, final=True, short=False)]
         for request in requests:
             self._decode_group([request], sample_len=4)
         tokenizer = self._tokenizer("en")
@@ -372,17 +294,15 @@ class WhisperEngine(Engine):
             return Transcription(text="", language=options.language, duration_s=audio.size / SAMPLE_RATE)
         language = self._language(options.language)
         final = not options.is_partial
-        prompt = self._prompt(options, final)
+        prompt = context_prompt(options, final, self.use_context)
         if audio.size > WINDOW_S * SAMPLE_RATE:
-            request = _Request(audio, options, language, prompt, final=True, short=False,
+            request = Request(audio, options, language, prompt, final=True, short=False,
                                long_form=True)
             self._long_seq += 1
             key: Hashable = ("long", self._long_seq)
         else:
-            # Language detection reads the full window; short windows need a known language.
-            short = language is not None and (
-                self.short_window == "all" or (self.short_window == "partials" and not final))
-            request = _Request(audio, options, language, prompt, final=final, short=short)
+            short = uses_short_window(self.short_window, language, final)
+            request = Request(audio, options, language, prompt, final=final, short=short)
             key = (short, final, language, prompt, options.temperature)
         try:
             return await self._batcher.submit(request, key, priority=0 if final else 1)
@@ -409,18 +329,9 @@ class WhisperEngine(Engine):
             raise EngineError(f"unknown language {requested!r}")
         return code
 
-    def _prompt(self, options: TranscribeOptions, final: bool) -> str | None:
-        parts = [options.prompt.strip()] if options.prompt and options.prompt.strip() else []
-        if final and self.use_context and options.context:
-            context = options.context.strip()
-            if len(context) > CONTEXT_MAX_CHARS:  # keep the end, from a word boundary
-                context = context[-CONTEXT_MAX_CHARS:].partition(" ")[2] or context[-CONTEXT_MAX_CHARS:]
-            parts.append(context)
-        return " ".join(parts) or None
-
     # --- the inference thread -------------------------------------------------------------
 
-    def _run_batch(self, requests: list[_Request]) -> list[Transcription | BaseException]:
+    def _run_batch(self, requests: list[Request]) -> list[Transcription | BaseException]:
         import torch
 
         with torch.no_grad():
@@ -451,14 +362,13 @@ class WhisperEngine(Engine):
         with torch.no_grad():
             return self.model.encoder(mel.half() if self.fp16 else mel)
 
-    def _decode_group(self, requests: list[_Request], sample_len: int | None = None
+    def _decode_group(self, requests: list[Request], sample_len: int | None = None
                       ) -> list[Transcription | BaseException]:
         import torch
         import whisper
 
         first = requests[0]
-        n_frames = (max(short_window_frames(r.audio.size) for r in requests) if first.short
-                    else WINDOW_FRAMES)
+        n_frames = window_frames(requests)
         mels = [self._mel(r.audio, n_frames) for r in requests]
         mel = torch.stack(mels)
         self.passes[n_frames] += 1
@@ -480,17 +390,6 @@ class WhisperEngine(Engine):
                 out.append(EngineError(f"whisper post-processing failed: {exc}"))
         return out
 
-    def _needs_fallback(self, result: Any) -> bool:
-        cr = self.compression_ratio_threshold
-        needs = bool(cr and result.compression_ratio > cr) or result.avg_logprob < self.logprob_threshold
-        if self._is_silence(result):  # silence: a hotter decode would only invent words
-            return False
-        return needs
-
-    def _is_silence(self, result: Any) -> bool:
-        return (result.no_speech_prob > self.no_speech_threshold
-                and result.avg_logprob < self.logprob_threshold)
-
     def _fall_back(self, mel: torch.Tensor, options: Any, results: list[Any]) -> None:
         """Decode again, hotter, the finals that look like loops or guesses (as transcribe() does)."""
         import whisper
@@ -498,16 +397,15 @@ class WhisperEngine(Engine):
         for temperature in FALLBACK_TEMPERATURES:
             if temperature <= options.temperature:
                 continue
-            retry = [i for i, r in enumerate(results) if self._needs_fallback(r)]
+            retry = [i for i, r in enumerate(results) if self.guards.needs_fallback(r.text, r.avg_logprob,
+                                                                     r.no_speech_prob)]
             if not retry:
                 return
             hotter = dataclasses.replace(options, temperature=temperature, beam_size=None)
             for i, result in zip(retry, whisper.decode(self.model, mel[retry], hotter), strict=True):
                 results[i] = result
 
-    def _finish(self, request: _Request, result: Any, mel: torch.Tensor) -> Transcription:
-        from whisper.utils import compression_ratio
-
+    def _finish(self, request: Request, result: Any, mel: torch.Tensor) -> Transcription:
         tokenizer = self._tokenizer(result.language)
         duration = request.duration_s
         spans = (split_segments(result.tokens, tokenizer.timestamp_begin, duration)
@@ -523,8 +421,8 @@ class WhisperEngine(Engine):
             segments.append(Segment(text, round(start, 3), round(end, 3), result.no_speech_prob,
                                     result.avg_logprob, compression_ratio(text)))
         text = tokenizer.decode(text_tokens).strip()
-        cr = self.compression_ratio_threshold
-        if self._is_silence(result) or (cr and text and compression_ratio(text) > cr):
+        if self.guards.is_silence(result.no_speech_prob, result.avg_logprob) \
+                or self.guards.is_loop(text):
             text, segments, text_tokens = "", [], []
         words: list[Word] = []
         if request.options.word_timestamps and text_tokens:
@@ -543,18 +441,18 @@ class WhisperEngine(Engine):
                      round(min(float(t.end), duration_s), 3), round(float(t.probability), 4))
                 for t in timings if t.word.strip()]
 
-    def _transcribe_long(self, request: _Request) -> Transcription:
+    def _transcribe_long(self, request: Request) -> Transcription:
         """Audio longer than one window: Whisper's own sequential long-form transcription."""
         import whisper
-        from whisper.utils import compression_ratio
 
-        cr = self.compression_ratio_threshold
+        guards = self.guards
         t0 = request.options.temperature
         result = whisper.transcribe(
             self.model, request.audio, verbose=None, language=request.language,
             temperature=(t0, *(t for t in FALLBACK_TEMPERATURES if t > t0)),
-            compression_ratio_threshold=cr or None, logprob_threshold=self.logprob_threshold,
-            no_speech_threshold=self.no_speech_threshold,
+            compression_ratio_threshold=guards.compression_ratio_threshold or None,
+            logprob_threshold=guards.logprob_threshold,
+            no_speech_threshold=guards.no_speech_threshold,
             condition_on_previous_text=self.use_context, initial_prompt=request.prompt,
             word_timestamps=request.options.word_timestamps, fp16=self.fp16,
             **({"beam_size": self.beam_size} if self.beam_size > 1 else {}))
@@ -567,7 +465,7 @@ class WhisperEngine(Engine):
             tokens = [t for t in seg["tokens"] if t < tokenizer.eot]
             kept = trim_repetitions(tokens)
             text = tokenizer.decode(kept).strip()
-            if not text or (cr and compression_ratio(text) > cr):
+            if not text or guards.is_loop(text):
                 continue
             segments.append(Segment(text, float(seg["start"]), float(seg["end"]),
                                     float(seg["no_speech_prob"]), float(seg["avg_logprob"]),
