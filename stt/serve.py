@@ -13,9 +13,9 @@ The GPU tier of the HTTP variant can be this project too: ``stt serve`` on the G
   ``STT_SERVE_MAX_BYTES`` get 413; with ``STT_SERVE_API_KEY`` set, ``Authorization: Bearer``
   is required (except for health).
 
-The engine is the local ``whisper`` engine unless ``--engine`` says otherwise (``sphinx`` runs
-fully offline, for tests and demos). Requests from many clients share the engine, so the
-whisper engine batches them exactly as it batches sessions.
+The engine is ``STT_ENGINE`` (``--engine``), by default faster-whisper with the embedded tiny.en;
+``whisper`` is the PyTorch path (CUDA, ROCm). Requests from many clients share the engine, so
+the local Whisper engines batch them exactly as they batch sessions.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ from . import config, logs
 from .audio import SAMPLE_RATE
 from .config import Settings
 from .engines.base import Engine, EngineError, EngineUnavailable, Segment, TranscribeOptions
+from .engines.decoding import UnsupportedLanguage
 from .languages import LANGUAGE_NAMES
+from .models import DEFAULT_MODEL
 
 log = logging.getLogger("stt.serve")
 
@@ -74,8 +76,8 @@ class ApiError(Exception):
 
 
 def model_id(settings: Settings) -> str:
-    if settings.engine == "whisper":
-        name = os.path.basename(settings.whisper_model_size)
+    if settings.engine in ("whisper", "faster-whisper"):
+        name = os.path.basename(os.path.normpath(settings.whisper_model_size or DEFAULT_MODEL))
         return name[:-3] if name.endswith(".pt") else name
     if settings.engine == "sphinx":
         return "sphinx-en-us"
@@ -234,6 +236,9 @@ def create_app(engine: Engine, settings: Settings) -> Any:
             result = await engine.transcribe(audio, TranscribeOptions(
                 language=language, prompt=prompt, word_timestamps=words_wanted,
                 temperature=temperature))
+        except UnsupportedLanguage as exc:
+            raise ApiError(400, str(exc), param="language",
+                           code="unsupported_language") from None
         except EngineError as exc:
             raise ApiError(500, f"Transcription failed: {exc}", type_="server_error",
                            code="engine_failed") from None
@@ -360,7 +365,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     overrides = config.overrides_from_args(args)
-    overrides.setdefault("engine", "whisper")  # STT_ENGINE is the worker's; serve is local
     settings = Settings.from_env(overrides=overrides)
     logs.setup(settings.log_level, settings.log_format)
     log.info("starting stt serve", extra={"settings": {
@@ -376,8 +380,9 @@ def add_parser(sub: Any) -> None:
     """Add ``stt serve`` to the CLI's subcommands."""
     p = sub.add_parser(
         "serve", help="OpenAI-compatible transcription API (/v1/audio/transcriptions)",
-        description="Serve POST /v1/audio/transcriptions over the local whisper engine "
-                    "(or --engine sphinx). Every flag has an environment variable.")
+        description="Serve POST /v1/audio/transcriptions over a local engine (STT_ENGINE: "
+                    "faster-whisper with the embedded tiny.en by default, whisper for "
+                    "PyTorch/ROCm). Every flag has an environment variable.")
     p.add_argument("--host", dest="serve_host", default=None, metavar="STT_SERVE_HOST",
                    help="Address to bind (same as --serve-host).")
     p.add_argument("--port", dest="serve_port", default=None, metavar="STT_SERVE_PORT",

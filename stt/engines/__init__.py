@@ -20,6 +20,10 @@ def create_engine(settings: Settings) -> Engine:
     benchmarks use that for an engine that answers at once.
     """
     name = settings.engine
+    if name == "faster-whisper":
+        from .faster_whisper import FasterWhisperEngine
+
+        return FasterWhisperEngine.from_settings(settings)
     if name == "sphinx":
         from .sphinx import SphinxEngine
 

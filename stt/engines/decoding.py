@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from ..audio import SAMPLE_RATE
-from .base import TranscribeOptions
+from ..textnorm import normalize
+from .base import EngineError, TranscribeOptions
 
 WINDOW_S = 30                 # Whisper's input window (whisper.audio.CHUNK_LENGTH)
 HOP = 160                     # samples per mel frame (10 ms)
@@ -107,6 +108,24 @@ def compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
+#: What Whisper writes on silence and noise (subtitle credits of its training data), normalized.
+STOCK_PHRASES = frozenset({
+    "you", "thank you", "thanks", "thank you very much", "thanks for watching",
+    "thank you for watching", "thank you so much for watching", "please subscribe", "bye",
+    "bye bye", "so", "okay", "oh", "um", "uh", "hmm", "the end", "subtitles by the amara org community",
+})
+#: Below this RMS (-70 dBFS) audio is digital silence: not worth a decode, which would invent.
+SILENCE_RMS = 10 ** (-70 / 20)
+
+
+def is_stock_phrase(text: str) -> bool:
+    return normalize(text) in STOCK_PHRASES
+
+
+def is_digital_silence(audio: np.ndarray) -> bool:
+    return not audio.size or float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) < SILENCE_RMS
+
+
 @dataclass(frozen=True)
 class Guards:
     """Thresholds against invented text (``WHISPER_*_THRESHOLD``); see the module docstring."""
@@ -120,10 +139,14 @@ class Guards:
         return cls(settings.whisper_no_speech_threshold, settings.whisper_logprob_threshold,
                    settings.whisper_compression_ratio_threshold)
 
-    def is_silence(self, no_speech_prob: float | None, avg_logprob: float | None) -> bool:
-        return (no_speech_prob is not None and avg_logprob is not None
-                and no_speech_prob > self.no_speech_threshold
-                and avg_logprob < self.logprob_threshold)
+    def is_silence(self, no_speech_prob: float | None, avg_logprob: float | None,
+                   text: str = "") -> bool:
+        """Whisper's rule (probably no speech, and an improbable text), plus the phrases it
+        invents on silence and noise ("you", "Thank you."), dropped when it says "no speech"."""
+        if no_speech_prob is None or no_speech_prob <= self.no_speech_threshold:
+            return False
+        return (avg_logprob is not None and avg_logprob < self.logprob_threshold) \
+            or is_stock_phrase(text)
 
     def is_loop(self, text: str) -> bool:
         cr = self.compression_ratio_threshold
@@ -179,3 +202,27 @@ def uses_short_window(setting: str, language: str | None, final: bool) -> bool:
     """``WHISPER_SHORT_WINDOW``: language detection reads the full window, so short windows
     need a known language."""
     return language is not None and (setting == "all" or (setting == "partials" and not final))
+
+
+class UnsupportedLanguage(EngineError):
+    """The session asked for a language the model cannot transcribe (a client error)."""
+
+
+def pick_language(requested: str | None, *, multilingual: bool, model_name: str,
+                  codes: Collection[str], names: Mapping[str, str]) -> str | None:
+    """A session's language (a code such as ``en``/``pt-BR`` or a name such as ``german``) ->
+    the model's code; None = detect. English-only models answer ``en`` or refuse."""
+    if not multilingual:
+        if requested and not requested.lower().startswith(("en", "english")):
+            raise UnsupportedLanguage(f"model {model_name} is English-only; language "
+                                      f"{requested!r} is not available")
+        return "en"
+    if not requested:
+        return None
+    code = requested.strip().lower().replace("_", "-")
+    if code in names:
+        return names[code]
+    code = code.split("-")[0]
+    if code not in codes:
+        raise UnsupportedLanguage(f"unknown language {requested!r}")
+    return code

@@ -41,6 +41,7 @@ from ..audio import SAMPLE_RATE, to_pcm16
 from ..config import Settings
 from ..languages import LANGUAGE_CODES
 from .base import Engine, EngineError, Segment, TranscribeOptions, Transcription, Word
+from .decoding import Guards
 
 log = logging.getLogger("stt.engines.http")
 
@@ -200,8 +201,7 @@ class HttpEngine(Engine):
         self.budget_s = max(1.0, timeout_s - DEADLINE_MARGIN_S)
         self.retries = retries
         self.retry_backoff_s = retry_backoff_s
-        self.no_speech_threshold = no_speech_threshold
-        self.logprob_threshold = logprob_threshold
+        self.guards = Guards(no_speech_threshold, logprob_threshold)
         self.use_context = use_context
         self.breaker = CircuitBreaker(breaker_failures, breaker_cooldown_s)
         self.extra_headers = None
@@ -367,7 +367,8 @@ class HttpEngine(Engine):
             raise EngineError("whisper service answer has no 'text'")
         language = _language_code(body.get("language")) or options.language
         segments = [_segment(s) for s in body.get("segments") or [] if isinstance(s, dict)]
-        kept = [s for s in segments if not self._is_silence(s)]
+        kept = [s for s in segments
+                if not self.guards.is_silence(s.no_speech_prob, s.avg_logprob, s.text)]
         text = body["text"].strip()
         if segments and len(kept) < len(segments):  # some services do not apply this guard
             text = " ".join(s.text for s in kept if s.text).strip()
@@ -379,10 +380,6 @@ class HttpEngine(Engine):
                              no_speech_prob=max(no_speech) if no_speech else None,
                              duration_s=float(body.get("duration") or duration_s))
 
-    def _is_silence(self, s: Segment) -> bool:
-        return (s.no_speech_prob is not None and s.avg_logprob is not None
-                and s.no_speech_prob > self.no_speech_threshold
-                and s.avg_logprob < self.logprob_threshold)
 
 
 def _num(value: Any) -> float | None:

@@ -66,6 +66,8 @@ from .decoding import (
     available_cpus,
     compression_ratio,
     context_prompt,
+    is_digital_silence,
+    pick_language,
     short_window_frames,
     split_segments,
     token_budget,
@@ -290,7 +292,7 @@ class WhisperEngine(Engine):
         if self._batcher is None or self.model is None:
             raise EngineError("whisper engine not started")
         audio = np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
-        if audio.size < HOP:
+        if audio.size < HOP or is_digital_silence(audio):
             return Transcription(text="", language=options.language, duration_s=audio.size / SAMPLE_RATE)
         language = self._language(options.language)
         final = not options.is_partial
@@ -314,20 +316,8 @@ class WhisperEngine(Engine):
     def _language(self, requested: str | None) -> str | None:
         from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 
-        if not self.model.is_multilingual:
-            if requested and not requested.lower().startswith("en"):
-                raise EngineError(f"model {self.model_name} is English-only; language "
-                                  f"{requested!r} is not available")
-            return "en"
-        if not requested:
-            return None
-        code = requested.strip().lower().replace("_", "-")
-        if code in TO_LANGUAGE_CODE:
-            return TO_LANGUAGE_CODE[code]
-        code = code.split("-")[0]
-        if code not in LANGUAGES:
-            raise EngineError(f"unknown language {requested!r}")
-        return code
+        return pick_language(requested, multilingual=self.model.is_multilingual,
+                             model_name=self.model_name, codes=LANGUAGES, names=TO_LANGUAGE_CODE)
 
     # --- the inference thread -------------------------------------------------------------
 
@@ -421,7 +411,7 @@ class WhisperEngine(Engine):
             segments.append(Segment(text, round(start, 3), round(end, 3), result.no_speech_prob,
                                     result.avg_logprob, compression_ratio(text)))
         text = tokenizer.decode(text_tokens).strip()
-        if self.guards.is_silence(result.no_speech_prob, result.avg_logprob) \
+        if self.guards.is_silence(result.no_speech_prob, result.avg_logprob, text) \
                 or self.guards.is_loop(text):
             text, segments, text_tokens = "", [], []
         words: list[Word] = []

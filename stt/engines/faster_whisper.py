@@ -1,0 +1,449 @@
+"""Whisper on CTranslate2 through faster-whisper: the default engine (int8 on CPU, float16 on
+CUDA), with OpenAI's tiny.en embedded from the package registry (:mod:`stt.models`).
+
+Theory of operation
+-------------------
+* The model loads once (the embedded default, a directory, or a name downloaded into the Hugging
+  Face cache), then every decode path is warmed up. All model work runs on one inference
+  thread; CTranslate2 uses ``WHISPER_CPU_THREADS`` threads inside each call, so the event loop
+  only awaits.
+* Segments from all sessions go through a :class:`~stt.engines.batching.MicroBatcher` and are
+  decoded in one CTranslate2 ``encode`` + ``generate`` call per group (at most
+  ``WHISPER_BATCH_SIZE``), finals ahead of partials. CTranslate2 takes one prompt per item, but
+  its start-of-transcript token must sit at the same position in every item: requests are
+  grouped by the length of their prompt (partials, without context, batch across sessions).
+* Partials are encoded over a short window (speech + at least 0.5 s of silence, 2 s steps), as
+  whisper.cpp's ``audio_ctx`` does; finals over Whisper's 30 s window. Mel features come from
+  the audio padded with zeros, as openai-whisper does, so both local engines see the same input.
+* Word timings come from CTranslate2's cross-attention alignment (the model's alignment heads),
+  for every request of a group in one ``align`` call.
+* Guards against invented text and the prompt rules are :mod:`stt.engines.decoding`'s, shared
+  with the ``whisper`` engine. Audio longer than one window (``stt serve`` uploads) goes through
+  faster-whisper's own sequential long-form ``transcribe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+from collections.abc import Hashable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from ..audio import SAMPLE_RATE
+from ..config import Settings
+from ..languages import LANGUAGE_CODES
+from ..models import ModelSource, resolve_ct2
+from .base import (
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    Segment,
+    TranscribeOptions,
+    Transcription,
+    Word,
+)
+from .batching import MicroBatcher
+from .decoding import (
+    FALLBACK_TEMPERATURES,
+    HOP,
+    WINDOW_S,
+    Guards,
+    Request,
+    available_cpus,
+    compression_ratio,
+    context_prompt,
+    is_digital_silence,
+    pick_language,
+    split_segments,
+    token_budget,
+    trim_repetitions,
+    uses_short_window,
+    window_frames,
+)
+
+log = logging.getLogger("stt.engines.faster_whisper")
+
+MAX_LENGTH = 448                 # Whisper's text context
+MAX_INITIAL_TIMESTAMP_INDEX = 50  # the first timestamp within 1 s, as Whisper's transcribe()
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` -> ``cuda`` when CTranslate2 sees an NVIDIA GPU, else ``cpu``."""
+    import ctranslate2
+
+    if requested == "cpu":
+        return "cpu"
+    if ctranslate2.get_cuda_device_count() > 0:
+        return "cuda"
+    if requested == "cuda":
+        raise EngineUnavailable("WHISPER_DEVICE=cuda but CTranslate2 sees no CUDA GPU; set "
+                                "WHISPER_DEVICE=cpu or auto (on AMD GPUs use STT_ENGINE=whisper: "
+                                "PyTorch's ROCm build)")
+    return "cpu"
+
+
+class FasterWhisperEngine(Engine):
+    name = "faster-whisper"
+
+    def __init__(self, model: str = "", *, device: str = "auto", compute_type: str = "auto",
+                 download_root: str = "", cpu_threads: int = 0, batch_size: int = 8,
+                 batch_wait_s: float = 0.005, short_window: str = "partials",
+                 beam_size: int = 1, use_context: bool = True,
+                 guards: Guards | None = None) -> None:
+        self.model_name = model
+        self.requested_device = device
+        self.requested_compute_type = compute_type
+        self.download_root = download_root
+        self.cpu_threads = cpu_threads
+        self.batch_size = batch_size
+        self.batch_wait_s = batch_wait_s
+        self.short_window = short_window
+        self.beam_size = beam_size
+        self.use_context = use_context
+        self.guards = guards or Guards()
+        self.batches = batch_size > 1
+        self.device = "cpu"
+        self.compute_type = ""
+        self.threads = 0
+        self.source: ModelSource | None = None
+        self.model: Any = None  # faster_whisper.WhisperModel
+        self.load_s = 0.0
+        self.warmup_s = 0.0
+        self._tokenizers: dict[str | None, Any] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._batcher: MicroBatcher[Request, Transcription] | None = None
+        self._long_seq = 0
+        #: Model passes by window length in mel frames (3000 = a full 30 s window).
+        self.passes: collections.Counter[int] = collections.Counter()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FasterWhisperEngine:
+        return cls(settings.whisper_model_size, device=settings.whisper_device,
+                   compute_type=settings.whisper_compute_type,
+                   download_root=settings.whisper_download_root,
+                   cpu_threads=settings.whisper_cpu_threads,
+                   batch_size=settings.whisper_batch_size,
+                   batch_wait_s=settings.whisper_batch_wait_ms / 1000.0,
+                   short_window=settings.whisper_short_window,
+                   beam_size=settings.whisper_beam_size,
+                   use_context=settings.whisper_use_context,
+                   guards=Guards.from_settings(settings))
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            import ctranslate2  # noqa: F401
+            import faster_whisper  # noqa: F401
+        except ImportError:
+            raise EngineUnavailable("the faster-whisper engine needs faster-whisper: "
+                                    "pip install 'stt-streaming[faster-whisper]'") from None
+        self.device = resolve_device(self.requested_device)
+        self.compute_type = (self.requested_compute_type if self.requested_compute_type != "auto"
+                             else "float16" if self.device == "cuda" else "int8")
+        self.threads = (self.cpu_threads or available_cpus()) if self.device == "cpu" else 0
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="faster-whisper")
+        loop = asyncio.get_running_loop()
+        try:
+            t0 = time.perf_counter()
+            await loop.run_in_executor(self._executor, self._load)
+            self.load_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            await loop.run_in_executor(self._executor, self._warm_up)
+            self.warmup_s = time.perf_counter() - t0
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+        assert self.source is not None
+        log.info("faster-whisper model loaded", extra={
+            **self.source.describe(), "device": self.device, "compute_type": self.compute_type,
+            "cpu_threads": self.threads, "load_s": round(self.load_s, 2),
+            "warmup_s": round(self.warmup_s, 2)})
+        self._batcher = MicroBatcher(self._run_batch, self._executor, max_batch=self.batch_size,
+                                     max_wait_s=self.batch_wait_s)
+        self._batcher.start()
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.close()
+            self._batcher = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        self.model = None
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "model": self.model_name or "tiny.en",
+                               "device": self.device, "compute_type": self.compute_type,
+                               "batch_size": self.batch_size, "short_window": self.short_window,
+                               "cpu_threads": self.threads, "load_s": round(self.load_s, 2)}
+        if self.source is not None:
+            out.update(self.source.describe())
+        if self._batcher is not None:
+            s = self._batcher.stats
+            out.update(batches=s.batches, mean_batch=round(s.mean_batch, 2), queued=self._batcher.queued)
+        return out
+
+    def _load(self) -> None:
+        from faster_whisper import WhisperModel
+
+        self.source = resolve_ct2(self.model_name, self.download_root)
+        try:
+            self.model = WhisperModel(str(self.source.path), device=self.device,
+                                      compute_type=self.compute_type, cpu_threads=self.threads,
+                                      num_workers=1)
+        except Exception as exc:  # a damaged directory, an unsupported compute type
+            raise EngineUnavailable(f"cannot load Whisper model {self.source.name!r} from "
+                                    f"{self.source.path} ({self.compute_type} on {self.device}): "
+                                    f"{exc}") from exc
+
+    def _warm_up(self) -> None:
+        """One pass through every path (short and full windows, alignment)."""
+        second = np.zeros(SAMPLE_RATE, dtype=np.float32)
+        for final in (False, True):
+            options = TranscribeOptions(language="en", is_partial=not final, word_timestamps=True)
+            self._decode_group([Request(second, options, "en", None, final=final,
+                                        short=not final)])
+
+    # --- requests -------------------------------------------------------------------------
+
+    async def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> Transcription:
+        if self._batcher is None or self.model is None:
+            raise EngineError("faster-whisper engine not started")
+        audio = np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
+        if audio.size < HOP or is_digital_silence(audio):
+            return Transcription(text="", language=options.language, duration_s=audio.size / SAMPLE_RATE)
+        language = pick_language(options.language, multilingual=self.model.model.is_multilingual,
+                                 model_name=self.model_name or "tiny.en",
+                                 codes=self._codes(), names=LANGUAGE_CODES)
+        final = not options.is_partial
+        prompt = context_prompt(options, final, self.use_context)
+        key: Hashable
+        if audio.size > WINDOW_S * SAMPLE_RATE:
+            request = Request(audio, options, language, prompt, final=True, short=False,
+                              long_form=True)
+            self._long_seq += 1
+            key = ("long", self._long_seq)
+        else:
+            short = uses_short_window(self.short_window, language, final)
+            prefix = self._prompt_prefix(prompt)
+            request = Request(audio, options, language, prompt, final=final, short=short,
+                              prompt_tokens=tuple(prefix))
+            key = (short, final, options.word_timestamps, len(prefix), options.temperature)
+        try:
+            return await self._batcher.submit(request, key, priority=0 if final else 1)
+        except EngineError:
+            raise
+        except Exception as exc:  # CUDA out of memory, a bad input: this request fails only
+            raise EngineError(f"faster-whisper inference failed: {type(exc).__name__}: "
+                              f"{exc}") from exc
+
+    def _codes(self) -> tuple[str, ...]:
+        from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+        return tuple(_LANGUAGE_CODES)
+
+    def _tokenizer(self, language: str | None) -> Any:
+        tokenizer = self._tokenizers.get(language)
+        if tokenizer is None:
+            from faster_whisper.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer(self.model.hf_tokenizer, self.model.model.is_multilingual,
+                                  task="transcribe", language=language or "en")
+            self._tokenizers[language] = tokenizer
+        return tokenizer
+
+    def _prompt_prefix(self, prompt: str | None) -> list[int]:
+        """``<|startofprev|>`` and the prompt's last tokens, as Whisper's own decoder does."""
+        if not prompt:
+            return []
+        tokenizer = self._tokenizer(None)
+        tokens = tokenizer.encode(" " + prompt.strip())[-(MAX_LENGTH // 2 - 1):]
+        return [tokenizer.sot_prev, *tokens]
+
+    # --- the inference thread -------------------------------------------------------------
+
+    def _run_batch(self, requests: list[Request]) -> list[Transcription | BaseException]:
+        if requests[0].long_form:
+            return [self._transcribe_long(r) for r in requests]
+        return self._decode_group(requests)
+
+    def _features(self, requests: list[Request], n_frames: int) -> Any:
+        import ctranslate2
+
+        extractor = self.model.feature_extractor
+        batch = np.empty((len(requests), self.model.model.n_mels, n_frames), dtype=np.float32)
+        for i, request in enumerate(requests):
+            padded = np.zeros(n_frames * HOP, dtype=np.float32)
+            n = min(request.audio.size, padded.size)
+            padded[:n] = request.audio[:n]
+            batch[i] = extractor(padded, padding=0)[:, :n_frames]
+        return ctranslate2.StorageView.from_array(batch)
+
+    def _encode(self, requests: list[Request], n_frames: int) -> Any:
+        self.passes[n_frames] += 1
+        return self.model.model.encode(self._features(requests, n_frames), to_cpu=False)
+
+    def _detect(self, encoded: Any, requests: list[Request]) -> list[str]:
+        languages = [r.language for r in requests]
+        if any(lang is None for lang in languages):
+            detected = self.model.model.detect_language(encoded)
+            languages = [lang or d[0][0][2:-2] for lang, d in zip(languages, detected, strict=True)]
+        return [lang or "en" for lang in languages]
+
+    def _generate(self, encoded: Any, requests: list[Request], languages: list[str],
+                  temperature: float) -> list[tuple[list[int], float, float]]:
+        """(tokens, avg log-prob, no-speech prob) per request."""
+        prompts = []
+        for request, language in zip(requests, languages, strict=True):
+            tokenizer = self._tokenizer(language)
+            prompt = [*request.prompt_tokens, *tokenizer.sot_sequence]
+            if not request.final:
+                prompt.append(tokenizer.no_timestamps)
+            prompts.append(prompt)
+        budget = max(token_budget(r.duration_s, MAX_LENGTH) for r in requests)
+        sampling: dict[str, Any] = (
+            {"beam_size": 1, "sampling_topk": 0, "sampling_temperature": temperature}
+            if temperature > 0 else
+            {"beam_size": self.beam_size if requests[0].final else 1})
+        results = self.model.model.generate(
+            encoded, prompts, max_length=min(MAX_LENGTH, max(map(len, prompts)) + budget),
+            return_scores=True, return_no_speech_prob=True, suppress_blank=True,
+            suppress_tokens=[-1], max_initial_timestamp_index=MAX_INITIAL_TIMESTAMP_INDEX,
+            **sampling)
+        out = []
+        for result in results:
+            tokens = list(result.sequences_ids[0])
+            avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+            out.append((tokens, float(avg_logprob), float(result.no_speech_prob)))
+        return out
+
+    def _decode_group(self, requests: list[Request]) -> list[Transcription | BaseException]:
+        n_frames = window_frames(requests)
+        encoded = self._encode(requests, n_frames)
+        languages = self._detect(encoded, requests)
+        decoded = self._generate(encoded, requests, languages, requests[0].options.temperature)
+        if requests[0].final:
+            self._fall_back(requests, languages, decoded, n_frames)
+        out: list[Transcription | BaseException] = []
+        texts: list[list[int]] = []
+        for request, language, (tokens, avg_logprob, no_speech) in zip(
+                requests, languages, decoded, strict=True):
+            try:
+                transcription, text_tokens = self._finish(request, language, tokens,
+                                                          avg_logprob, no_speech)
+            except Exception as exc:
+                out.append(EngineError(f"faster-whisper post-processing failed: {exc}"))
+                texts.append([])
+                continue
+            out.append(transcription)
+            texts.append(text_tokens)
+        if requests[0].options.word_timestamps:
+            self._add_words(requests, languages, out, texts, encoded, n_frames)
+        return out
+
+    def _fall_back(self, requests: list[Request], languages: list[str],
+                   decoded: list[tuple[list[int], float, float]], n_frames: int) -> None:
+        """Decode again, hotter, the finals that look like loops or guesses."""
+        for temperature in FALLBACK_TEMPERATURES:
+            if temperature <= requests[0].options.temperature:
+                continue
+            retry = [i for i, (tokens, logprob, no_speech) in enumerate(decoded)
+                     if self.guards.needs_fallback(self._text(languages[i], tokens), logprob,
+                                                   no_speech)]
+            if not retry:
+                return
+            subset = [requests[i] for i in retry]
+            encoded = self._encode(subset, n_frames)
+            hotter = self._generate(encoded, subset, [languages[i] for i in retry], temperature)
+            for i, result in zip(retry, hotter, strict=True):
+                decoded[i] = result
+
+    def _text(self, language: str, tokens: list[int]) -> str:
+        tokenizer = self._tokenizer(language)
+        return str(tokenizer.decode([t for t in tokens if t < tokenizer.eot])).strip()
+
+    def _finish(self, request: Request, language: str, tokens: list[int], avg_logprob: float,
+                no_speech: float) -> tuple[Transcription, list[int]]:
+        tokenizer = self._tokenizer(language)
+        duration = request.duration_s
+        spans = (split_segments(tokens, tokenizer.timestamp_begin, duration)
+                 if request.final else [(0.0, duration, tokens)])
+        segments: list[Segment] = []
+        text_tokens: list[int] = []
+        for start, end, span in spans:
+            kept = trim_repetitions([t for t in span if t < tokenizer.eot])
+            text = tokenizer.decode(kept).strip()
+            if not text:
+                continue
+            text_tokens += kept
+            segments.append(Segment(text, round(start, 3), round(end, 3), no_speech,
+                                    avg_logprob, compression_ratio(text)))
+        text = tokenizer.decode(text_tokens).strip()
+        if self.guards.is_silence(no_speech, avg_logprob, text) or self.guards.is_loop(text):
+            text, segments, text_tokens = "", [], []
+        return (Transcription(text=text, language=language, segments=segments,
+                              no_speech_prob=no_speech, duration_s=duration), text_tokens)
+
+    def _add_words(self, requests: list[Request], languages: list[str],
+                   out: list[Transcription | BaseException], texts: list[list[int]],
+                   encoded: Any, n_frames: int) -> None:
+        """Word timings for every request with text, in one alignment pass."""
+        wanted = [i for i, tokens in enumerate(texts) if tokens]
+        for language in sorted({languages[i] for i in wanted}):
+            group = [i for i in wanted if languages[i] == language]
+            # align takes one encoder output per text: re-encode when some had no text
+            sub = encoded if len(group) == len(requests) else self._encode(
+                [requests[i] for i in group], n_frames)
+            tokenizer = self._tokenizer(language)
+            alignments = self.model.find_alignment(
+                tokenizer, [texts[i] for i in group], sub,
+                [requests[i].audio.size // HOP for i in group])
+            for i, alignment in zip(group, alignments, strict=True):
+                duration = requests[i].duration_s
+                result = out[i]
+                if not isinstance(result, Transcription):
+                    continue
+                words = [Word(w["word"].strip(), round(min(float(w["start"]), duration), 3),
+                              round(min(float(w["end"]), duration), 3),
+                              round(float(w["probability"]), 4))
+                         for w in alignment if w["word"].strip()]
+                out[i] = dataclasses.replace(result, words=words)
+
+    def _transcribe_long(self, request: Request) -> Transcription:
+        """Audio longer than one window: faster-whisper's own sequential long-form decoding."""
+        guards = self.guards
+        t0 = request.options.temperature
+        segments_iter, info = self.model.transcribe(
+            request.audio, language=request.language, beam_size=self.beam_size, best_of=1,
+            temperature=[t0, *(t for t in FALLBACK_TEMPERATURES if t > t0)],
+            compression_ratio_threshold=guards.compression_ratio_threshold or None,
+            log_prob_threshold=guards.logprob_threshold,
+            no_speech_threshold=guards.no_speech_threshold,
+            condition_on_previous_text=self.use_context, initial_prompt=request.prompt,
+            word_timestamps=request.options.word_timestamps, vad_filter=False)
+        segments: list[Segment] = []
+        words: list[Word] = []
+        for seg in segments_iter:
+            tokens = [t for t in seg.tokens if t < self._tokenizer(info.language).eot]
+            kept = trim_repetitions(tokens)
+            text = self._tokenizer(info.language).decode(kept).strip()
+            if not text or guards.is_loop(text):
+                continue
+            segments.append(Segment(text, float(seg.start), float(seg.end),
+                                    float(seg.no_speech_prob), float(seg.avg_logprob),
+                                    compression_ratio(text)))
+            if len(kept) == len(tokens):  # word timings of a cut segment would not match
+                words += [Word(w.word.strip(), float(w.start), float(w.end), float(w.probability))
+                          for w in seg.words or [] if w.word.strip()]
+        return Transcription(text=" ".join(s.text for s in segments), language=info.language,
+                             segments=segments, words=words,
+                             no_speech_prob=segments[0].no_speech_prob if segments else None,
+                             duration_s=request.duration_s)
