@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,7 +88,8 @@ async def send(nc: Client, subjects: Subjects, session_id: str, message: dict[st
 
 async def stream_audio(nc: Client, samples: np.ndarray, sample_rate: int, *,
                        subjects: Subjects | None = None, session_id: str | None = None,
-                       chunk_ms: int = 40, speed: float = 1.0, raw_bytes: bool = False,
+                       chunk_ms: int | Sequence[int] = 40, speed: float = 1.0,
+                       raw_bytes: bool = False,
                        state: str = "listening", language: str | None = None,
                        speaker_id: str | None = None, send_end: bool = True,
                        end_timeout_s: float = 60.0,
@@ -96,7 +98,8 @@ async def stream_audio(nc: Client, samples: np.ndarray, sample_rate: int, *,
     """Publish ``samples`` (float32, (frames,) or (frames, channels)) as one live session.
 
     Chunks leave on an absolute schedule (``speed`` times real time; 0 = as fast as possible)
-    so pacing does not drift. Returns every message received for the session.
+    so pacing does not drift. ``chunk_ms`` may be a sequence of sizes, used in turn (a network
+    does not deliver even chunks). Returns every message received for the session.
     """
     subjects = subjects or Subjects()
     session_id = session_id or uuid.uuid4().hex[:12]
@@ -110,15 +113,20 @@ async def stream_audio(nc: Client, samples: np.ndarray, sample_rate: int, *,
             start["language"] = language
         start.update(start_extra or {})
         await send(nc, subjects, session_id, start)
-        step = max(1, sample_rate * chunk_ms // 1000)
+        sizes = [chunk_ms] if isinstance(chunk_ms, int) else list(chunk_ms)
         t0 = time.monotonic()
         listener.result.started_at = t0
-        for i, offset in enumerate(range(0, len(samples), step)):
+        offset = 0
+        for i in itertools.count():
+            if offset >= len(samples):
+                break
+            step = max(1, sample_rate * sizes[i % len(sizes)] // 1000)
             if speed > 0:
-                delay = t0 + (i * chunk_ms / 1000.0) / speed - time.monotonic()
+                delay = t0 + (offset / sample_rate) / speed - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
             pcm = to_pcm16(samples[offset: offset + step])
+            offset += step
             chunk: dict[str, Any] = {"type": "chunk", "timestamp": time.time(), "seq": i}
             if raw_bytes:
                 chunk["audio"] = pcm

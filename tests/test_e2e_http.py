@@ -31,7 +31,8 @@ async def test_worker_http_engine_to_stt_serve_whisper(tmp_path: Path, nats_serv
     pytest.importorskip("whisper")
     checkpoint = write_checkpoint(tmp_path / "random.pt")
     # Random weights: keep their (arbitrary) text rather than have the guards drop it.
-    with ServeProcess("--whisper-model-size", str(checkpoint), "--whisper-device", "cpu",
+    with ServeProcess("--engine", "whisper", "--whisper-model-size", str(checkpoint),
+                      "--whisper-device", "cpu",
                       "--whisper-cpu-threads", "1", "--whisper-compression-ratio-threshold", "0",
                       "--whisper-logprob-threshold", "-1000") as serve:
         engine = http_engine(nats_server, serve.url)

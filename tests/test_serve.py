@@ -101,8 +101,9 @@ def clip() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def sphinx_server() -> Iterator[ServeProcess]:
-    with ServeProcess("--engine", "sphinx", "--engine-workers", "1",
+def server() -> Iterator[ServeProcess]:
+    """The default engine: faster-whisper with the embedded tiny.en (real Whisper, offline)."""
+    with ServeProcess("--whisper-cpu-threads", "1",
                       "--serve-max-bytes", "400000", "--serve-api-key", API_KEY) as server:
         yield server
 
@@ -110,9 +111,9 @@ def sphinx_server() -> Iterator[ServeProcess]:
 # --- the official OpenAI client ---------------------------------------------------------------
 
 
-def test_openai_client_every_response_format(sphinx_server: ServeProcess, clip: bytes) -> None:
+def test_openai_client_every_response_format(server: ServeProcess, clip: bytes) -> None:
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=sphinx_server.url + "/v1", api_key=API_KEY, max_retries=0)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
 
     def create(fmt: str, **kwargs: object) -> object:
         return client.audio.transcriptions.create(model="whisper-1", file=("clip.wav", clip),
@@ -139,16 +140,16 @@ def test_openai_client_every_response_format(sphinx_server: ServeProcess, clip: 
     assert " ".join(w.word for w in words) == verbose.text  # type: ignore[attr-defined]
 
     models = client.models.list()
-    assert [m.id for m in models.data] == ["sphinx-en-us"]
+    assert [m.id for m in models.data] == ["tiny.en"]
 
 
-def test_openai_client_sees_openai_style_errors(sphinx_server: ServeProcess, clip: bytes) -> None:
+def test_openai_client_sees_openai_style_errors(server: ServeProcess, clip: bytes) -> None:
     openai = pytest.importorskip("openai")
-    wrong = openai.OpenAI(base_url=sphinx_server.url + "/v1", api_key="nope", max_retries=0)
+    wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as auth:
         wrong.audio.transcriptions.create(model="whisper-1", file=("a.wav", clip))
     assert auth.value.code == "invalid_api_key"
-    client = openai.OpenAI(base_url=sphinx_server.url + "/v1", api_key=API_KEY, max_retries=0)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
     with pytest.raises(openai.BadRequestError) as bad:
         client.audio.transcriptions.create(model="whisper-1", file=("a.wav", b"not audio"))
     assert bad.value.code == "invalid_audio" and bad.value.param == "file"
@@ -157,8 +158,8 @@ def test_openai_client_sees_openai_style_errors(sphinx_server: ServeProcess, cli
 # --- the HTTP surface --------------------------------------------------------------------------
 
 
-def test_errors_limits_and_health(sphinx_server: ServeProcess, clip: bytes) -> None:
-    url = sphinx_server.url
+def test_errors_limits_and_health(server: ServeProcess, clip: bytes) -> None:
+    url = server.url
     auth = {"Authorization": f"Bearer {API_KEY}"}
     post = url + "/v1/audio/transcriptions"
 
@@ -191,7 +192,7 @@ def test_errors_limits_and_health(sphinx_server: ServeProcess, clip: bytes) -> N
         "request_too_large"
     error(httpx.get(url + "/v1/nothing-here", headers=auth), 404)
     error(httpx.get(url + "/v1/models/whisper-9", headers=auth), 404)
-    assert httpx.get(url + "/v1/models/sphinx-en-us", headers=auth).json()["id"] == "sphinx-en-us"
+    assert httpx.get(url + "/v1/models/tiny.en", headers=auth).json()["id"] == "tiny.en"
     assert httpx.get(url + "/v1/models").status_code == 401
 
     # A damaged file is refused; another sample rate is resampled.
@@ -217,13 +218,14 @@ def test_missing_model_offline_fails_at_start_saying_what_to_set(tmp_path: Path)
     env.update(https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9",
                no_proxy="", NO_PROXY="")
     named = subprocess.run(
-        [sys.executable, "-m", "stt", "serve", "--whisper-model-size", "tiny",
+        [sys.executable, "-m", "stt", "serve", "--engine", "whisper", "--whisper-model-size", "tiny",
          "--whisper-download-root", str(tmp_path), "--whisper-device", "cpu"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert named.returncode == 2, named.stderr
     assert "WHISPER_DOWNLOAD_ROOT" in named.stderr and "tiny.pt" in named.stderr
     missing = subprocess.run(
-        [sys.executable, "-m", "stt", "serve", "--whisper-model-size", str(tmp_path / "x.pt")],
+        [sys.executable, "-m", "stt", "serve", "--engine", "whisper", "--whisper-model-size",
+         str(tmp_path / "x.pt")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "WHISPER_MODEL_SIZE" in missing.stderr
     bad = subprocess.run([sys.executable, "-m", "stt", "serve", "--serve-port", "0"],
@@ -234,7 +236,8 @@ def test_missing_model_offline_fails_at_start_saying_what_to_set(tmp_path: Path)
 def test_serves_the_local_whisper_engine(tmp_path: Path, clip: bytes) -> None:
     pytest.importorskip("whisper")
     checkpoint = write_checkpoint(tmp_path / "random.pt")
-    with ServeProcess("--whisper-model-size", str(checkpoint), "--whisper-device", "cpu",
+    with ServeProcess("--engine", "whisper", "--whisper-model-size", str(checkpoint),
+                      "--whisper-device", "cpu",
                       "--whisper-cpu-threads", "1") as server:
         health = httpx.get(server.url + "/health").json()
         assert health["model"] == "random" and health["engine"]["name"] == "whisper"
@@ -250,3 +253,20 @@ def test_serves_the_local_whisper_engine(tmp_path: Path, clip: bytes) -> None:
         srt = httpx.post(server.url + "/v1/audio/transcriptions", timeout=60,
                          files={"file": ("a.wav", clip)}, data={"response_format": "srt"})
         assert srt.status_code == 200 and srt.headers["content-type"].startswith("text/plain")
+
+
+def test_silence_is_an_empty_text_and_a_bad_language_is_a_client_error(server: ServeProcess,
+                                                                       clip: bytes) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    silence = wav_bytes(np.zeros(3 * SAMPLE_RATE, dtype=np.float32))
+    response = httpx.post(server.url + "/v1/audio/transcriptions", headers=headers, timeout=60,
+                          files={"file": ("silence.wav", silence)})
+    assert response.status_code == 200 and response.json() == {"text": ""}, response.text
+    # tiny.en is English-only: asking for German is the client's mistake (400), not a 500
+    # that the official client would retry three times.
+    response = httpx.post(server.url + "/v1/audio/transcriptions", headers=headers, timeout=60,
+                          files={"file": ("a.wav", clip)}, data={"language": "de"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "language"
+    assert "English-only" in error["message"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import numpy as np
 
 from ..audio import SAMPLE_RATE
 from ..textnorm import normalize
-from .base import EngineError, TranscribeOptions
+from .base import EngineError, TranscribeOptions, Word
 
 WINDOW_S = 30                 # Whisper's input window (whisper.audio.CHUNK_LENGTH)
 HOP = 160                     # samples per mel frame (10 ms)
@@ -226,3 +226,25 @@ def pick_language(requested: str | None, *, multilingual: bool, model_name: str,
     if code not in codes:
         raise UnsupportedLanguage(f"unknown language {requested!r}")
     return code
+
+
+def join_words(timings: Iterable[tuple[str, float, float, float]], duration_s: float) -> list[Word]:
+    """Alignment timings (word as decoded, start, end, probability) -> words as the text splits.
+
+    The aligners split "Mr." into " Mr" and "." and "flower-fat" into three: a piece that does
+    not begin with a space belongs to the word before it, so the words are exactly the
+    transcript's whitespace-separated words. Times are clamped to the audio.
+    """
+    out: list[Word] = []
+    for raw, start, end, probability in timings:
+        text = raw.strip()
+        if not text:
+            continue
+        start_s, end_s = round(min(start, duration_s), 3), round(min(end, duration_s), 3)
+        if out and not raw[:1].isspace():
+            last = out[-1]
+            out[-1] = Word(last.word + text, last.start, max(last.end, end_s),
+                           round(min(last.probability or 1.0, probability), 4))
+        else:
+            out.append(Word(text, start_s, end_s, round(probability, 4)))
+    return out

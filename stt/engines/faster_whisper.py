@@ -59,6 +59,7 @@ from .decoding import (
     compression_ratio,
     context_prompt,
     is_digital_silence,
+    join_words,
     pick_language,
     split_segments,
     token_budget,
@@ -411,10 +412,8 @@ class FasterWhisperEngine(Engine):
                 result = out[i]
                 if not isinstance(result, Transcription):
                     continue
-                words = [Word(w["word"].strip(), round(min(float(w["start"]), duration), 3),
-                              round(min(float(w["end"]), duration), 3),
-                              round(float(w["probability"]), 4))
-                         for w in alignment if w["word"].strip()]
+                words = join_words(((w["word"], float(w["start"]), float(w["end"]),
+                                     float(w["probability"])) for w in alignment), duration)
                 out[i] = dataclasses.replace(result, words=words)
 
     def _transcribe_long(self, request: Request) -> Transcription:

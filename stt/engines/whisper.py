@@ -67,6 +67,7 @@ from .decoding import (
     compression_ratio,
     context_prompt,
     is_digital_silence,
+    join_words,
     pick_language,
     short_window_frames,
     split_segments,
@@ -427,9 +428,8 @@ class WhisperEngine(Engine):
         timings = find_alignment(self.model, tokenizer, tokens, mel.half() if self.fp16 else mel,
                                  n_frames)
         self._pin_threads()
-        return [Word(t.word.strip(), round(min(float(t.start), duration_s), 3),
-                     round(min(float(t.end), duration_s), 3), round(float(t.probability), 4))
-                for t in timings if t.word.strip()]
+        return join_words(((t.word, float(t.start), float(t.end), float(t.probability))
+                           for t in timings), duration_s)
 
     def _transcribe_long(self, request: Request) -> Transcription:
         """Audio longer than one window: Whisper's own sequential long-form transcription."""

