@@ -49,14 +49,14 @@ if TYPE_CHECKING:
 
 # Index = ctranslate2's DataType id; bfloat16 (5) is read as its upper float32 half.
 _DTYPES = (np.float32, np.int8, np.int16, np.int32, np.float16, np.uint16)
-_VERSIONS = range(4, 7)  # layouts with a dtype id per variable (4) up to ctranslate2 4.x (6)
+_VERSIONS = range(4, 7)  # one layout since 4 (the dtype id); 5 and 6 changed semantics only
 
 
 class ConvertError(Exception):
     """A model directory or file that cannot be converted (message is for the user)."""
 
 
-def _read_raw(data: bytes) -> tuple[str, dict[str, np.ndarray]]:
+def _read_raw(data: bytes) -> tuple[str, dict[str, np.ndarray], dict[str, str]]:
     pos = 0
 
     def take(fmt: str) -> tuple[Any, ...]:
@@ -71,6 +71,8 @@ def _read_raw(data: bytes) -> tuple[str, dict[str, np.ndarray]]:
     def string() -> str:
         nonlocal pos
         n = number("H")
+        if pos + n > len(data):
+            raise ValueError("a name runs past the end of the file")
         text = data[pos:pos + n - 1].decode("utf-8")
         pos += n
         return text
@@ -92,14 +94,18 @@ def _read_raw(data: bytes) -> tuple[str, dict[str, np.ndarray]]:
                 array = (array.astype(np.uint32) << 16).view(np.float32)
             variables[name] = array.reshape(shape)
             pos += nbytes
+        aliases = {}
         for _ in range(number()):
             alias, target = string(), string()
-            variables[alias] = variables[target]
-    except (struct.error, UnicodeDecodeError, IndexError, KeyError, ValueError) as exc:
+            aliases[alias] = target
+    except (struct.error, UnicodeDecodeError, IndexError, ValueError) as exc:
         raise ConvertError(f"not a CTranslate2 model.bin ({type(exc).__name__}: {exc})") from exc
     if pos != len(data):
         raise ConvertError(f"not a CTranslate2 model.bin ({len(data) - pos} trailing bytes)")
-    return spec, variables
+    missing = set(aliases.values()) - set(variables)
+    if missing:
+        raise ConvertError(f"not a CTranslate2 model.bin (aliases of missing {sorted(missing)})")
+    return spec, variables, aliases
 
 
 def _dequantize(variables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -131,8 +137,11 @@ def _model_bytes(ct2_dir: Path) -> bytes:
 def read_spec(path: str | Path) -> tuple[str, dict[str, np.ndarray]]:
     """The spec name (``"WhisperSpec"``) and variables of a ``model.bin`` or model directory."""
     path = Path(path)
-    spec, variables = _read_raw(_model_bytes(path) if path.is_dir() else path.read_bytes())
-    return spec, _dequantize(variables)
+    spec, variables, aliases = _read_raw(
+        _model_bytes(path) if path.is_dir() else path.read_bytes())
+    out = _dequantize(variables)  # before resolving aliases: an alias has no scale of its own
+    out.update((alias, out[target]) for alias, target in aliases.items())
+    return spec, out
 
 
 def read_model_bin(path: str | Path) -> dict[str, np.ndarray]:
@@ -162,9 +171,9 @@ def _state_dict(v: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[s
         sd[dst + ".weight"], sd[dst + ".bias"] = v[src + "/gamma"], v[src + "/beta"]
 
     qkv = (".query", ".key", ".value")
-    for side, ours in (("encoder", "encoder"), ("decoder", "decoder")):
+    for side in ("encoder", "decoder"):
         for i in range(layer_count(side)):
-            src, dst = f"{side}/layer_{i}", f"{ours}.blocks.{i}"
+            src, dst = f"{side}/layer_{i}", f"{side}.blocks.{i}"
             norm(src + "/self_attention/layer_norm", dst + ".attn_ln")
             linear(src + "/self_attention/linear_0", dst + ".attn", qkv)
             linear(src + "/self_attention/linear_1", dst + ".attn.out")
@@ -181,6 +190,9 @@ def _state_dict(v: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[s
     sd["encoder.positional_embedding"] = v["encoder/position_encodings/encodings"]
     norm("encoder/layer_norm", "encoder.ln_post")
     sd["decoder.token_embedding.weight"] = v["decoder/embeddings/weight"]
+    projection = v.get("decoder/projection/weight", v["decoder/embeddings/weight"])
+    if not np.array_equal(projection, v["decoder/embeddings/weight"]):
+        raise ConvertError("decoder/projection differs from the embedding, not a Whisper model")
     sd["decoder.positional_embedding"] = v["decoder/position_encodings/encodings"]
     norm("decoder/layer_norm", "decoder.ln")
 
@@ -212,13 +224,17 @@ def convert(ct2_dir: str | Path, out_path: str | Path) -> Path:
     except KeyError as exc:
         raise ConvertError(f"{ct2_dir}: model.bin lacks Whisper variable {exc}") from exc
     config_file = ct2_dir / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     mask = np.zeros((dims["n_text_layer"], dims["n_text_head"]), dtype=bool)
-    for layer, head in config.get("alignment_heads") or []:
-        mask[layer, head] = True
+    try:
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        for layer, head in config.get("alignment_heads") or []:
+            mask[layer, head] = True
+    except (ValueError, TypeError, IndexError, AttributeError) as exc:
+        raise ConvertError(f"{config_file}: unreadable alignment_heads ({exc})") from exc
     if not mask.any():
         mask[dims["n_text_layer"] // 2:] = True  # openai-whisper's own default
-    checkpoint = {"dims": dims, "alignment_heads": base64.b85encode(gzip.compress(mask.tobytes(), mtime=0)),
+    heads = base64.b85encode(gzip.compress(mask.tobytes(), mtime=0))  # set_alignment_heads' form
+    checkpoint = {"dims": dims, "alignment_heads": heads,
                   "model_state_dict": {k: torch.from_numpy(np.array(a, np.float32))
                                        for k, a in state.items()}}
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ def corpus_clips(corpus: Path) -> list[tuple[Path, str]]:
 
 
 def make_settings(nats_url: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"nats_url": nats_url, "engine": "sphinx", "engine_workers": 1,
+    values: dict[str, Any] = {"nats_url": nats_url, "engine": "faster-whisper", "engine_workers": 1,
                               "drain_timeout_s": 10.0}
     values.update(overrides)
     return Settings.from_env(environ={}, overrides=values)

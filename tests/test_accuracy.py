@@ -53,7 +53,7 @@ async def test_streaming_wer_matches_whole_clip_decoding(corpus: Path, worker_fa
     audio = [load_16k_mono(str(path)) for path, _ in clips]
     offline = await decode_whole(audio)
 
-    await worker_factory(engine="faster-whisper", partial_interval_s=0)
+    await worker_factory(partial_interval_s=0)
     gate = asyncio.Semaphore(4)
 
     async def run(index: int) -> str:
@@ -82,9 +82,9 @@ async def test_real_time_two_sessions_uneven_chunks_with_partials(corpus: Path,
     clips = [(p, ref) for p, ref in corpus_clips(corpus)]
     audio = {p: load_16k_mono(str(p)) for p, _ in clips}
     long = [(p, ref) for p, ref in clips if audio[p].size >= 3 * SAMPLE_RATE]
-    chosen = long[:4] + long[-4:]  # both speakers (LibriSpeech and LJ Speech)
+    chosen = long[::5]  # 12 of the 60, spread over both speakers (LibriSpeech, LJ Speech)
     offline = await decode_whole([audio[p] for p, _ in chosen])
-    await worker_factory(engine="faster-whisper")
+    await worker_factory()
 
     async def run(session: int, part: list[tuple[Path, str]]) -> list[tuple[str, bool]]:
         out = []
@@ -131,7 +131,7 @@ async def test_silence_hiss_noise_clicks_and_breathing_produce_no_words(worker_f
               door_slam(db(-3), rng), gap,
               breathing(4.8, rng), np.zeros(SAMPLE_RATE, dtype=np.float32)]
     session = np.concatenate(pieces)
-    await worker_factory(engine="faster-whisper")
+    await worker_factory()
     result = await stream_audio(nc, session, SAMPLE_RATE, session_id="noise", speed=0,
                                 end_timeout_s=60)
     words = [m["transcript"] for m in result.of_type("transcript") if m["transcript"]]

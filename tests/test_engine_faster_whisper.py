@@ -67,7 +67,7 @@ def test_a_changed_upload_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyP
     model = dataclasses.replace(EMBEDDED["tiny.en"])
     monkeypatch.setattr(type(model), "package_dirs", lambda self: [fake])
     monkeypatch.setitem(stt.models.EMBEDDED, "tiny.en", model)
-    with pytest.raises(EngineUnavailable, match="SHA-256 .* expected 1a5afae0.*Reinstall"):
+    with pytest.raises(EngineUnavailable, match=r"SHA-256 .* expected 1a5afae0.*Reinstall"):
         resolve_ct2("")
 
 
@@ -80,7 +80,7 @@ def test_named_model_without_network_says_what_to_set(tmp_path: Path,
     with pytest.raises(EngineUnavailable, match="no such directory"):
         resolve_ct2(str(tmp_path / "missing" / "model"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(EngineUnavailable, match="without model.bin"):
+    with pytest.raises(EngineUnavailable, match=r"without model\.bin"):
         resolve_ct2(str(tmp_path / "empty"))
 
 

@@ -35,18 +35,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hashlib
 import logging
 import os
 import time
 import types
 from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..audio import SAMPLE_RATE
 from ..config import Settings
+from ..models import EMBEDDED, ModelSource, cache_dir, resolve_ct2
 from .base import (
     Engine,
     EngineError,
@@ -128,10 +131,27 @@ def _flexible_encoder_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return self.ln_post(x)
 
 
+def converted_checkpoint(source: ModelSource) -> Path:
+    """The openai-whisper checkpoint of a CTranslate2 model, converted once into the cache
+    (keyed by the checksum of embedded models, by path, size and time of a directory's)."""
+    from ..convert import convert
+
+    model_bin = source.path / "model.bin"
+    stat = model_bin.stat()
+    key = hashlib.sha256(f"{model_bin.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    out = cache_dir() / f"{source.name}-{key.hexdigest()[:12]}.pt"
+    if not out.is_file():
+        log.info("converting the CTranslate2 model for openai-whisper",
+                 extra={"model_path": str(source.path), "checkpoint": str(out)})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert(source.path, out)
+    return out
+
+
 class WhisperEngine(Engine):
     name = "whisper"
 
-    def __init__(self, model: str = "base.en", *, device: str = "auto", download_root: str = "",
+    def __init__(self, model: str = "", *, device: str = "auto", download_root: str = "",
                  cpu_threads: int = 0, batch_size: int = 8, batch_wait_s: float = 0.005,
                  short_window: str = "partials", beam_size: int = 1, use_context: bool = True,
                  no_speech_threshold: float = 0.6, logprob_threshold: float = -1.0,
@@ -151,6 +171,7 @@ class WhisperEngine(Engine):
         self.fp16 = False
         self.threads = 0  # PyTorch CPU threads (0 on GPU)
         self.model: Any = None
+        self.source: ModelSource | None = None  # where a CTranslate2 model came from
         self.load_s = 0.0
         self.warmup_s = 0.0
         self._executor: ThreadPoolExecutor | None = None
@@ -226,6 +247,8 @@ class WhisperEngine(Engine):
                                "fp16": self.fp16, "batch_size": self.batch_size,
                                "short_window": self.short_window, "cpu_threads": self.threads,
                                "load_s": round(self.load_s, 2)}
+        if self.source is not None:
+            out.update(self.source.describe())
         if self._batcher is not None:
             s = self._batcher.stats
             out.update(batches=s.batches, mean_batch=round(s.mean_batch, 2), queued=self._batcher.queued)
@@ -234,9 +257,22 @@ class WhisperEngine(Engine):
     def _load(self) -> None:
         import whisper
 
+        from ..convert import load_model
+
+        name = self.model_name.strip()
         try:
-            model = whisper.load_model(self.model_name, device=self.device,
-                                       download_root=self.download_root or None)
+            if not name or os.path.isdir(name) or (name in EMBEDDED and EMBEDDED[name].installed()):
+                # A CTranslate2 model (the embedded default, or a directory): converted once
+                # into the model cache, loaded with its alignment heads.
+                self.source = resolve_ct2(name)
+                model = load_model(converted_checkpoint(self.source), device=self.device)
+            elif os.path.isfile(name):
+                model = load_model(name, device=self.device)
+            else:
+                model = whisper.load_model(name, device=self.device,
+                                           download_root=self.download_root or None)
+        except EngineUnavailable:
+            raise
         except Exception as exc:  # offline download, unknown name, bad file
             raise EngineUnavailable(self._load_error(exc)) from exc
         model.eval()
