@@ -1,4 +1,5 @@
-"""The ``stt`` command: worker, stream, tail, demo, doctor (and serve, with the serve extra)."""
+"""The ``stt`` command: worker, stream, tail, demo, doctor, convert (and serve, with the serve
+extra)."""
 
 from __future__ import annotations
 
@@ -302,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="say which engines, devices and binaries are available")
     p.set_defaults(func=cmd_doctor)
 
+    from .convert import add_parser as add_convert
+
+    add_convert(sub)
     if importlib.util.find_spec("stt.serve") is not None:
         from .serve import add_parser as add_serve
 
