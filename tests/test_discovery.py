@@ -52,14 +52,14 @@ async def test_ping_info_stats_and_status(worker_factory: Any, nc: Any) -> None:
         reply = await nc.request(f"$SRV.INFO.{SERVICE_NAME}.{d.service.id}", b"", timeout=2)
         info = json.loads(reply.data)
         assert info["type"] == "io.nats.micro.v1.info_response"
-        assert info["metadata"]["engine"] == "sphinx"
+        assert info["metadata"]["engine"] == "faster-whisper"
         assert info["metadata"]["input_subject"] == "ai.voice.stream.*"
         (endpoint,) = info["endpoints"]
         assert endpoint["name"] == "status" and endpoint["subject"] == d.status_subject
 
         status = json.loads((await nc.request(endpoint["subject"], b"", timeout=2)).data)
         assert status["ready"] is True and status["sessions"] == 0
-        assert status["engine"]["name"] == "sphinx"
+        assert status["engine"]["name"] == "faster-whisper"
 
         # a live session shows in status and in $SRV.STATS (the session goes to both workers:
         # no queue group)

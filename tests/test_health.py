@@ -156,7 +156,7 @@ async def test_metrics_parse_and_move_with_a_real_session(worker_factory: Any, n
     assert after["stt_final_latency_seconds_count"][()] == finals
     assert after["stt_final_latency_seconds_bucket"][(("le", "+Inf"),)] == finals
     (info_labels, info_value), = after["stt_info"].items()
-    assert dict(info_labels)["engine"] == "sphinx" and info_value == 1
+    assert dict(info_labels)["engine"] == "faster-whisper" and info_value == 1
 
 
 def scrape(parser: Any, text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
