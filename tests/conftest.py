@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +84,26 @@ async def eventually(predicate: Callable[[], bool], timeout_s: float = 10.0) -> 
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+async def loop_gaps(work: Awaitable[Any]) -> tuple[list[float], float]:
+    """Run ``work`` beside a 5 ms ticker: the sorted gaps between ticks, and the seconds it
+    took. A loop blocked by inference shows a gap as long as a model pass."""
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    task = asyncio.create_task(ticker())
+    t0 = time.perf_counter()
+    await work
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    await task
+    return sorted(gaps), elapsed

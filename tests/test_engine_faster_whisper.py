@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import SAMPLE, SAMPLE_TEXT, make_settings
+from conftest import SAMPLE, SAMPLE_TEXT, loop_gaps, make_settings
 
 from stt.audio import SAMPLE_RATE, load_16k_mono
 from stt.engines import create_engine
@@ -208,26 +208,10 @@ async def test_long_audio_goes_through_long_form(engine: FasterWhisperEngine,
 
 async def test_inference_never_blocks_the_event_loop(engine: FasterWhisperEngine,
                                                      speech: np.ndarray) -> None:
-    gaps: list[float] = []
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        last = time.perf_counter()
-        while not stop.is_set():
-            await asyncio.sleep(0.005)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-
-    task = asyncio.create_task(ticker())
-    t0 = time.perf_counter()
-    await asyncio.gather(*(engine.transcribe(speech[i * SAMPLE_RATE: (i + 4) * SAMPLE_RATE],
-                                             TranscribeOptions(language="en", context=SAMPLE_TEXT[i]))
-                           for i in range(3)))
-    elapsed = time.perf_counter() - t0
-    stop.set()
-    await task
-    gaps.sort()
+    gaps, elapsed = await loop_gaps(asyncio.gather(*(
+        engine.transcribe(speech[i * SAMPLE_RATE: (i + 4) * SAMPLE_RATE],
+                          TranscribeOptions(language="en", context=SAMPLE_TEXT[i]))
+        for i in range(3))))
     assert gaps[-1] < max(0.25, elapsed / 6), f"loop stalled {gaps[-1]:.3f} s of {elapsed:.2f} s"
 
 

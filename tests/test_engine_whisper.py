@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import SAMPLE, make_settings
+from conftest import SAMPLE, loop_gaps, make_settings
 from whisper_checkpoint import TEST_DIMS, TINY_DIMS, write_checkpoint
 
 from stt.audio import SAMPLE_RATE, load_16k_mono
@@ -238,27 +238,11 @@ async def test_concurrent_partials_share_one_pass(checkpoint: Path, speech: np.n
 
 async def test_inference_never_blocks_the_event_loop(engine: WhisperEngine,
                                                      speech: np.ndarray) -> None:
-    gaps: list[float] = []
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        last = time.perf_counter()
-        while not stop.is_set():
-            await asyncio.sleep(0.005)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-
-    task = asyncio.create_task(ticker())
-    t0 = time.perf_counter()
     # Different context: three separate model passes, one after the other.
-    await asyncio.gather(*(engine.transcribe(speech[i * SAMPLE_RATE: (i + 4) * SAMPLE_RATE],
-                                             TranscribeOptions(language="en", context=str(i)))
-                           for i in range(3)))
-    elapsed = time.perf_counter() - t0
-    stop.set()
-    await task
-    gaps.sort()
+    gaps, elapsed = await loop_gaps(asyncio.gather(*(
+        engine.transcribe(speech[i * SAMPLE_RATE: (i + 4) * SAMPLE_RATE],
+                          TranscribeOptions(language="en", context=str(i)))
+        for i in range(3))))
     # A loop blocked by inference would stall for about a whole pass (elapsed / 3). On a
     # shared, oversubscribed CPU the OS alone can delay a tick now and then: allow that.
     assert gaps[-1] < max(0.25, elapsed / 6), f"loop stalled {gaps[-1]:.3f} s of {elapsed:.2f} s"

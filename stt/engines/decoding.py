@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import numpy as np
 
 from ..audio import SAMPLE_RATE
 from ..textnorm import normalize
-from .base import EngineError, TranscribeOptions, Word
+from .base import EngineError, Segment, TranscribeOptions, Transcription, Word
 
 WINDOW_S = 30                 # Whisper's input window (whisper.audio.CHUNK_LENGTH)
 HOP = 160                     # samples per mel frame (10 ms)
@@ -248,3 +248,39 @@ def join_words(timings: Iterable[tuple[str, float, float, float]], duration_s: f
         else:
             out.append(Word(text, start_s, end_s, round(probability, 4)))
     return out
+
+
+@dataclass(frozen=True)
+class LongFormSegment:
+    """One segment of a library's own long-form decode (openai-whisper or faster-whisper)."""
+
+    tokens: Sequence[int]
+    start: float
+    end: float
+    no_speech_prob: float
+    avg_logprob: float
+    words: Sequence[tuple[str, float, float, float]]  # word, start, end, probability
+
+
+def long_form_transcription(segments: Iterable[LongFormSegment], decode: Callable[[list[int]], str],
+                            eot: int, guards: Guards, language: str | None,
+                            duration_s: float) -> Transcription:
+    """The same clean-up as for single windows: cut loops, drop what still looks like one."""
+    kept_segments: list[Segment] = []
+    words: list[Word] = []
+    for seg in segments:
+        tokens = [t for t in seg.tokens if t < eot]
+        kept = trim_repetitions(tokens)
+        text = decode(kept).strip()
+        if not text or guards.is_loop(text):
+            continue
+        kept_segments.append(Segment(text, float(seg.start), float(seg.end),
+                                     float(seg.no_speech_prob), float(seg.avg_logprob),
+                                     compression_ratio(text)))
+        if len(kept) == len(tokens):  # word timings of a cut segment would not match
+            words += [Word(w.strip(), float(s), float(e), float(p))
+                      for w, s, e, p in seg.words if w.strip()]
+    return Transcription(text=" ".join(s.text for s in kept_segments), language=language,
+                         segments=kept_segments, words=words,
+                         no_speech_prob=kept_segments[0].no_speech_prob if kept_segments else None,
+                         duration_s=duration_s)

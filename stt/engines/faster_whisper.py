@@ -24,13 +24,8 @@ Theory of operation
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import dataclasses
-import logging
-import time
 from collections.abc import Hashable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -38,28 +33,24 @@ import numpy as np
 from ..audio import SAMPLE_RATE
 from ..config import Settings
 from ..languages import LANGUAGE_CODES
-from ..models import ModelSource, resolve_ct2
+from ..models import DEFAULT_MODEL, resolve_ct2
 from .base import (
-    Engine,
     EngineError,
     EngineUnavailable,
     Segment,
     TranscribeOptions,
     Transcription,
-    Word,
 )
-from .batching import MicroBatcher
 from .decoding import (
     FALLBACK_TEMPERATURES,
     HOP,
-    WINDOW_S,
     Guards,
+    LongFormSegment,
     Request,
     available_cpus,
     compression_ratio,
-    context_prompt,
-    is_digital_silence,
     join_words,
+    long_form_transcription,
     pick_language,
     split_segments,
     token_budget,
@@ -67,8 +58,7 @@ from .decoding import (
     uses_short_window,
     window_frames,
 )
-
-log = logging.getLogger("stt.engines.faster_whisper")
+from .local import LocalWhisperEngine
 
 MAX_LENGTH = 448                 # Whisper's text context
 MAX_INITIAL_TIMESTAMP_INDEX = 50  # the first timestamp within 1 s, as Whisper's transcribe()
@@ -89,7 +79,7 @@ def resolve_device(requested: str) -> str:
     return "cpu"
 
 
-class FasterWhisperEngine(Engine):
+class FasterWhisperEngine(LocalWhisperEngine):
     name = "faster-whisper"
 
     def __init__(self, model: str = "", *, device: str = "auto", compute_type: str = "auto",
@@ -97,48 +87,22 @@ class FasterWhisperEngine(Engine):
                  batch_wait_s: float = 0.005, short_window: str = "partials",
                  beam_size: int = 1, use_context: bool = True,
                  guards: Guards | None = None) -> None:
-        self.model_name = model
-        self.requested_device = device
+        super().__init__(model, device=device, download_root=download_root,
+                         cpu_threads=cpu_threads, batch_size=batch_size,
+                         batch_wait_s=batch_wait_s, short_window=short_window,
+                         beam_size=beam_size, use_context=use_context, guards=guards or Guards())
         self.requested_compute_type = compute_type
-        self.download_root = download_root
-        self.cpu_threads = cpu_threads
-        self.batch_size = batch_size
-        self.batch_wait_s = batch_wait_s
-        self.short_window = short_window
-        self.beam_size = beam_size
-        self.use_context = use_context
-        self.guards = guards or Guards()
-        self.batches = batch_size > 1
-        self.device = "cpu"
         self.compute_type = ""
-        self.threads = 0
-        self.source: ModelSource | None = None
-        self.model: Any = None  # faster_whisper.WhisperModel
-        self.load_s = 0.0
-        self.warmup_s = 0.0
         self._tokenizers: dict[str | None, Any] = {}
-        self._executor: ThreadPoolExecutor | None = None
-        self._batcher: MicroBatcher[Request, Transcription] | None = None
-        self._long_seq = 0
-        #: Model passes by window length in mel frames (3000 = a full 30 s window).
-        self.passes: collections.Counter[int] = collections.Counter()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FasterWhisperEngine:
-        return cls(settings.whisper_model_size, device=settings.whisper_device,
-                   compute_type=settings.whisper_compute_type,
-                   download_root=settings.whisper_download_root,
-                   cpu_threads=settings.whisper_cpu_threads,
-                   batch_size=settings.whisper_batch_size,
-                   batch_wait_s=settings.whisper_batch_wait_ms / 1000.0,
-                   short_window=settings.whisper_short_window,
-                   beam_size=settings.whisper_beam_size,
-                   use_context=settings.whisper_use_context,
+        return cls(**cls.settings_kwargs(settings), compute_type=settings.whisper_compute_type,
                    guards=Guards.from_settings(settings))
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    def _prepare(self) -> None:
         try:
             import ctranslate2  # noqa: F401
             import faster_whisper  # noqa: F401
@@ -149,48 +113,9 @@ class FasterWhisperEngine(Engine):
         self.compute_type = (self.requested_compute_type if self.requested_compute_type != "auto"
                              else "float16" if self.device == "cuda" else "int8")
         self.threads = (self.cpu_threads or available_cpus()) if self.device == "cpu" else 0
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="faster-whisper")
-        loop = asyncio.get_running_loop()
-        try:
-            t0 = time.perf_counter()
-            await loop.run_in_executor(self._executor, self._load)
-            self.load_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            await loop.run_in_executor(self._executor, self._warm_up)
-            self.warmup_s = time.perf_counter() - t0
-        except BaseException:
-            self._executor.shutdown(wait=False)
-            self._executor = None
-            raise
-        assert self.source is not None
-        log.info("faster-whisper model loaded", extra={
-            **self.source.describe(), "device": self.device, "compute_type": self.compute_type,
-            "cpu_threads": self.threads, "load_s": round(self.load_s, 2),
-            "warmup_s": round(self.warmup_s, 2)})
-        self._batcher = MicroBatcher(self._run_batch, self._executor, max_batch=self.batch_size,
-                                     max_wait_s=self.batch_wait_s)
-        self._batcher.start()
 
-    async def close(self) -> None:
-        if self._batcher is not None:
-            await self._batcher.close()
-            self._batcher = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
-        self.model = None
-
-    def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "model": self.model_name or "tiny.en",
-                               "device": self.device, "compute_type": self.compute_type,
-                               "batch_size": self.batch_size, "short_window": self.short_window,
-                               "cpu_threads": self.threads, "load_s": round(self.load_s, 2)}
-        if self.source is not None:
-            out.update(self.source.describe())
-        if self._batcher is not None:
-            s = self._batcher.stats
-            out.update(batches=s.batches, mean_batch=round(s.mean_batch, 2), queued=self._batcher.queued)
-        return out
+    def _describe_model(self) -> dict[str, Any]:
+        return {"device": self.device, "compute_type": self.compute_type}
 
     def _load(self) -> None:
         from faster_whisper import WhisperModel
@@ -215,36 +140,20 @@ class FasterWhisperEngine(Engine):
 
     # --- requests -------------------------------------------------------------------------
 
-    async def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> Transcription:
-        if self._batcher is None or self.model is None:
-            raise EngineError("faster-whisper engine not started")
-        audio = np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
-        if audio.size < HOP or is_digital_silence(audio):
-            return Transcription(text="", language=options.language, duration_s=audio.size / SAMPLE_RATE)
-        language = pick_language(options.language, multilingual=self.model.model.is_multilingual,
-                                 model_name=self.model_name or "tiny.en",
-                                 codes=self._codes(), names=LANGUAGE_CODES)
-        final = not options.is_partial
-        prompt = context_prompt(options, final, self.use_context)
-        key: Hashable
-        if audio.size > WINDOW_S * SAMPLE_RATE:
-            request = Request(audio, options, language, prompt, final=True, short=False,
-                              long_form=True)
-            self._long_seq += 1
-            key = ("long", self._long_seq)
-        else:
-            short = uses_short_window(self.short_window, language, final)
-            prefix = self._prompt_prefix(prompt)
-            request = Request(audio, options, language, prompt, final=final, short=short,
-                              prompt_tokens=tuple(prefix))
-            key = (short, final, options.word_timestamps, len(prefix), options.temperature)
-        try:
-            return await self._batcher.submit(request, key, priority=0 if final else 1)
-        except EngineError:
-            raise
-        except Exception as exc:  # CUDA out of memory, a bad input: this request fails only
-            raise EngineError(f"faster-whisper inference failed: {type(exc).__name__}: "
-                              f"{exc}") from exc
+    def _language(self, requested: str | None) -> str | None:
+        return pick_language(requested, multilingual=self.model.model.is_multilingual,
+                             model_name=self.model_name or DEFAULT_MODEL, codes=self._codes(),
+                             names=LANGUAGE_CODES)
+
+    def _request(self, audio: np.ndarray, options: TranscribeOptions, language: str | None,
+                 prompt: str | None, final: bool) -> tuple[Request, Hashable]:
+        # One prompt per item, but <|startoftranscript|> at the same position in all of them:
+        # the prompt's length is part of the key.
+        short = uses_short_window(self.short_window, language, final)
+        prefix = self._prompt_prefix(prompt)
+        return (Request(audio, options, language, prompt, final=final, short=short,
+                        prompt_tokens=tuple(prefix)),
+                (short, final, options.word_timestamps, len(prefix), options.temperature))
 
     def _codes(self) -> tuple[str, ...]:
         from faster_whisper.tokenizer import _LANGUAGE_CODES
@@ -270,11 +179,6 @@ class FasterWhisperEngine(Engine):
         return [tokenizer.sot_prev, *tokens]
 
     # --- the inference thread -------------------------------------------------------------
-
-    def _run_batch(self, requests: list[Request]) -> list[Transcription | BaseException]:
-        if requests[0].long_form:
-            return [self._transcribe_long(r) for r in requests]
-        return self._decode_group(requests)
 
     def _features(self, requests: list[Request], n_frames: int) -> Any:
         import ctranslate2
@@ -428,21 +332,9 @@ class FasterWhisperEngine(Engine):
             no_speech_threshold=guards.no_speech_threshold,
             condition_on_previous_text=self.use_context, initial_prompt=request.prompt,
             word_timestamps=request.options.word_timestamps, vad_filter=False)
-        segments: list[Segment] = []
-        words: list[Word] = []
-        for seg in segments_iter:
-            tokens = [t for t in seg.tokens if t < self._tokenizer(info.language).eot]
-            kept = trim_repetitions(tokens)
-            text = self._tokenizer(info.language).decode(kept).strip()
-            if not text or guards.is_loop(text):
-                continue
-            segments.append(Segment(text, float(seg.start), float(seg.end),
-                                    float(seg.no_speech_prob), float(seg.avg_logprob),
-                                    compression_ratio(text)))
-            if len(kept) == len(tokens):  # word timings of a cut segment would not match
-                words += [Word(w.word.strip(), float(w.start), float(w.end), float(w.probability))
-                          for w in seg.words or [] if w.word.strip()]
-        return Transcription(text=" ".join(s.text for s in segments), language=info.language,
-                             segments=segments, words=words,
-                             no_speech_prob=segments[0].no_speech_prob if segments else None,
-                             duration_s=request.duration_s)
+        tokenizer = self._tokenizer(info.language)
+        return long_form_transcription(
+            (LongFormSegment(seg.tokens, seg.start, seg.end, seg.no_speech_prob, seg.avg_logprob,
+                             [(w.word, w.start, w.end, w.probability) for w in seg.words or []])
+             for seg in segments_iter),
+            tokenizer.decode, tokenizer.eot, guards, info.language, request.duration_s)

@@ -32,16 +32,12 @@ Theory of operation
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import dataclasses
 import hashlib
 import logging
 import os
-import time
 import types
 from collections.abc import Hashable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +47,6 @@ from ..audio import SAMPLE_RATE
 from ..config import Settings
 from ..models import EMBEDDED, ModelSource, cache_dir, resolve_ct2
 from .base import (
-    Engine,
     EngineError,
     EngineUnavailable,
     Segment,
@@ -59,18 +54,16 @@ from .base import (
     Transcription,
     Word,
 )
-from .batching import MicroBatcher
 from .decoding import (
     FALLBACK_TEMPERATURES,
     HOP,
-    WINDOW_S,
     Guards,
+    LongFormSegment,
     Request,
     available_cpus,
     compression_ratio,
-    context_prompt,
-    is_digital_silence,
     join_words,
+    long_form_transcription,
     pick_language,
     short_window_frames,
     split_segments,
@@ -79,6 +72,7 @@ from .decoding import (
     uses_short_window,
     window_frames,
 )
+from .local import LocalWhisperEngine
 
 if TYPE_CHECKING:
     import torch
@@ -148,7 +142,7 @@ def converted_checkpoint(source: ModelSource) -> Path:
     return out
 
 
-class WhisperEngine(Engine):
+class WhisperEngine(LocalWhisperEngine):
     name = "whisper"
 
     def __init__(self, model: str = "", *, device: str = "auto", download_root: str = "",
@@ -156,47 +150,24 @@ class WhisperEngine(Engine):
                  short_window: str = "partials", beam_size: int = 1, use_context: bool = True,
                  no_speech_threshold: float = 0.6, logprob_threshold: float = -1.0,
                  compression_ratio_threshold: float = 2.4) -> None:
-        self.model_name = model
-        self.requested_device = device
-        self.download_root = download_root
-        self.cpu_threads = cpu_threads
-        self.batch_size = batch_size
-        self.batch_wait_s = batch_wait_s
-        self.short_window = short_window
-        self.beam_size = beam_size
-        self.use_context = use_context
-        self.guards = Guards(no_speech_threshold, logprob_threshold, compression_ratio_threshold)
-        self.batches = batch_size > 1
-        self.device = "cpu"
+        super().__init__(model, device=device, download_root=download_root,
+                         cpu_threads=cpu_threads, batch_size=batch_size,
+                         batch_wait_s=batch_wait_s, short_window=short_window,
+                         beam_size=beam_size, use_context=use_context,
+                         guards=Guards(no_speech_threshold, logprob_threshold,
+                                       compression_ratio_threshold))
         self.fp16 = False
-        self.threads = 0  # PyTorch CPU threads (0 on GPU)
-        self.model: Any = None
-        self.source: ModelSource | None = None  # where a CTranslate2 model came from
-        self.load_s = 0.0
-        self.warmup_s = 0.0
-        self._executor: ThreadPoolExecutor | None = None
-        self._batcher: MicroBatcher[Request, Transcription] | None = None
-        self._long_seq = 0
-        #: Model passes by window length in mel frames (3000 = a full 30 s window).
-        self.passes: collections.Counter[int] = collections.Counter()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WhisperEngine:
-        return cls(settings.whisper_model_size, device=settings.whisper_device,
-                   download_root=settings.whisper_download_root,
-                   cpu_threads=settings.whisper_cpu_threads,
-                   batch_size=settings.whisper_batch_size,
-                   batch_wait_s=settings.whisper_batch_wait_ms / 1000.0,
-                   short_window=settings.whisper_short_window,
-                   beam_size=settings.whisper_beam_size,
-                   use_context=settings.whisper_use_context,
+        return cls(**cls.settings_kwargs(settings),
                    no_speech_threshold=settings.whisper_no_speech_threshold,
                    logprob_threshold=settings.whisper_logprob_threshold,
                    compression_ratio_threshold=settings.whisper_compression_ratio_threshold)
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    def _prepare(self) -> None:
         try:
             import torch
             import whisper  # noqa: F401
@@ -208,51 +179,16 @@ class WhisperEngine(Engine):
         if self.device == "cpu":
             self.threads = self.cpu_threads or available_cpus()
             torch.set_num_threads(self.threads)  # before the inference thread exists
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="whisper")
-        loop = asyncio.get_running_loop()
-        try:
-            t0 = time.perf_counter()
-            await loop.run_in_executor(self._executor, self._load)
-            self.load_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            await loop.run_in_executor(self._executor, self._warm_up)
-            self.warmup_s = time.perf_counter() - t0
-        except BaseException:
-            self._executor.shutdown(wait=False)
-            self._executor = None
-            raise
-        log.info("whisper model loaded", extra={
-            "model": self.model_name, "device": device_label(self.device), "fp16": self.fp16,
-            "load_s": round(self.load_s, 2), "warmup_s": round(self.warmup_s, 2)})
-        self._batcher = MicroBatcher(self._run_batch, self._executor, max_batch=self.batch_size,
-                                     max_wait_s=self.batch_wait_s)
-        self._batcher.start()
 
-    async def close(self) -> None:
-        if self._batcher is not None:
-            await self._batcher.close()
-            self._batcher = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
-        self.model = None
+    def _release(self) -> None:
         if self.device == "cuda":
             import torch
 
             torch.cuda.empty_cache()
 
-    def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "model": self.model_name,
-                               "device": device_label(self.device) if self.model else self.device,
-                               "fp16": self.fp16, "batch_size": self.batch_size,
-                               "short_window": self.short_window, "cpu_threads": self.threads,
-                               "load_s": round(self.load_s, 2)}
-        if self.source is not None:
-            out.update(self.source.describe())
-        if self._batcher is not None:
-            s = self._batcher.stats
-            out.update(batches=s.batches, mean_batch=round(s.mean_batch, 2), queued=self._batcher.queued)
-        return out
+    def _describe_model(self) -> dict[str, Any]:
+        return {"device": device_label(self.device) if self.model else self.device,
+                "fp16": self.fp16}
 
     def _load(self) -> None:
         import whisper
@@ -325,30 +261,12 @@ class WhisperEngine(Engine):
 
     # --- requests -------------------------------------------------------------------------
 
-    async def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> Transcription:
-        if self._batcher is None or self.model is None:
-            raise EngineError("whisper engine not started")
-        audio = np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
-        if audio.size < HOP or is_digital_silence(audio):
-            return Transcription(text="", language=options.language, duration_s=audio.size / SAMPLE_RATE)
-        language = self._language(options.language)
-        final = not options.is_partial
-        prompt = context_prompt(options, final, self.use_context)
-        if audio.size > WINDOW_S * SAMPLE_RATE:
-            request = Request(audio, options, language, prompt, final=True, short=False,
-                               long_form=True)
-            self._long_seq += 1
-            key: Hashable = ("long", self._long_seq)
-        else:
-            short = uses_short_window(self.short_window, language, final)
-            request = Request(audio, options, language, prompt, final=final, short=short)
-            key = (short, final, language, prompt, options.temperature)
-        try:
-            return await self._batcher.submit(request, key, priority=0 if final else 1)
-        except EngineError:
-            raise
-        except Exception as exc:  # CUDA out of memory, a bad tensor: this request fails only
-            raise EngineError(f"whisper inference failed: {type(exc).__name__}: {exc}") from exc
+    def _request(self, audio: np.ndarray, options: TranscribeOptions, language: str | None,
+                 prompt: str | None, final: bool) -> tuple[Request, Hashable]:
+        # Whisper's batched decode takes one prompt per pass: the prompt is part of the key.
+        short = uses_short_window(self.short_window, language, final)
+        return (Request(audio, options, language, prompt, final=final, short=short),
+                (short, final, language, prompt, options.temperature))
 
     def _language(self, requested: str | None) -> str | None:
         from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
@@ -362,9 +280,7 @@ class WhisperEngine(Engine):
         import torch
 
         with torch.no_grad():
-            if requests[0].long_form:
-                return [self._transcribe_long(r) for r in requests]
-            return self._decode_group(requests)
+            return super()._run_batch(requests)
 
     def _tokenizer(self, language: str | None) -> Any:
         from whisper.tokenizer import get_tokenizer
@@ -485,22 +401,10 @@ class WhisperEngine(Engine):
         self._pin_threads()
         # The same clean-up as for single windows: cut loops, drop what still looks like one.
         tokenizer = self._tokenizer(result.get("language"))
-        segments: list[Segment] = []
-        words: list[Word] = []
-        for seg in result["segments"]:
-            tokens = [t for t in seg["tokens"] if t < tokenizer.eot]
-            kept = trim_repetitions(tokens)
-            text = tokenizer.decode(kept).strip()
-            if not text or guards.is_loop(text):
-                continue
-            segments.append(Segment(text, float(seg["start"]), float(seg["end"]),
-                                    float(seg["no_speech_prob"]), float(seg["avg_logprob"]),
-                                    compression_ratio(text)))
-            if len(kept) == len(tokens):  # word timings of a cut segment would not match
-                words += [Word(w["word"].strip(), float(w["start"]), float(w["end"]),
-                               float(w["probability"]))
-                          for w in seg.get("words", []) if w["word"].strip()]
-        return Transcription(text=" ".join(s.text for s in segments),
-                             language=result.get("language"), segments=segments, words=words,
-                             no_speech_prob=segments[0].no_speech_prob if segments else None,
-                             duration_s=request.duration_s)
+        return long_form_transcription(
+            (LongFormSegment(seg["tokens"], seg["start"], seg["end"], seg["no_speech_prob"],
+                             seg["avg_logprob"],
+                             [(w["word"], w["start"], w["end"], w["probability"])
+                              for w in seg.get("words", [])])
+             for seg in result["segments"]),
+            tokenizer.decode, tokenizer.eot, guards, result.get("language"), request.duration_s)
