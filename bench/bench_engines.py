@@ -1,40 +1,37 @@
-"""Engine benchmark: real-time factor, short-window encoder savings, cross-session batching.
+"""Engine benchmark, side by side in one run: real-time factor and WER on the corpus, cross-session
+batching, and the most real-time sessions each engine sustains.
 
 Usage (from the repository root)::
 
-    python -m bench.bench_engines                       # random tiny-dims checkpoint, all devices
-    python -m bench.bench_engines --model tiny          # a real model (download cache or path)
-    python -m bench.bench_engines --devices cpu --engines whisper --reps 3 --json out.json
+    python -m bench.bench_engines                                   # both local Whisper engines
+    python -m bench.bench_engines --engines faster-whisper,whisper --limit 20 --no-capacity
+    python -m bench.bench_engines --device cuda --json out.json     # where a GPU exists
 
-What runs, per engine and device available (``whisper`` on ``cpu`` and, where PyTorch sees one,
-``cuda``; ``http`` = the http engine through a local ``stt serve`` subprocess running the same
-whisper checkpoint on CPU; ``sphinx``):
+Each engine is built from the settings exactly as ``stt worker`` builds it (``Settings`` and
+``create_engine``: the embedded tiny.en, int8 for faster-whisper on CPU, fp32 for openai-whisper
+on CPU, the default thread counts), with ``--set KEY=VALUE`` applied to all of them.
 
-1. Encoder cost: the whisper encoder alone on a short window (2, 5, 15 s: speech + 0.5 s,
-   rounded up to 2 s steps, as partials get it) against the full 30 s window every Whisper
-   model is trained on; batch of one, median of ``2 * --reps + 1`` runs.
-2. Real-time factor (engine time / audio duration; below 1 is faster than real time) for 2, 5
-   and 15 s segments of the bundled speech sample, as finals (full window) and partials (short
-   window), one at a time.
-3. Throughput of N concurrent 2 s partials (N = 1, 4, 8, 16: N sessions' segments arriving
-   together) batched (``WHISPER_BATCH_SIZE=16``) against one by one (batch size 1), in
-   segments per second, and the ratio.
+1. **Corpus**: every clip of ``../shared/corpus`` decoded whole, one at a time, as a final is:
+   real-time factor (engine wall time / audio duration; below 1 is faster than real time) and
+   word error rate against the human transcripts.
+2. **Batching**: N concurrent 2 s partials (N sessions' segments
+   arriving together) with ``WHISPER_BATCH_SIZE=16`` against one by one (batch size 1), in
+   segments per second.
+3. **Capacity**: ``python -m bench.load --engine E --find-max`` in a subprocess per engine:
+   1, 2, 3, 4, 6, ... real-time sessions of corpus speech through nats-server and the worker,
+   until final latency p95 exceeds ``STT_CHUNK_TIMEOUT`` + 0.5 s; the largest N that held.
 
-All ratios compare figures measured in the same run, on the same machine state.
-
-Without ``--model``, the checkpoint has random weights with the real dimensions of ``tiny``
-(written by ``tests/whisper_checkpoint.py``): compute per pass is that of ``tiny``. Random
-weights never emit end-of-text, so every decode runs to its token budget; the benchmark sets
-that budget to a realistic English rate (``--tokens-per-s``, default 4, plus 4) so decode
-lengths match real speech, and turns the fallback guards off (a real model rarely falls back).
-The text produced is meaningless; only time is measured.
+Engines run one after the other, never two at once: they share the machine's cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
+import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -45,277 +42,216 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ROOT, machine
+from bench.common import DEFAULT_CORPUS, ROOT, CorpusUnavailable, corpus_rows, machine
+from stt.audio import SAMPLE_RATE, load_16k_mono
+from stt.config import Settings
+from stt.engines import Engine, TranscribeOptions, create_engine
+from stt.textnorm import wer
 
-sys.path.insert(0, str(ROOT / "tests"))
-
-SEGMENTS_S = (2, 5, 15)
+ENGINES = ("faster-whisper", "whisper")
 CONCURRENCY = (1, 4, 8, 16)
+BATCH_SEGMENT_S = 2.0
+CURVE_STEPS = 2  # capacity steps run past the first that misses the target, to show the curve
 
 
-def reproduce_command(argv: list[str]) -> str:
-    return " ".join(["python -m bench.bench_engines", *argv])
+def installed(engine: str) -> bool:
+    import importlib.util
+
+    module = {"faster-whisper": "faster_whisper", "whisper": "whisper"}[engine]
+    return importlib.util.find_spec(module) is not None
 
 
-def speech_slices(seconds: float, n: int) -> list[np.ndarray]:
-    """``n`` different slices of the bundled sample (looped if needed), ``seconds`` long."""
-    from stt.audio import SAMPLE_RATE, load_16k_mono
-
-    speech = load_16k_mono(str(ROOT / "stt" / "data" / "sample.flac"))
-    speech = np.concatenate([speech] * 3)
-    length = int(seconds * SAMPLE_RATE)
-    stride = max(SAMPLE_RATE // 2, (speech.size - length) // max(1, n))
-    return [speech[i * stride: i * stride + length].copy() for i in range(n)]
+def settings_for(engine: str, overrides: dict[str, str]) -> Settings:
+    return Settings.from_env(environ={**overrides, "STT_ENGINE": engine})
 
 
-async def timed(coro: Any) -> float:
-    t0 = time.perf_counter()
-    await coro
-    return time.perf_counter() - t0
+async def started(settings: Settings) -> Engine:
+    engine = create_engine(settings)
+    await engine.start()
+    return engine
 
 
-def devices(requested: str) -> list[str]:
-    import torch
-
-    wanted = [d.strip() for d in requested.split(",") if d.strip()]
-    return [d for d in wanted if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
-
-
-def whisper_engine(model: str, device: str, batch_size: int, threads: int) -> Any:
-    from stt.engines.whisper import WhisperEngine
-
-    return WhisperEngine(model, device=device, cpu_threads=threads, batch_size=batch_size,
-                         batch_wait_s=0.005, compression_ratio_threshold=0,
-                         logprob_threshold=-1e9)
-
-
-async def bench_encoder(engine: Any, reps: int) -> dict[str, Any]:
-    import torch
-
-    from stt.engines.decoding import WINDOW_FRAMES, short_window_frames
-
-    out: dict[str, Any] = {}
-    windows = {f"{s}s": short_window_frames(s * 16000) for s in SEGMENTS_S}
-    windows["30s (padded)"] = WINDOW_FRAMES
-    for label, frames in windows.items():
-        mel = torch.zeros(1, engine.model.dims.n_mels, frames, device=engine.device)
-
-        def run(mel: Any = mel) -> None:
-            engine.encode(mel)
-            if engine.device == "cuda":
-                torch.cuda.synchronize()
-
-        run()
-        times = []
-        for _ in range(2 * reps + 1):  # cheap, and the ratio is the headline: more samples
-            times.append(await asyncio.get_running_loop().run_in_executor(
-                engine._executor, _timer(run)))
-        out[label] = {"frames": frames, "ms": round(1000 * statistics.median(times), 2)}
-    full = out["30s (padded)"]["ms"]
-    for label in list(out)[:-1]:
-        out[label]["padded_30s_costs_x"] = round(full / out[label]["ms"], 1)
-    return out
+async def bench_corpus(settings: Settings, audio: list[np.ndarray],
+                       references: list[str]) -> dict[str, Any]:
+    engine = await started(settings)
+    try:
+        options = TranscribeOptions(language="en")
+        await engine.transcribe(audio[0], options)  # warm up
+        texts, seconds = [], []
+        for clip in audio:
+            t0 = time.perf_counter()
+            texts.append((await engine.transcribe(clip, options)).text)
+            seconds.append(time.perf_counter() - t0)
+        described = engine.describe()
+    finally:
+        await engine.close()
+    audio_s = sum(a.size for a in audio) / SAMPLE_RATE
+    return {"clips": len(audio), "audio_s": round(audio_s, 1),
+            "engine_s": round(sum(seconds), 2), "rtf": round(sum(seconds) / audio_s, 4),
+            "clip_p50_s": round(statistics.median(seconds), 3),
+            "wer": round(wer(list(zip(references, texts, strict=True))), 4),
+            "engine": {k: v for k, v in described.items() if isinstance(v, (str, int, float))}}
 
 
-def _timer(fn: Any) -> Any:
-    def run() -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    return run
-
-
-async def bench_rtf(engine: Any, reps: int, partials: bool = True) -> dict[str, Any]:
-    from stt.engines.base import TranscribeOptions
-
-    out: dict[str, Any] = {}
-    kinds = [("final", False), ("partial", True)] if partials else [("final", False)]
-    for seconds in SEGMENTS_S:
-        clip = speech_slices(seconds, 1)[0]
-        row: dict[str, Any] = {}
-        for kind, is_partial in kinds:
-            options = TranscribeOptions(language="en", is_partial=is_partial)
-            await engine.transcribe(clip, options)  # warm this shape
-            times = [await timed(engine.transcribe(clip, options)) for _ in range(reps)]
-            row[f"{kind}_rtf"] = round(statistics.median(times) / seconds, 4)
-        out[f"{seconds}s"] = row
-    return out
-
-
-async def bench_batching(model: str, device: str, threads: int) -> dict[str, Any]:
-    from stt.engines.base import TranscribeOptions
-
+async def bench_batching(settings: Settings, speech: np.ndarray) -> dict[str, Any]:
+    length = int(BATCH_SEGMENT_S * SAMPLE_RATE)
+    stride = max(SAMPLE_RATE // 2, (speech.size - length) // max(CONCURRENCY))
+    clips = [speech[i * stride: i * stride + length] for i in range(max(CONCURRENCY))]
     options = TranscribeOptions(language="en", is_partial=True)
-    clips = speech_slices(2, max(CONCURRENCY))
     out: dict[str, Any] = {}
     for label, batch_size in (("one_by_one", 1), ("batched", max(CONCURRENCY))):
-        engine = whisper_engine(model, device, batch_size, threads)
-        await engine.start()
+        engine = await started(dataclasses.replace(settings, whisper_batch_size=batch_size))
         try:
             await asyncio.gather(*(engine.transcribe(c, options) for c in clips[:4]))  # warm
             for n in CONCURRENCY:
-                elapsed = await timed(asyncio.gather(
-                    *(engine.transcribe(c, options) for c in clips[:n])))
-                out.setdefault(str(n), {})[f"{label}_seg_per_s"] = round(n / elapsed, 2)
-            out["mean_batch_" + label] = round(engine._batcher.stats.mean_batch, 2)
+                t0 = time.perf_counter()
+                await asyncio.gather(*(engine.transcribe(c, options) for c in clips[:n]))
+                out.setdefault(str(n), {})[f"{label}_seg_per_s"] = round(
+                    n / (time.perf_counter() - t0), 2)
         finally:
             await engine.close()
     for n in CONCURRENCY:
         row = out[str(n)]
-        row["batched_speedup_x"] = round(row["batched_seg_per_s"] / row["one_by_one_seg_per_s"], 2)
+        row["speedup_x"] = round(row["batched_seg_per_s"] / row["one_by_one_seg_per_s"], 2)
     return out
 
 
-def start_serve(model: str, threads: int) -> tuple[subprocess.Popen[bytes], str]:
-    """``stt serve`` (same checkpoint, CPU) in its own interpreter, with this process's decode
-    budget; returns the process and its URL once it answers."""
-    import httpx
-
-    import stt.engines.decoding as whisper_module
-    from stt.nats_server import free_port
-
-    port = free_port()
-    serve_args = ["serve", "--port", str(port), "--whisper-model-size", model,
-                  "--whisper-device", "cpu", "--whisper-compression-ratio-threshold", "0",
-                  "--whisper-logprob-threshold=-1e9", "--log-level", "WARNING"]
-    if threads:
-        serve_args += ["--whisper-cpu-threads", str(threads)]
-    launcher = ("import sys, stt.engines.decoding as w; from stt.cli import main; "
-                f"w.TOKENS_PER_S = {whisper_module.TOKENS_PER_S}; "
-                f"w.TOKENS_BASE = {whisper_module.TOKENS_BASE}; sys.exit(main({serve_args!r}))")
-    log = tempfile.NamedTemporaryFile(prefix="bench-serve-", suffix=".log", delete=False)
-    proc = subprocess.Popen([sys.executable, "-c", launcher], cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("stt serve did not start: " + Path(log.name).read_text()[-2000:])
-        time.sleep(0.2)
+def bench_capacity(engine: str, overrides: dict[str, str], duration_s: float,
+                   corpus: Path) -> dict[str, Any]:
+    """``bench.load --find-max`` in its own process tree (it starts nats-server and the worker)."""
+    with tempfile.TemporaryDirectory(prefix="bench-engines-") as tmp:
+        out = Path(tmp) / "load.json"
+        cmd = [sys.executable, "-m", "bench.load", "--engine", engine, "--find-max",
+               "--duration-s", f"{duration_s:g}", "--corpus", str(corpus), "--json", str(out),
+               "--steps-after-fail", str(CURVE_STEPS)]
+        env = {**os.environ, **overrides}
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True)
+        if proc.returncode != 0 or not out.exists():
+            return {"error": (proc.stderr or proc.stdout)[-2000:]}
+        runs = json.loads(out.read_text())["runs"]
+    best = None
+    for line in proc.stdout.splitlines():
+        if line.startswith("largest N"):
+            tail = line.rsplit(":", 1)[1].strip()
+            best = int(tail) if tail.isdigit() else None
+    steps = [{"sessions": r["sessions"], "final_p50_s": r["final_latency_s"]["p50"],
+              "final_p95_s": r["final_latency_s"]["p95"], "dropped": r["chunks_dropped"],
+              "worker_cpu_pct": round(r["worker_cpu_pct"]["with_engine"]),
+              "peak_rss_mib": round(r["worker_peak_rss_mb"]["with_engine"])} for r in runs]
+    return {"max_sessions": best, "steps": steps}
 
 
-async def bench_http(model: str, reps: int, threads: int) -> dict[str, Any]:
-    """The http engine against ``stt serve`` running the same checkpoint."""
-    from stt.engines.http import HttpEngine
-
-    proc, url = await asyncio.to_thread(start_serve, model, threads)
-    try:
-        engine = HttpEngine(url, timeout_s=300, read_timeout_s=300)
-        await engine.start()
-        try:
-            return await bench_rtf(engine, reps, partials=False)
-        finally:
-            await engine.close()
-    finally:
-        proc.terminate()
-        await asyncio.to_thread(proc.wait, 30)
-
-
-async def bench_sphinx(reps: int) -> dict[str, Any]:
-    from stt.engines.sphinx import SphinxEngine
-
-    engine = SphinxEngine(workers=1)
-    await engine.start()
-    try:
-        return await bench_rtf(engine, reps, partials=False)
-    finally:
-        await engine.close()
+def _f(x: float | None, fmt: str = ".2f") -> str:
+    return "-" if x is None else format(x, fmt)
 
 
 def print_report(report: dict[str, Any]) -> None:
     print(f"\ncommand: {report['command']}")
     print(f"machine: {json.dumps(report['machine'])}")
-    print(f"model:   {report['model']}  (decode budget {report['tokens_per_s']} tokens/s + 4)")
-    for key, result in report["results"].items():
-        print(f"\n== {key} ==")
-        if "encoder" in result:
-            print("encoder (batch 1)      ms     padded 30 s costs")
-            for label, row in result["encoder"].items():
-                extra = f"{row['padded_30s_costs_x']:>6}x" if "padded_30s_costs_x" in row else ""
-                print(f"  {label:<18} {row['ms']:>8.2f}   {extra}")
-        if "rtf" in result:
-            print("real-time factor      final    partial")
-            for label, row in result["rtf"].items():
-                partial = f"{row['partial_rtf']:>9.4f}" if "partial_rtf" in row else "        -"
-                print(f"  {label:<16} {row['final_rtf']:>9.4f}  {partial}")
-        if "batching" in result:
-            b = result["batching"]
-            print("concurrent 2 s partials  one-by-one seg/s  batched seg/s  speedup")
+    results = report["results"]
+    target = report["latency_target_s"]
+    print("\n| engine | model, device, precision | corpus RTF | clip p50 s | WER | "
+          f"real-time sessions with final p95 ≤ {target:g} s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for name, r in results.items():
+        c = r.get("corpus", {})
+        e = c.get("engine", {})
+        precision = e.get("compute_type") or ("float16" if e.get("fp16") else "float32")
+        what = (f"{e.get('model', '')}, {e.get('device', 'cpu')}, {precision}, "
+                f"{e.get('cpu_threads') or 'default'} threads")
+        cap = r.get("capacity", {})
+        best = ("-" if not cap else "error" if "error" in cap
+                else str(cap["max_sessions"] or "none"))
+        print(f"| {name} | {what} | {_f(c.get('rtf'), '.3f')} | {_f(c.get('clip_p50_s'), '.3f')} "
+              f"| {_f(c.get('wer'), '.3f')} | {best} |")
+    for name, r in results.items():
+        cap = r.get("capacity")
+        if cap and "steps" in cap:
+            print(f"\n{name}, capacity steps:  sessions → final latency p50 / p95 s "
+                  "(dropped chunks, worker CPU %, peak RSS MiB)")
+            for s in cap["steps"]:
+                print(f"  {s['sessions']:>3} → {_f(s['final_p50_s'])} / {_f(s['final_p95_s'])}"
+                      f"  ({s['dropped']}, {s['worker_cpu_pct']} %, {s['peak_rss_mib']})")
+        elif cap:
+            print(f"\n{name}, capacity: FAILED\n{cap['error']}")
+    for name, r in results.items():
+        b = r.get("batching")
+        if b:
+            print(f"\n{name}: concurrent {BATCH_SEGMENT_S:g} s partials   one by one seg/s   "
+                  "batched seg/s   speedup")
             for n in CONCURRENCY:
                 row = b[str(n)]
-                print(f"  {n:>3}                   {row['one_by_one_seg_per_s']:>10.2f}"
-                      f"  {row['batched_seg_per_s']:>13.2f}  {row['batched_speedup_x']:>6.2f}x")
-            print(f"  mean batch: one-by-one {b['mean_batch_one_by_one']}, "
-                  f"batched {b['mean_batch_batched']}")
+                print(f"  {n:>3}   {row['one_by_one_seg_per_s']:>16.2f}   "
+                      f"{row['batched_seg_per_s']:>13.2f}   {row['speedup_x']:>6.2f}x")
 
 
-async def main_async(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    import torch
-
-    import stt.engines.decoding as whisper_module
-
-    # Random weights decode to the budget: make the budget a realistic decode length.
-    whisper_module.TOKENS_PER_S = args.tokens_per_s
-    whisper_module.TOKENS_BASE = 4
-    if args.model:
-        model = args.model
-    else:
-        from whisper_checkpoint import TINY_DIMS, write_checkpoint
-
-        model = str(write_checkpoint(Path(tempfile.mkdtemp()) / "random-tiny.pt", TINY_DIMS))
-    info = machine()
-    info["torch"] = torch.__version__
-    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    report: dict[str, Any] = {"command": reproduce_command(argv), "machine": info,
-                              "model": args.model or "random weights, tiny dims",
-                              "tokens_per_s": args.tokens_per_s, "results": {}}
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    if "whisper" in engines:
-        for device in devices(args.devices):
-            engine = whisper_engine(model, device, 1, args.cpu_threads)
-            await engine.start()
-            try:
-                result = {"threads": engine.threads or None,
-                          "encoder": await bench_encoder(engine, args.reps),
-                          "rtf": await bench_rtf(engine, args.reps)}
-            finally:
-                await engine.close()
-            result["batching"] = await bench_batching(model, device, args.cpu_threads)
-            report["results"][f"whisper/{device}"] = result
-            print_report({**report, "results": {f"whisper/{device}": result}})
-    if "http" in engines:
-        report["results"]["http->stt serve/cpu"] = {"rtf": await bench_http(
-            model, args.reps, args.cpu_threads)}
-    if "sphinx" in engines:
-        report["results"]["sphinx/cpu"] = {"rtf": await bench_sphinx(args.reps)}
-    return report
+async def measure(args: argparse.Namespace, overrides: dict[str, str],
+                  engines: list[str]) -> dict[str, Any]:
+    rows = corpus_rows(args.corpus)[: args.limit or None]
+    audio = [load_16k_mono(str(args.corpus / rel)) for rel, _ in rows]
+    references = [ref for _, ref in rows]
+    speech = np.concatenate(audio[:8])
+    results: dict[str, Any] = {}
+    for name in engines:
+        settings = settings_for(name, overrides)
+        result: dict[str, Any] = {"corpus": await bench_corpus(settings, audio, references)}
+        if not args.no_batching:
+            result["batching"] = await bench_batching(settings, speech)
+        results[name] = result
+        print(f"{name}: corpus RTF {result['corpus']['rtf']}, WER {result['corpus']['wer']}",
+              flush=True)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m bench.bench_engines",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="whisper model name or checkpoint path "
-                                        "(default: random weights with tiny's dimensions)")
-    parser.add_argument("--engines", default="whisper,http,sphinx")
-    parser.add_argument("--devices", default="cpu,cuda", help="whisper devices to try")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions per figure (median)")
-    parser.add_argument("--cpu-threads", type=int, default=0, help="0 = all available CPUs")
-    parser.add_argument("--tokens-per-s", type=float, default=4.0,
-                        help="decode budget per second of audio (random weights only)")
-    parser.add_argument("--json", help="also write the report here")
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help="comma-separated; those not installed are skipped")
+    parser.add_argument("--device", default="", help="WHISPER_DEVICE for the Whisper engines")
+    parser.add_argument("--set", action="append", default=[], metavar="VAR=VALUE",
+                        help="an environment setting for every engine (e.g. WHISPER_CPU_THREADS=1)")
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    parser.add_argument("--limit", type=int, default=0, help="first N corpus clips (0 = all)")
+    parser.add_argument("--no-batching", action="store_true")
+    parser.add_argument("--no-capacity", action="store_true")
+    parser.add_argument("--capacity-duration-s", type=float, default=30.0,
+                        help="audio per session in each capacity step")
+    parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
-    report = asyncio.run(main_async(args, argv))
-    print("\n==== summary ====")
+    overrides = dict(item.split("=", 1) for item in args.set)
+    if args.device:
+        overrides["WHISPER_DEVICE"] = args.device
+    wanted = [e.strip() for e in args.engines.split(",") if e.strip()]
+    engines = [e for e in wanted if installed(e)]
+    for skipped in sorted(set(wanted) - set(engines)):
+        print(f"{skipped}: not installed, skipped")
+    info = machine()
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    try:
+        target = Settings.from_env(environ=overrides).chunk_timeout_s + 0.5
+        results = asyncio.run(measure(args, overrides, engines))
+    except (CorpusUnavailable, ValueError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    if not args.no_capacity:
+        for name in engines:
+            print(f"{name}: capacity (bench.load --find-max) ...", flush=True)
+            results[name]["capacity"] = bench_capacity(name, overrides,
+                                                       args.capacity_duration_s, args.corpus)
+    report = {"command": " ".join(["python -m bench.bench_engines", *map(shlex.quote, argv)]),
+              "machine": info, "settings": overrides, "latency_target_s": target,
+              "results": results}
     print_report(report)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        args.json.write_text(json.dumps(report, indent=2))
     return 0
 
 

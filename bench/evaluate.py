@@ -9,7 +9,7 @@ Usage (from the repository root)::
     python -m bench.evaluate --sweep chunk_timeout_s=0.3,0.45,0.6,0.8,1.0
 
 Options: ``--corpus DIR`` (default ``../shared/corpus``; prints "corpus not available" and exits
-2 without it), ``--engine sphinx``, ``--speed`` (1 = real time; faster runs are for checking the
+2 without it), ``--engine`` (default: the worker's, faster-whisper), ``--speed`` (1 = real time; faster runs are for checking the
 harness: every timing figure is then distorted), ``--scenarios single,multi,barge,noise``,
 ``--limit N`` clips per scenario (0 = all 70), ``--concurrency K`` sessions at once, ``--json``,
 ``--png`` (needs matplotlib; skipped with a note without it), ``--set NAME=VALUE`` (any worker
@@ -18,8 +18,8 @@ the multi scenario once per value, with a fresh worker each, and prints boundary
 figures per value: used to choose the default ``STT_CHUNK_TIMEOUT``).
 
 What runs: for each configuration this process starts a real ``nats-server`` on a free loopback
-port and an in-process :class:`stt.worker.Worker` (engine ``sphinx`` with ``engine_workers=2``
-unless ``--set`` says otherwise), streams every scenario as one live session (start, 40 ms
+port and an in-process :class:`stt.worker.Worker` (the default engine, real Whisper, unless
+``--engine`` or ``--set`` says otherwise), streams every scenario as one live session (start, 40 ms
 chunks on an absolute real-time schedule, each sent when its capture interval ends as a
 microphone would, then ``end``), ``K`` sessions at a time, and stops everything it started.
 Before that, the same clips are decoded offline, whole, by the same engine: the reference
@@ -65,6 +65,12 @@ Metrics (table columns are scenario groups; ``all`` pools the speech groups):
 * words lost at barge-in start — leading words of the ``listening`` twin's finals that the
   ``responding`` session's finals lack (sequence alignment).
 * invented text — finals with words on noise-only or silence-only audio.
+* word timing vs offline — sessions ask for ``word_timestamps``; in the scenarios that place a
+  clip unedited (single, barge-listen), each final word matched (same word, in order) to the
+  offline whole-clip decode's word is compared with that word's time, shifted to the session's
+  timeline: p50/p95 of |start difference| and the share within 0.1 s. "Words outside speech"
+  are final words that end before the utterance's first speech or start after its last by
+  more than 0.3 s.
 
 The machine (nproc, CPU, load average before and after) and the exact command are printed with
 the results: other processes on a shared machine change the latency figures.
@@ -164,7 +170,8 @@ async def play(nc: Any, subjects: Subjects, sc: Scenario, speed: float,
     async with Listener(nc, subjects, sid) as listener:
         await send(nc, subjects, sid, {"type": "start", "session_id": sid,
                                        "sample_rate": SAMPLE_RATE, "channels": 1,
-                                       "state": sc.state, "encoding": "pcm_s16le"})
+                                       "state": sc.state, "encoding": "pcm_s16le",
+                                       "word_timestamps": True})
         t0 = time.monotonic()
         next_change = 0
         for i, offset in enumerate(range(0, audio.size, step)):
@@ -248,18 +255,28 @@ async def run_config(engine: str, overrides: dict[str, str], scenarios: list[Sce
     return played, settings, info
 
 
+@dataclass(frozen=True)
+class Offline:
+    """A clip decoded whole: its text, and its words' times relative to the clip's first speech."""
+
+    text: str
+    words: list[tuple[str, float, float]]
+
+
 async def offline_decode(engine: str, overrides: dict[str, str],
-                         clips: list[CorpusClip]) -> dict[str, str]:
+                         clips: list[CorpusClip]) -> dict[str, Offline]:
     """Each clip decoded whole by the same engine: the text streaming should reproduce."""
     settings = make_settings("nats://127.0.0.1:4222", engine, overrides)
     eng = create_engine(settings)
     await eng.start()
     try:
-        options = TranscribeOptions(language=settings.language or None)
+        options = TranscribeOptions(language=settings.language or None, word_timestamps=True)
         results = await asyncio.gather(*(eng.transcribe(c.audio, options) for c in clips))
     finally:
         await eng.close()
-    return {c.name: r.text for c, r in zip(clips, results, strict=True)}
+    return {c.name: Offline(r.text, [(w.word, w.start - c.onset_s, w.end - c.onset_s)
+                                     for w in r.words])
+            for c, r in zip(clips, results, strict=True)}
 
 
 # --- scoring --------------------------------------------------------------------------------
@@ -267,6 +284,23 @@ async def offline_decode(engine: str, overrides: dict[str, str],
 
 def words(text: str | None) -> list[str]:
     return normalize(text or "").split()
+
+
+WORD_TIME_TOL_S = 0.1       # a word's start within this of the offline decode's counts as on time
+OUTSIDE_SPEECH_S = 0.3      # a word this far before the first speech or after the last is placed wrong
+UNEDITED = ("single", "barge-listen")  # scenarios that place one clip unedited
+
+
+def word_time_errors(finals: list[dict[str, Any]], reference: list[tuple[str, float, float]],
+                     shift_s: float) -> list[float]:
+    """|start difference| of each final word matched in order to the offline word list."""
+    got = [(normalize(w.get("word", "")), float(w["start"])) for m in finals
+           for w in m.get("words") or [] if normalize(w.get("word", ""))]
+    want = [(normalize(w), a + shift_s) for w, a, _ in reference if normalize(w)]
+    matcher = difflib.SequenceMatcher(a=[w for w, _ in got], b=[w for w, _ in want],
+                                      autojunk=False)
+    return [abs(got[blk.a + k][1] - want[blk.b + k][1])
+            for blk in matcher.get_matching_blocks() for k in range(blk.size)]
 
 
 @dataclass
@@ -302,6 +336,9 @@ class Score:
     false_interrupts: int = 0
     cancelled: int = 0
     lost_words: list[int] = field(default_factory=list)
+    word_start_error_s: list[float] = field(default_factory=list)
+    timed_words: int = 0
+    words_outside_speech: int = 0
     bursts: Counter[str] = field(default_factory=Counter)
     silence_s: float = 0.0
     false_by_kind: Counter[str] = field(default_factory=Counter)
@@ -342,7 +379,7 @@ def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
     return max(0.0, min(a1, b1) - max(a0, b0))
 
 
-def score_session(p: Played, offline: dict[str, str], settings: Settings,
+def score_session(p: Played, offline: dict[str, Offline], settings: Settings,
                   chunk_s: float = CHUNK_MS / 1000) -> tuple[Score, dict[str, Any]]:
     sc = p.scenario
     s = Score(sessions=1, utterances=len(sc.utterances), audio_s=sc.duration_s,
@@ -392,7 +429,7 @@ def score_session(p: Played, offline: dict[str, str], settings: Settings,
                               "interrupts": [round(t, 3) for t in interrupts]}
     if utts:
         hyp = " ".join(m.get("transcript") or "" for m, _ in finals)
-        ref_off = " ".join(offline[u.clip] for u in utts)
+        ref_off = " ".join(offline[u.clip].text for u in utts)
         ref_hum = " ".join(u.reference for u in utts)
         for acc, ref, h in ((s.wer_offline, ref_off, hyp), (s.wer_reference, ref_hum, hyp),
                             (s.offline_reference, ref_hum, ref_off)):
@@ -403,6 +440,19 @@ def score_session(p: Played, offline: dict[str, str], settings: Settings,
                       utterances=[{"clip": u.clip, "onset": round(u.onset_s, 3),
                                    "offset": round(u.offset_s, 3), "gaps": u.gaps}
                                   for u in utts], pauses=sc.pauses_s)
+
+    # --- word timestamps ----------------------------------------------------------------------
+    final_msgs = [m for m, _ in finals]
+    if utts:
+        first, last = utts[0].onset_s, utts[-1].offset_s
+        timed_words = [w for m in final_msgs for w in m.get("words") or []]
+        s.timed_words += len(timed_words)
+        s.words_outside_speech += sum(1 for w in timed_words
+                                      if float(w["end"]) < first - OUTSIDE_SPEECH_S
+                                      or float(w["start"]) > last + OUTSIDE_SPEECH_S)
+    if sc.group in UNEDITED and len(utts) == 1:
+        s.word_start_error_s += word_time_errors(final_msgs, offline[utts[0].clip].words,
+                                                 utts[0].onset_s)
 
     # --- boundaries: false cuts, merges, final latency ----------------------------------------
     intervals = [iv for u in utts for iv in u.speech_intervals()]
@@ -507,7 +557,7 @@ def lost_at_start(twin_text: str, barge_text: str) -> int | None:
     return blocks[0].a if blocks else len(a)
 
 
-def score_all(played: list[Played], offline: dict[str, str],
+def score_all(played: list[Played], offline: dict[str, Offline],
               settings: Settings) -> tuple[dict[str, Score], list[dict[str, Any]]]:
     columns = {c: Score() for c in (*COLUMNS, "all")}
     details = []
@@ -579,6 +629,12 @@ def summary(s: Score, column: str) -> dict[str, Any]:
             "false_cuts": s.false_cuts, "false_cuts_at_size_limit": s.false_cuts_size,
             "false_cuts_at_hesitation": s.false_cuts_hesitation,
             "merges": s.merges, "missed_cuts": s.missed_cuts, "long_pauses": s.long_pauses,
+            "timed_words": s.timed_words, "words_outside_speech": s.words_outside_speech,
+            "word_start_error_p50_s": pct(s.word_start_error_s, 50),
+            "word_start_error_p95_s": pct(s.word_start_error_s, 95),
+            "word_start_within_tol": (sum(1 for x in s.word_start_error_s if x <= WORD_TIME_TOL_S)
+                                      / len(s.word_start_error_s) if s.word_start_error_s
+                                      else None),
         })
     if barge:
         out.update({
@@ -644,6 +700,13 @@ def table(columns: dict[str, Score], present: list[str]) -> str:
                                           f"{s.false_cuts_hesitation})"))),
         row("merges: clips in one final (missed cuts/long pauses)",
             when(speech, lambda s, d, c: f"{s.merges} ({s.missed_cuts}/{s.long_pauses})")),
+        row("word start vs offline decode p50/p95 (within 0.1 s)",
+            when((*UNEDITED, "all"), lambda s, d, c: (
+                f"{pct(s.word_start_error_s, 50):.3f} / {pct(s.word_start_error_s, 95):.3f} s "
+                f"({d['word_start_within_tol']:.0%} of {len(s.word_start_error_s)})"
+                if s.word_start_error_s else None))),
+        row("final words outside the speech (> 0.3 s)",
+            when(speech, lambda s, d, c: f"{s.words_outside_speech} of {s.timed_words}")),
         row("partials published", lambda s, d, c: s.partials),
         row("partial churn (words changed later)",
             lambda s, d, c: (fmt_ratio(s.changed_words, s.partial_words)
@@ -768,7 +831,7 @@ def parser() -> argparse.ArgumentParser:
         description="Conversation-quality evaluation of the streaming worker (see the module "
                     "docstring for the metrics).")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
-    p.add_argument("--engine", default="sphinx")
+    p.add_argument("--engine", default=Settings.engine)
     p.add_argument("--speed", type=float, default=1.0,
                    help="1 = real time; faster distorts every timing figure")
     p.add_argument("--scenarios", default=",".join(GROUPS))
@@ -886,7 +949,9 @@ async def run(args: argparse.Namespace) -> int:
                                          "loadavg_end": info_end["loadavg"],
                                          "speed": args.speed, "concurrency": args.concurrency,
                                          "chunk_ms": CHUNK_MS, "corpus": str(args.corpus),
-                                         "clips": [c.name for c in clips], "offline": offline,
+                                         "clips": [c.name for c in clips],
+                                         "offline": {k: dataclasses.asdict(v)
+                                                     for k, v in offline.items()},
                                          "configs": results}, indent=1, default=str))
         print(f"JSON written: {args.json}")
     if args.png:
