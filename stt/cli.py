@@ -245,7 +245,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(f"  embedded {name:8} {'installed' if model.installed() else 'not installed'} "
               f"({model.requirement})")
     print(f"whisper     {'ok' if has('whisper') else 'missing (extra: local)'}")
-    print(f"sphinx      {'ok' if has('pocketsphinx') else 'missing (extra: sphinx)'}")
     if has("torch"):
         import torch
 

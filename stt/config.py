@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-ENGINES = ("faster-whisper", "whisper", "http", "sphinx")
+ENGINES = ("faster-whisper", "whisper", "http")
 ENCODINGS = ("pcm_s16le", "pcm_f32le", "mulaw", "alaw")
 COMPUTE_TYPES = ("auto", "int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16",
                  "bfloat16", "float32")
@@ -45,12 +45,11 @@ class Settings:
     engine: str = setting("faster-whisper", "STT_ENGINE",
                           "Transcription engine: faster-whisper (local, CTranslate2; embedded "
                           "tiny.en by default), whisper (local openai-whisper on PyTorch: CUDA, "
-                          "ROCm, CPU), http (OpenAI-compatible service), sphinx (pocketsphinx, "
-                          "kept for comparison), or module:Class.",
+                          "ROCm, CPU), http (OpenAI-compatible service), or module:Class.",
                           group="engine")
     engine_workers: int = setting(0, "STT_ENGINE_WORKERS",
-                                  "Parallel engine jobs: sphinx processes (0 = CPU cores), "
-                                  "http requests in flight (0 = 16).", group="engine")
+                                  "http engine: requests in flight (0 = 16).",
+                                  group="engine")
     language: str = setting("en", "STT_LANGUAGE",
                             "Default language when a session's start gives none ('' = detect).",
                             group="engine")

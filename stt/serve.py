@@ -79,8 +79,6 @@ def model_id(settings: Settings) -> str:
     if settings.engine in ("whisper", "faster-whisper"):
         name = os.path.basename(os.path.normpath(settings.whisper_model_size or DEFAULT_MODEL))
         return name[:-3] if name.endswith(".pt") else name
-    if settings.engine == "sphinx":
-        return "sphinx-en-us"
     return settings.engine
 
 

@@ -225,7 +225,7 @@ async def test_abandoned_sessions_are_ended_by_the_idle_timeout(worker_factory: 
 
 
 def _worker_process(url: str, *extra: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "NATS_URL": url, "STT_ENGINE": "sphinx", "STT_ENGINE_WORKERS": "1",
+    env = {**os.environ, "NATS_URL": url, "STT_ENGINE": "faster-whisper",
            "STT_PARTIAL_INTERVAL": "0", "STT_LOG_FORMAT": "json"}
     return subprocess.Popen([sys.executable, "-m", "stt", "worker", *extra], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -51,7 +51,7 @@ async def test_worker_http_engine_to_stt_serve_whisper(tmp_path: Path, nats_serv
 
 async def test_service_stopped_and_restarted_mid_session(nats_server: NatsServer,
                                                          worker_factory: Any, nc: Any) -> None:
-    serve = ServeProcess("--engine", "sphinx", "--engine-workers", "1").start()
+    serve = ServeProcess("--engine", "faster-whisper").start()
     try:
         engine = http_engine(nats_server, serve.url, whisper_retries=1,
                              whisper_retry_backoff_s=0.05, whisper_breaker_failures=2,

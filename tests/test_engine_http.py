@@ -141,9 +141,8 @@ def fake() -> Iterator[FakeWhisperServer]:
 
 
 @pytest.fixture(scope="module")
-def serve_sphinx() -> Iterator[ServeProcess]:
-    with ServeProcess("--engine", "sphinx", "--engine-workers", "1",
-                      "--serve-api-key", API_KEY) as server:
+def serve_local() -> Iterator[ServeProcess]:
+    with ServeProcess("--engine", "faster-whisper", "--serve-api-key", API_KEY) as server:
         yield server
 
 
@@ -217,10 +216,10 @@ def test_retry_after_backoff_and_wav() -> None:
 # --- against stt serve (a real process) --------------------------------------------------------
 
 
-async def test_against_stt_serve(serve_sphinx: ServeProcess, speech: np.ndarray,
+async def test_against_stt_serve(serve_local: ServeProcess, speech: np.ndarray,
                                  engines: list[HttpEngine]) -> None:
     audio = speech[: 4 * SAMPLE_RATE]
-    engine = await started(serve_sphinx.url, api_key=API_KEY)
+    engine = await started(serve_local.url, api_key=API_KEY)
     engines.append(engine)
     final = await engine.transcribe(audio, TranscribeOptions(language="en", word_timestamps=True,
                                                              prompt="a novel", context="earlier"))
@@ -231,16 +230,16 @@ async def test_against_stt_serve(serve_sphinx: ServeProcess, speech: np.ndarray,
     partial = await engine.transcribe(audio, PARTIAL)
     assert partial.text == final.text and partial.words == []
     for fmt in ("json", "text"):
-        other = await started(serve_sphinx.url, api_key=API_KEY, response_format=fmt)
+        other = await started(serve_local.url, api_key=API_KEY, response_format=fmt)
         engines.append(other)
         assert (await other.transcribe(audio, FINAL)).text == final.text
 
-    wrong_key = await started(serve_sphinx.url, api_key="wrong")
+    wrong_key = await started(serve_local.url, api_key="wrong")
     engines.append(wrong_key)
     with pytest.raises(EngineError, match=r"HTTP 401.*WHISPER_API_KEY"):
         await wrong_key.transcribe(audio, FINAL)
     assert wrong_key.requests == 1 and wrong_key.breaker.state is BreakerState.CLOSED
-    wrong_path = await started(serve_sphinx.url, api_key=API_KEY, path="/v2/nothing")
+    wrong_path = await started(serve_local.url, api_key=API_KEY, path="/v2/nothing")
     engines.append(wrong_path)
     with pytest.raises(EngineError, match=r"HTTP 404.*WHISPER_PATH"):
         await wrong_path.transcribe(audio, FINAL)

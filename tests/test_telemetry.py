@@ -350,8 +350,8 @@ async def test_worker_process_with_telemetry_on(nats_server: NatsServer, otel_en
     """``stt worker`` with OTEL_ENABLED and the health port: a connected trace, moving metrics,
     discovery, and a clean exit on SIGTERM."""
     port = free_port()
-    env = {**os.environ, "NATS_URL": nats_server.url, "STT_ENGINE": "sphinx",
-           "STT_ENGINE_WORKERS": "1", "STT_HEALTH_PORT": str(port),
+    env = {**os.environ, "NATS_URL": nats_server.url, "STT_ENGINE": "faster-whisper",
+           "STT_HEALTH_PORT": str(port),
            "STT_HEALTH_HOST": "127.0.0.1", "OTEL_ENABLED": "true", "STT_LOG_FORMAT": "json",
            "STT_PARTIAL_INTERVAL": "0", "HYPERDX_ENABLED": "false"}
     proc = await asyncio.create_subprocess_exec(

@@ -24,10 +24,6 @@ def create_engine(settings: Settings) -> Engine:
         from .faster_whisper import FasterWhisperEngine
 
         return FasterWhisperEngine.from_settings(settings)
-    if name == "sphinx":
-        from .sphinx import SphinxEngine
-
-        return SphinxEngine(workers=settings.engine_workers)
     if name == "whisper":
         from .whisper import WhisperEngine
 
