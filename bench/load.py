@@ -241,8 +241,7 @@ async def _generate(conn: Connection, url: str, plans: list[SessionPlan], clips:
                     chunk_ms: int, raw: bool, end_timeout_s: float, gen_index: int) -> GenResult:
     import nats
 
-    subjects = Subjects(os.environ.get("STT_INPUT_SUBJECT", "ai.voice.stream.*"),
-                        os.environ.get("STT_OUTPUT_SUBJECT_PREFIX", "ai.voice.transcription"))
+    subjects = Subjects.of(Settings.from_env())
     per_clip, silence = _payload_tables(clips, {p.sample_rate for p in plans}, chunk_ms, raw)
     streams = [_expand(p, per_clip, silence) for p in plans]
     end_chunks = [{u.end_chunk for u in utterances(p, clips, chunk_ms)} for p in plans]

@@ -7,6 +7,8 @@ the ITU-T G.711 definition.
 
 from __future__ import annotations
 
+from typing import BinaryIO
+
 import numpy as np
 import soxr
 
@@ -105,17 +107,19 @@ def to_pcm16(samples: np.ndarray) -> bytes:
     return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
 
-def load_file(path: str) -> tuple[np.ndarray, int]:
-    """Read WAV/FLAC/OGG (anything libsndfile reads) as float32 (frames, channels)."""
+def load_file(source: str | BinaryIO) -> tuple[np.ndarray, int]:
+    """Read WAV/FLAC/OGG/MP3 (anything libsndfile reads), from a path or a file object, as
+    float32 (frames, channels)."""
     import soundfile
 
-    data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    data, rate = soundfile.read(source, dtype="float32", always_2d=True)
     return data, int(rate)
 
 
-def load_16k_mono(path: str) -> np.ndarray:
-    data, rate = load_file(path)
+def load_16k_mono(source: str | BinaryIO) -> np.ndarray:
+    """A file as 16 kHz mono float32 (libsndfile decodes, libsoxr resamples)."""
+    data, rate = load_file(source)
     mono = data.mean(axis=1, dtype=np.float32)
-    if rate != SAMPLE_RATE:
+    if rate != SAMPLE_RATE and mono.size:
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
-    return mono
+    return np.ascontiguousarray(mono)

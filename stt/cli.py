@@ -113,8 +113,7 @@ async def _stream(args: argparse.Namespace, url: str) -> int:
     from .protocol import Subjects
 
     samples, rate = load_file(args.file)
-    subjects = Subjects(os.environ.get("STT_INPUT_SUBJECT", "ai.voice.stream.*"),
-                        os.environ.get("STT_OUTPUT_SUBJECT_PREFIX", "ai.voice.transcription"))
+    subjects = Subjects.of(Settings.from_env())
     nc = await _connect(url)
     try:
         result = await stream_audio(

@@ -24,6 +24,7 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 
 from .metrics import package_version
+from .protocol import Subjects
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -79,7 +80,7 @@ class Discovery:
             description="Streaming speech-to-text worker: audio chunks in, transcripts out",
             metadata={"engine": str(self.worker.engine.describe().get("name", "")),
                       "input_subject": settings.input_subject,
-                      "output_subject": settings.output_subject_prefix + ".*",
+                      "output_subject": Subjects.of(settings).output_wildcard,
                       "host": socket.gethostname()},
             stats_handler=self._stats)
         await self.service.add_endpoint(name="status", subject=self.status_subject,

@@ -85,14 +85,11 @@ class _JobTrace:
 
 
 class OtelTelemetry(MetricsTelemetry):
-    enabled = True
 
     def __init__(self, settings: Settings, worker: Worker) -> None:
         super().__init__(worker)
         self.settings = settings
-        self.subjects = Subjects(settings.input_subject, settings.output_subject_prefix)
-        self.input_template = settings.input_subject.rsplit(".", 1)[0] + ".{session_id}"
-        self.output_template = settings.output_subject_prefix + ".{session_id}"
+        self.subjects = Subjects.of(settings)
         self._sessions: dict[str, _SessionTrace] = {}
         self._shut_down = False
         span_exporters, metric_exporters = exporters(settings)
@@ -158,13 +155,13 @@ class OtelTelemetry(MetricsTelemetry):
             if trace.get_current_span(extracted).get_span_context().is_valid:
                 parent = extracted
         span = self.tracer.start_span(
-            f"process {self.input_template}", context=parent, kind=SpanKind.CONSUMER,
+            f"process {self.subjects.input_template}", context=parent, kind=SpanKind.CONSUMER,
             attributes={
                 "messaging.system": "nats",
                 "messaging.operation.type": "process",
                 "messaging.operation.name": "process",
                 "messaging.destination.name": self.subjects.input(session_id),
-                "messaging.destination.template": self.input_template,
+                "messaging.destination.template": self.subjects.input_template,
                 **({"messaging.consumer.group.name": self.settings.queue_group}
                    if self.settings.queue_group else {}),
                 "stt.session.id": session_id,
@@ -232,14 +229,14 @@ class OtelTelemetry(MetricsTelemetry):
         if st.utterance is not None and (kind == "error" or (kind == "transcript"
                                                              and message.get("is_final"))):
             send = self.tracer.start_span(
-                f"send {self.output_template}",
+                f"send {self.subjects.output_template}",
                 context=trace.set_span_in_context(st.utterance), kind=SpanKind.PRODUCER,
                 attributes={
                     "messaging.system": "nats",
                     "messaging.operation.type": "send",
                     "messaging.operation.name": "publish",
                     "messaging.destination.name": self.subjects.output(session_id),
-                    "messaging.destination.template": self.output_template,
+                    "messaging.destination.template": self.subjects.output_template,
                     "stt.session.id": session_id,
                     "stt.message.type": str(kind),
                     "stt.message.sequence": int(message.get("sequence", 0)),

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgpack
 
-from .config import ENCODINGS
+from .config import ENCODINGS, Settings
 
 MAX_SESSION_ID_LEN = 128
 MAX_PROMPT_CHARS = 2000
@@ -72,11 +72,27 @@ class Subjects:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"bad session id in subject {subject[:200]!r}")
         return token
 
+    @classmethod
+    def of(cls, settings: Settings) -> Subjects:
+        return cls(settings.input_subject, settings.output_subject_prefix)
+
     def output(self, session_id: str) -> str:
         return f"{self.output_prefix}.{session_id}"
 
     def input(self, session_id: str) -> str:
         return f"{self.input_subject.rsplit('.', 1)[0]}.{session_id}"
+
+    @property
+    def input_template(self) -> str:
+        return self.input("{session_id}")
+
+    @property
+    def output_template(self) -> str:
+        return self.output("{session_id}")
+
+    @property
+    def output_wildcard(self) -> str:
+        return self.output("*")
 
 
 # --- codec ------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from . import config, logs
-from .audio import SAMPLE_RATE
+from .audio import SAMPLE_RATE, load_16k_mono
 from .config import Settings
 from .engines.base import Engine, EngineError, EngineUnavailable, Segment, TranscribeOptions
 from .engines.decoding import UnsupportedLanguage
@@ -83,20 +83,13 @@ def model_id(settings: Settings) -> str:
 
 
 def decode_audio(data: bytes) -> np.ndarray:
-    """Uploaded file -> 16 kHz mono float32 (libsndfile decodes, libsoxr resamples)."""
-    import soundfile
-    import soxr
-
+    """Uploaded file -> 16 kHz mono float32."""
     try:
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        return load_16k_mono(io.BytesIO(data))
     except Exception:  # libsndfile's error: unknown format, truncated file
         raise ApiError(400, "Could not decode the audio file: unknown format or damaged file. "
                        "Supported formats: wav, flac, ogg, mp3.", param="file",
                        code="invalid_audio") from None
-    mono = samples.mean(axis=1, dtype=np.float32)
-    if rate != SAMPLE_RATE and mono.size:
-        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
-    return np.ascontiguousarray(mono)
 
 
 def segments_for(text: str, segments: list[Segment], words: list[Any],

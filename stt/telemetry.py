@@ -18,8 +18,6 @@ if TYPE_CHECKING:
 
 
 class Telemetry:
-    enabled = False
-
     def control_message(self, session_id: str, kind: str, headers: dict[str, str] | None) -> None:
         """A start/state_change/end arrived; ``headers`` may carry W3C trace context."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import webrtcvad
 
-from .audio import SAMPLE_RATE, to_pcm16
+from .audio import SAMPLE_RATE
 
 FRAME_MS = 30
 FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000  # 480
@@ -49,19 +49,11 @@ class FrameVAD:
     def __init__(self, enabled: bool, aggressiveness: int) -> None:
         self._vad = webrtcvad.Vad(aggressiveness) if enabled else None
 
-    def is_speech(self, frame: np.ndarray) -> bool:
-        return self.is_speech_pcm(to_pcm16(frame))
-
     def is_speech_pcm(self, pcm: bytes) -> bool:
         """One 30 ms frame of 16 kHz int16 little-endian audio."""
         if self._vad is None:
             return True
         return bool(self._vad.is_speech(pcm, SAMPLE_RATE))
-
-
-def frame_energy(frame: np.ndarray) -> float:
-    """Mean square amplitude; used to find the quietest point to cut a long segment."""
-    return float(np.dot(frame, frame)) / frame.size
 
 
 # --- periodicity: is there a pitch? ------------------------------------------------------------

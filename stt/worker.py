@@ -92,7 +92,7 @@ class Worker:
         self.engine = engine
         self.clock = clock
         self.telemetry = telemetry or Telemetry()
-        self.subjects = Subjects(settings.input_subject, settings.output_subject_prefix)
+        self.subjects = Subjects.of(settings)
         self.sessions: dict[str, Session] = {}
         self.stats = Stats()
         self.nc: Client | None = None
@@ -134,7 +134,7 @@ class Worker:
             pending_msgs_limit=1_000_000, pending_bytes_limit=1024 * 1024 * 1024)
         await self.nc.flush()
         log.info("listening", extra={"subject": self.settings.input_subject,
-                                     "output": self.settings.output_subject_prefix + ".*",
+                                     "output": self.subjects.output_wildcard,
                                      "nats": self.nc.connected_url.netloc if self.nc.connected_url else None})
 
     async def run(self, stop: asyncio.Event) -> None:
