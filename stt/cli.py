@@ -18,7 +18,8 @@ from typing import Any
 
 from . import config, logs
 from .config import ConfigError, Settings
-from .engines.base import EngineUnavailable
+from .engines.base import Engine, EngineUnavailable
+from .telemetry import Telemetry
 
 SAMPLE = Path(__file__).parent / "data" / "sample.flac"
 log = logging.getLogger("stt")
@@ -37,29 +38,59 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
+def build_telemetry(settings: Settings, engine: Engine) -> Telemetry:
+    """The cheapest telemetry that does what the settings ask for.
+
+    * ``OTEL_ENABLED`` or ``HYPERDX_ENABLED``: OpenTelemetry traces and OTLP metrics (and the
+      ``/metrics`` recorder); the http engine's requests then carry the trace context;
+    * else, with ``STT_HEALTH_PORT`` set: the ``/metrics`` recorder (no exporter thread);
+    * else the no-op.
+    """
+    if settings.otel_enabled or settings.hyperdx_enabled:
+        try:
+            from .otel import OtelTelemetry, current_trace_headers
+        except ImportError as exc:
+            variable = "OTEL_ENABLED" if settings.otel_enabled else "HYPERDX_ENABLED"
+            raise ConfigError(variable, f"needs the otel extra: pip install "
+                                        f"'stt-streaming[otel]' ({exc})") from None
+        from .engines.http import HttpEngine
+
+        if isinstance(engine, HttpEngine):
+            engine.extra_headers = current_trace_headers
+        return OtelTelemetry(settings, engine.name)
+    if settings.health_port:
+        from .metrics import MetricsTelemetry
+
+        return MetricsTelemetry()
+    return Telemetry()
+
+
 async def run_worker(settings: Settings) -> int:
-    from . import telemetry
+    """Everything the worker needs, wired here and only here."""
     from .discovery import Discovery
     from .engines import create_engine
     from .worker import Worker
 
     engine = create_engine(settings)
-    worker = Worker(settings, engine)
-    worker.telemetry = telemetry.create(settings, worker)
+    telemetry = build_telemetry(settings, engine)
+    worker = Worker(settings, engine, telemetry=telemetry)
     stop = asyncio.Event()
     _stop_on_signals(stop)
     health = None
     if settings.health_port:
         from .health import HealthServer
+        from .metrics import MetricsTelemetry
 
+        assert isinstance(telemetry, MetricsTelemetry)  # build_telemetry with a health port
         # Up before the model loads and NATS connects: /livez answers, /readyz says why not.
-        health = HealthServer(worker, settings.health_host, settings.health_port)
+        health = HealthServer(worker.status, telemetry, settings.health_host,
+                              settings.health_port)
         await health.start()
-    discovery = Discovery(worker)
+    discovery = Discovery(settings, worker.status)
     try:
         await worker.start()
         try:
-            await discovery.start()
+            await discovery.start(worker.nc)
         except Exception as exc:  # discovery is a convenience; the worker runs without it
             log.warning("NATS service discovery unavailable: %s", exc)
         await stop.wait()

@@ -17,17 +17,16 @@ import json
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from nats.aio.client import Client
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 
-from .metrics import package_version
+from .config import Settings
 from .protocol import Subjects
-
-if TYPE_CHECKING:
-    from .worker import Worker
+from .status import Status, StatusSource, package_version
 
 log = logging.getLogger("stt.discovery")
 
@@ -35,25 +34,24 @@ SERVICE_NAME = "stt-worker"
 STATUS_SUBJECT_PREFIX = "stt.status"
 
 
-def status(worker: Worker, started_at: float) -> dict[str, Any]:
+def status(s: Status, started_at: float) -> dict[str, Any]:
     """What the ``status`` endpoint answers (JSON-ready; no per-session detail)."""
-    s = worker.stats
     return {
-        "ready": worker.ready,
-        "connected": worker.connected,
-        "engine_ready": worker.engine_ready,
-        "draining": worker.draining,
-        "sessions": len(worker.sessions),
-        "max_sessions": worker.settings.max_sessions,
-        "engine": worker.engine.describe(),
-        "pending_outbound": worker.pending_outbound,
+        "ready": s.ready,
+        "connected": s.connected,
+        "engine_ready": s.engine_ready,
+        "draining": s.draining,
+        "sessions": s.sessions,
+        "max_sessions": s.max_sessions,
+        "engine": dict(s.engine),
+        "pending_outbound": s.pending_outbound,
         "uptime_s": round(time.monotonic() - started_at, 1),
         "counters": {
             "messages_in": s.messages_in, "published": s.published,
             "sessions_started": s.sessions_started, "sessions_ended": dict(s.sessions_ended),
             "engine_jobs": s.engine_jobs, "engine_failures": s.engine_failures,
             "errors": dict(s.errors), "reconnects": s.reconnects,
-            **worker.chunk_totals(),
+            **{"chunks_" + k: v for k, v in s.chunks.items()},
         },
     }
 
@@ -61,8 +59,9 @@ def status(worker: Worker, started_at: float) -> dict[str, Any]:
 class Discovery:
     """Registers the worker with ``nats.micro`` on its NATS connection; ``stop()`` removes it."""
 
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
+    def __init__(self, settings: Settings, status: StatusSource) -> None:
+        self.settings = settings
+        self.status = status
         self.started_at = time.monotonic()
         self.service: Service | None = None
 
@@ -70,15 +69,15 @@ class Discovery:
     def status_subject(self) -> str | None:
         return f"{STATUS_SUBJECT_PREFIX}.{self.service.id}" if self.service else None
 
-    async def start(self) -> Service:
-        nc = self.worker.nc
+    async def start(self, nc: Client | None) -> Service:
+        """Register on the worker's connection (``worker.nc``, once it is started)."""
         if nc is None:
             raise RuntimeError("the worker is not connected; start it first")
-        settings = self.worker.settings
+        settings = self.settings
         self.service = await add_service(
             nc, name=SERVICE_NAME, version=package_version(),
             description="Streaming speech-to-text worker: audio chunks in, transcripts out",
-            metadata={"engine": str(self.worker.engine.describe().get("name", "")),
+            metadata={"engine": str(self.status().engine.get("name", "")),
                       "input_subject": settings.input_subject,
                       "output_subject": Subjects.of(settings).output_wildcard,
                       "host": socket.gethostname()},
@@ -104,8 +103,8 @@ class Discovery:
             log.debug("micro service stop: %s", exc)
 
     async def _on_status(self, request: Request) -> None:
-        await request.respond(json.dumps(status(self.worker, self.started_at),
+        await request.respond(json.dumps(status(self.status(), self.started_at),
                                          default=str).encode())
 
     def _stats(self, endpoint: EndpointStats) -> dict[str, Any]:
-        return status(self.worker, self.started_at)
+        return status(self.status(), self.started_at)

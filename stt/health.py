@@ -25,12 +25,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .metrics import CONTENT_TYPE, MetricsTelemetry, metrics_for
-
-if TYPE_CHECKING:
-    from .worker import Worker
+from .metrics import CONTENT_TYPE, MetricsTelemetry
+from .status import Status, StatusSource
 
 log = logging.getLogger("stt.health")
 
@@ -40,30 +38,21 @@ REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not All
            503: "Service Unavailable"}
 
 
-def readiness(worker: Worker) -> tuple[bool, dict[str, Any]]:
+def readiness(status: Status) -> tuple[bool, dict[str, Any]]:
     """Whether the worker should count as ready, and why not."""
-    reasons = []
-    if not worker.engine_ready:
-        reasons.append("engine loading")
-    if not worker.connected:
-        reasons.append("NATS not connected")
-    if worker.draining:
-        reasons.append("draining")
-    ready = worker.ready
-    if not ready and not reasons:
-        reasons.append("not ready")
-    return ready, {"ready": ready, "reasons": reasons, "sessions": len(worker.sessions),
-                   "engine": worker.engine.describe()}
+    return status.ready, {"ready": status.ready, "reasons": status.not_ready,
+                          "sessions": status.sessions, "engine": dict(status.engine)}
 
 
 class HealthServer:
-    def __init__(self, worker: Worker, host: str = "0.0.0.0", port: int = 8080) -> None:
-        self.worker = worker
+    def __init__(self, status: StatusSource, metrics: MetricsTelemetry, host: str = "0.0.0.0",
+                 port: int = 8080) -> None:
+        self.status = status
+        self.metrics = metrics
         self.host = host
         self.port = port  # 0 picks a free port; the real one is here after start()
         self.started_at = time.monotonic()
         self._server: asyncio.Server | None = None
-        self._fallback_metrics: MetricsTelemetry | None = None
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
@@ -78,13 +67,6 @@ class HealthServer:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
             self._server = None
 
-    def _metrics(self) -> MetricsTelemetry:
-        metrics = metrics_for(self.worker)
-        if metrics is not self.worker.telemetry:  # worker without a recorder: keep one for it
-            self._fallback_metrics = self._fallback_metrics or metrics
-            return self._fallback_metrics
-        return metrics
-
     def respond(self, method: str, path: str) -> tuple[int, str, bytes]:
         """Status, content type and body for one request (no I/O: testable directly)."""
         path = path.split("?", 1)[0]
@@ -94,11 +76,11 @@ class HealthServer:
             body = {"status": "ok", "uptime_s": round(time.monotonic() - self.started_at, 1)}
             return 200, "application/json", json.dumps(body).encode() + b"\n"
         if path == "/readyz":
-            ready, detail = readiness(self.worker)
+            ready, detail = readiness(self.status())
             return (200 if ready else 503), "application/json", \
                 json.dumps(detail, default=str).encode() + b"\n"
         if path == "/metrics":
-            return 200, CONTENT_TYPE, self._metrics().render().encode()
+            return 200, CONTENT_TYPE, self.metrics.render().encode()
         return 404, "text/plain", b"not found: try /livez, /readyz or /metrics\n"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -1,9 +1,9 @@
 """Worker metrics: one table read at scrape time, three histograms recorded as jobs finish.
 
-Nothing here runs per audio chunk. Counters the worker already keeps (``Worker.stats``,
-``chunk_totals()``, the session table) are read when ``/metrics`` is scraped or when the
-OpenTelemetry reader collects; only the latency histograms are recorded, in the telemetry
-hooks, a few times per utterance.
+Nothing here runs per audio chunk. The counters the worker already keeps are read, as one
+:class:`~stt.status.Status` snapshot, when ``/metrics`` is scraped or when the OpenTelemetry
+reader collects; only the latency histograms are recorded, in the telemetry hooks, a few times
+per utterance.
 
 The Prometheus text format is written by hand: it is a few lines of code, and ``/metrics``
 then works without any optional dependency. No metric has a per-session label.
@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from importlib import metadata
 from typing import TYPE_CHECKING, Any, Literal
 
+from .status import CHUNK_RESULTS, Status, StatusSource, package_version
 from .telemetry import Telemetry
 
 if TYPE_CHECKING:
     from .session import Job
-    from .worker import Worker
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -40,22 +39,15 @@ BREAKER_STATES = ("closed", "open", "half_open")
 Sample = tuple[dict[str, str], float]
 
 
-def package_version() -> str:
-    try:
-        return metadata.version("stt-streaming")
-    except metadata.PackageNotFoundError:
-        return "0.0.0"
-
-
 @dataclass(frozen=True)
 class Metric:
-    """One value (or one labelled family) read from the worker when metrics are collected."""
+    """One value (or one labelled family) read from a status snapshot when metrics are collected."""
 
     name: str                           # dotted, without the ``stt.`` prefix
     kind: Literal["counter", "gauge"]
     unit: str                           # UCUM: "s", a {curly} annotation, or "" (a plain number)
     help: str
-    read: Callable[[MetricsTelemetry], Iterable[Sample]]
+    read: Callable[[Status], Iterable[Sample]]
 
     @property
     def otel_name(self) -> str:
@@ -77,114 +69,89 @@ def _one(value: float) -> list[Sample]:
     return [({}, float(value))]
 
 
-def _by(label: str, values: dict[str, int] | dict[str, float]) -> list[Sample]:
+def _by(label: str, values: Mapping[str, int] | Mapping[str, float]) -> list[Sample]:
     return [({label: key}, float(n)) for key, n in sorted(values.items())]
 
 
-def _breaker(t: MetricsTelemetry) -> list[Sample]:
+def _breaker(t: Status) -> list[Sample]:
     # The http engine reports its circuit breaker in describe() as {"breaker": "closed"|...};
     # engines without one have no such series.
-    state = t.worker.engine.describe().get("breaker")
+    state = t.engine.get("breaker")
     if not isinstance(state, str):
         return []
     return [({"state": s}, 1.0 if s == state else 0.0) for s in BREAKER_STATES]
 
 
-def _nats_pending(t: MetricsTelemetry) -> list[Sample]:
-    return _one(t.worker.pending_inbound)
+def _info(t: Status) -> list[Sample]:
+    return [({"version": t.version, "engine": str(t.engine.get("name", "?")),
+              "model": str(t.engine.get("model", ""))}, 1.0)]
 
 
-def _info(t: MetricsTelemetry) -> list[Sample]:
-    engine = t.worker.engine.describe()
-    return [({"version": t.version, "engine": str(engine.get("name", "?")),
-              "model": str(engine.get("model", ""))}, 1.0)]
-
-
-def _audio_received(t: MetricsTelemetry) -> list[Sample]:
-    return _one(t.worker.audio_received_s())
-
-
-def _chunks(t: MetricsTelemetry) -> list[Sample]:
-    totals = t.worker.chunk_totals()
-    return [({"result": key}, float(totals.get("chunks_" + key, 0)))
-            for key in ("ok", "duplicate", "late", "dropped")]
+def _chunks(t: Status) -> list[Sample]:
+    return [({"result": key}, float(t.chunks.get(key, 0))) for key in CHUNK_RESULTS]
 
 
 def _table() -> tuple[Metric, ...]:
     return (
         Metric("sessions.active", "gauge", "{session}", "Sessions open on this worker.",
-               lambda t: _one(len(t.worker.sessions))),
+               lambda t: _one(t.sessions)),
         Metric("sessions.started", "counter", "{session}", "Sessions opened (start or adopted).",
-               lambda t: _one(t.worker.stats.sessions_started)),
+               lambda t: _one(t.sessions_started)),
         Metric("sessions.ended", "counter", "{session}", "Sessions ended, by reason.",
-               lambda t: _by("reason", t.worker.stats.sessions_ended)),
-        Metric("audio.received", "counter", "s", "Seconds of audio received.", _audio_received),
+               lambda t: _by("reason", t.sessions_ended)),
+        Metric("audio.received", "counter", "s", "Seconds of audio received.",
+               lambda t: _one(t.audio_received_s)),
         Metric("audio.transcribed", "counter", "s",
                "Seconds of audio sent to the engine (partials included).",
-               lambda t: _one(t.worker.stats.audio_transcribed_s)),
+               lambda t: _one(t.audio_transcribed_s)),
         Metric("chunks", "counter", "{chunk}", "Audio chunks by result.", _chunks),
         Metric("messages.received", "counter", "{message}", "Input messages received.",
-               lambda t: _one(t.worker.stats.messages_in)),
+               lambda t: _one(t.messages_in)),
         Metric("messages.bad", "counter", "{message}", "Input messages that could not be parsed.",
-               lambda t: _one(t.worker.stats.bad_messages)),
+               lambda t: _one(t.bad_messages)),
         Metric("messages.published", "counter", "{message}", "Messages published.",
-               lambda t: _one(t.worker.stats.published)),
+               lambda t: _one(t.published)),
         Metric("messages.publish_failures", "counter", "{message}",
                "Messages that could not be published (or were dropped from a full outbox).",
-               lambda t: _one(t.worker.stats.publish_failures)),
+               lambda t: _one(t.publish_failures)),
         Metric("transcripts", "counter", "{message}", "Transcripts published, by kind.",
-               lambda t: _by("kind", t.worker.stats.transcripts)),
+               lambda t: _by("kind", t.transcripts)),
         Metric("interrupts", "counter", "{message}", "Barge-in interrupts published.",
-               lambda t: _one(t.worker.stats.interrupts)),
+               lambda t: _one(t.interrupts)),
         Metric("errors", "counter", "{error}", "Errors, by protocol error code.",
-               lambda t: _by("code", t.worker.stats.errors)),
+               lambda t: _by("code", t.errors)),
         Metric("engine.jobs", "counter", "{job}", "Engine transcriptions that succeeded.",
-               lambda t: _one(t.worker.stats.engine_jobs)),
+               lambda t: _one(t.engine_jobs)),
         Metric("engine.failures", "counter", "{job}", "Engine transcriptions that failed.",
-               lambda t: _one(t.worker.stats.engine_failures)),
+               lambda t: _one(t.engine_failures)),
         Metric("engine.busy", "counter", "s", "Seconds spent in successful engine calls.",
-               lambda t: _one(t.worker.stats.engine_seconds)),
+               lambda t: _one(t.engine_seconds)),
         Metric("engine.ready", "gauge", "", "1 once the model is loaded.",
-               lambda t: _one(t.worker.engine_ready)),
+               lambda t: _one(t.engine_ready)),
         Metric("engine.breaker", "gauge", "", "Circuit breaker of the engine, 1 for its state.",
                _breaker),
         Metric("nats.connected", "gauge", "", "1 while connected to NATS.",
-               lambda t: _one(t.worker.connected)),
+               lambda t: _one(t.connected)),
         Metric("nats.reconnects", "counter", "{event}", "NATS reconnections.",
-               lambda t: _one(t.worker.stats.reconnects)),
+               lambda t: _one(t.reconnects)),
         Metric("nats.disconnects", "counter", "{event}", "NATS disconnections.",
-               lambda t: _one(t.worker.stats.disconnects)),
+               lambda t: _one(t.disconnects)),
         Metric("nats.slow_consumers", "counter", "{event}",
                "Input messages the NATS client dropped because the worker fell behind.",
-               lambda t: _one(t.worker.stats.slow_consumers)),
+               lambda t: _one(t.slow_consumers)),
         Metric("nats.pending", "gauge", "{message}", "Input messages received but not handled yet.",
-               _nats_pending),
+               lambda t: _one(t.pending_inbound)),
         Metric("outbound.pending", "gauge", "{message}", "Messages waiting to be published.",
-               lambda t: _one(t.worker.pending_outbound)),
+               lambda t: _one(t.pending_outbound)),
         Metric("ready", "gauge", "", "1 when connected, loaded and not draining (/readyz).",
-               lambda t: _one(t.worker.ready)),
+               lambda t: _one(t.ready)),
         Metric("draining", "gauge", "", "1 while shutting down.",
-               lambda t: _one(t.worker.draining)),
+               lambda t: _one(t.draining)),
         Metric("info", "gauge", "", "Version and engine of this worker.", _info),
     )
 
 
 METRICS = _table()
-
-
-def read(metric: Metric, telemetry: MetricsTelemetry) -> list[Sample]:
-    """``metric``'s samples; retried when a session opened or closed mid-read.
-
-    The OpenTelemetry reader collects from its own thread while the event loop changes the
-    session table; iterating a dict that changes size raises, and a second read succeeds.
-    """
-    for attempt in range(3):
-        try:
-            return list(metric.read(telemetry))
-        except RuntimeError:
-            if attempt == 2:
-                raise
-    return []
 
 
 class Histogram:
@@ -230,9 +197,8 @@ class MetricsTelemetry(Telemetry):
     extends it, so ``/metrics`` reads the same whichever is active.
     """
 
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.version = package_version()
+    def __init__(self, status: StatusSource | None = None) -> None:
+        self.status = status or _no_worker
         self.started_at = time.time()
         self.transcription_duration = Histogram(
             "transcription.duration", "s", "Engine time per transcription, by kind.",
@@ -246,6 +212,9 @@ class MetricsTelemetry(Telemetry):
             LATENCY_BUCKETS_S)
 
     # --- hooks ----------------------------------------------------------------------------
+
+    def attach(self, status: StatusSource) -> None:
+        self.status = status
 
     def job_finished(self, token: Any, job: Job, *, engine_s: float, error: str | None) -> None:
         if error is not None:
@@ -267,12 +236,13 @@ class MetricsTelemetry(Telemetry):
     def render(self) -> str:
         """The Prometheus text exposition format (0.0.4)."""
         out: list[str] = []
+        snapshot = self.status()
         for metric in METRICS:
             name = metric.prometheus_name
             out.append(f"# HELP {name} {metric.help}")
             out.append(f"# TYPE {name} {metric.kind}")
             out.extend(f"{name}{_labels(labels)} {_number(value)}"
-                       for labels, value in read(metric, self))
+                       for labels, value in metric.read(snapshot))
         for hist in self.histograms:
             name = hist.prometheus_name
             out.append(f"# HELP {name} {hist.help}")
@@ -303,7 +273,7 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def metrics_for(worker: Worker) -> MetricsTelemetry:
-    """The worker's metrics recorder, or a fresh one that reads only the worker's own counters."""
-    telemetry = worker.telemetry
-    return telemetry if isinstance(telemetry, MetricsTelemetry) else MetricsTelemetry(worker)
+def _no_worker() -> Status:
+    """Before a worker attaches: nothing loaded, nothing connected."""
+    return Status(version=package_version(), engine={}, engine_ready=False, connected=False,
+                  draining=False, sessions=0, max_sessions=0)

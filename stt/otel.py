@@ -54,12 +54,12 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from .config import ConfigError, Settings
-from .metrics import METRICS, Histogram, Metric, MetricsTelemetry, read
+from .metrics import METRICS, Histogram, Metric, MetricsTelemetry
 from .protocol import Subjects
+from .status import package_version
 
 if TYPE_CHECKING:
     from .session import Job
-    from .worker import Worker
 
 log = logging.getLogger("stt.otel")
 
@@ -86,9 +86,13 @@ class _JobTrace:
 
 class OtelTelemetry(MetricsTelemetry):
 
-    def __init__(self, settings: Settings, worker: Worker) -> None:
-        super().__init__(worker)
+    def __init__(self, settings: Settings, engine_name: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
         self.settings = settings
+        self.engine_name = engine_name
+        self.clock = clock  # the worker's: job times are on it
+        self.version = package_version()
         self.subjects = Subjects.of(settings)
         self._sessions: dict[str, _SessionTrace] = {}
         self._shut_down = False
@@ -102,10 +106,8 @@ class OtelTelemetry(MetricsTelemetry):
         self.meter_provider = MeterProvider(resource=resource, metric_readers=readers,
                                             shutdown_on_exit=False)
         self.tracer = self.tracer_provider.get_tracer("stt", self.version)
-        self._engine_kind = SpanKind.CLIENT if worker.engine.name == "http" else SpanKind.INTERNAL
+        self._engine_kind = SpanKind.CLIENT if engine_name == "http" else SpanKind.INTERNAL
         self._register_metrics()
-        if hasattr(worker.engine, "extra_headers"):  # the http engine: carry context to Whisper
-            worker.engine.extra_headers = current_trace_headers
         self._log_filter = _TraceLogFilter(self)
         for handler in logging.getLogger().handlers:
             handler.addFilter(self._log_filter)
@@ -133,7 +135,7 @@ class OtelTelemetry(MetricsTelemetry):
 
     def _observer(self, metric: Metric) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(value, labels) for labels, value in read(metric, self)]
+            return [Observation(value, labels) for labels, value in metric.read(self.status())]
         return observe
 
     @staticmethod
@@ -182,7 +184,7 @@ class OtelTelemetry(MetricsTelemetry):
             self._end_utterance(job.session_id, st.utterance)  # one that published nothing
             token.utterance = st.utterance = self.tracer.start_span(
                 "stt utterance", context=parent, kind=SpanKind.INTERNAL,
-                start_time=_epoch_ns(job.speech_end_at, self.worker.clock),
+                start_time=_epoch_ns(job.speech_end_at, self.clock),
                 attributes={"stt.session.id": job.session_id, "stt.segment.id": job.segment_id,
                             "stt.audio.duration_s": round(job.duration_s, 3),
                             "stt.segment.start_s": round(job.start_s, 3),
@@ -190,7 +192,7 @@ class OtelTelemetry(MetricsTelemetry):
             token.engine = self.tracer.start_span(
                 "engine transcribe", context=trace.set_span_in_context(token.utterance),
                 kind=self._engine_kind,
-                attributes={"stt.engine": self.worker.engine.name,
+                attributes={"stt.engine": self.engine_name,
                             "stt.audio.duration_s": round(job.duration_s, 3)})
             current = trace.set_span_in_context(token.engine)
         else:

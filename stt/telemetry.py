@@ -2,9 +2,10 @@
 
 The worker calls these at a handful of points (never per chunk): when a control message
 (start, state_change, end) arrives with NATS headers, around each engine job, and when it
-publishes a message. ``create(settings, worker)`` picks the implementation: OpenTelemetry
-(:mod:`stt.otel`) when ``OTEL_ENABLED``/``HYPERDX_ENABLED`` is set, the ``/metrics`` recorder
-(:mod:`stt.metrics`) when only the health port is on, this no-op otherwise.
+publishes a message. Implementations: the ``/metrics`` recorder (:mod:`stt.metrics`) and
+OpenTelemetry (:mod:`stt.otel`); :func:`stt.cli.build_telemetry` picks one from the settings.
+They read the worker only through the :class:`~stt.status.Status` snapshots it hands to
+:meth:`Telemetry.attach`.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .config import Settings
     from .session import Job
-    from .worker import Worker
+    from .status import StatusSource
 
 
 class Telemetry:
+    def attach(self, status: StatusSource) -> None:
+        """The worker's status snapshots, for implementations that report them."""
+
     def control_message(self, session_id: str, kind: str, headers: dict[str, str] | None) -> None:
         """A start/state_change/end arrived; ``headers`` may carry W3C trace context."""
 
@@ -40,31 +43,3 @@ class Telemetry:
 
     async def shutdown(self) -> None:
         """Flush exporters."""
-
-
-def create(settings: Settings, worker: Worker | None = None) -> Telemetry:
-    """The cheapest implementation that does what the settings ask for.
-
-    * ``OTEL_ENABLED`` or ``HYPERDX_ENABLED``: :class:`stt.otel.OtelTelemetry` (traces, OTLP
-      metrics, and the ``/metrics`` recorder);
-    * else, with ``STT_HEALTH_PORT`` set: :class:`stt.metrics.MetricsTelemetry` (a few counters
-      and histograms for ``/metrics``, no exporter thread);
-    * else this no-op. Without a worker there is nothing to observe: the no-op too.
-    """
-    if worker is None:
-        return Telemetry()
-    if settings.otel_enabled or settings.hyperdx_enabled:
-        try:
-            from .otel import OtelTelemetry
-        except ImportError as exc:
-            from .config import ConfigError
-
-            variable = "OTEL_ENABLED" if settings.otel_enabled else "HYPERDX_ENABLED"
-            raise ConfigError(variable, f"needs the otel extra: pip install "
-                                        f"'stt-streaming[otel]' ({exc})") from None
-        return OtelTelemetry(settings, worker)
-    if settings.health_port:
-        from .metrics import MetricsTelemetry
-
-        return MetricsTelemetry(worker)
-    return Telemetry()

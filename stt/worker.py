@@ -33,6 +33,7 @@ from .config import Settings
 from .engines.base import Engine, EngineError
 from .protocol import EndReason, ErrorCode, ProtocolError, Subjects
 from .session import Action, Close, Job, Publish, Session, Transcribe
+from .status import CHUNK_RESULTS, Status, not_ready_reasons, package_version
 from .telemetry import Telemetry
 
 log = logging.getLogger("stt.worker")
@@ -57,7 +58,7 @@ OUTBOX_LIMIT = 200_000  # messages held while NATS is unreachable; oldest droppe
 
 
 class Stats:
-    """Worker-wide counters (no per-session labels); read by health, metrics and benchmarks."""
+    """Worker-wide counters (no per-session labels); others read them through :meth:`Worker.status`."""
 
     def __init__(self) -> None:
         self.messages_in = 0
@@ -91,7 +92,9 @@ class Worker:
         self.settings = settings
         self.engine = engine
         self.clock = clock
+        self.version = package_version()
         self.telemetry = telemetry or Telemetry()
+        self.telemetry.attach(self.status)
         self.subjects = Subjects.of(settings)
         self.sessions: dict[str, Session] = {}
         self.stats = Stats()
@@ -118,7 +121,8 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        return self.connected and self.engine_ready and not self.draining
+        return not not_ready_reasons(engine_ready=self.engine_ready, connected=self.connected,
+                                     draining=self.draining)
 
     async def start(self) -> None:
         t0 = time.perf_counter()
@@ -450,13 +454,45 @@ class Worker:
 
     def chunk_totals(self) -> dict[str, int]:
         totals = dict(self._session_totals)
-        for s in self.sessions.values():
+        for s in list(self.sessions.values()):
             for key in ("chunks_ok", "chunks_duplicate", "chunks_late", "chunks_dropped"):
                 totals[key] = totals.get(key, 0) + getattr(s.counters, key)
         return totals
 
+    def status(self) -> Status:
+        """A read-only snapshot for metrics, health and discovery (built on demand).
+
+        The OpenTelemetry reader calls this from its own thread while the event loop changes
+        the session table: a dict that changes size mid-iteration raises, and a retry succeeds.
+        """
+        for attempt in range(3):
+            try:
+                return self._status()
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _status(self) -> Status:
+        s = self.stats
+        totals = self.chunk_totals()
+        return Status(
+            version=self.version, engine=self.engine.describe(), engine_ready=self.engine_ready,
+            connected=self.connected, draining=self.draining, sessions=len(self.sessions),
+            max_sessions=self.settings.max_sessions, sessions_started=s.sessions_started,
+            sessions_ended=dict(s.sessions_ended), audio_received_s=self.audio_received_s(),
+            audio_transcribed_s=s.audio_transcribed_s,
+            chunks={r: totals.get("chunks_" + r, 0) for r in CHUNK_RESULTS},
+            messages_in=s.messages_in, bad_messages=s.bad_messages, published=s.published,
+            publish_failures=s.publish_failures, transcripts=dict(s.transcripts),
+            interrupts=s.interrupts, errors=dict(s.errors), engine_jobs=s.engine_jobs,
+            engine_failures=s.engine_failures, engine_seconds=s.engine_seconds,
+            reconnects=s.reconnects, disconnects=s.disconnects, slow_consumers=s.slow_consumers,
+            pending_inbound=self.pending_inbound, pending_outbound=self.pending_outbound)
+
     def audio_received_s(self) -> float:
-        return self.stats.audio_ended_s + sum(s.counters.audio_in_s for s in self.sessions.values())
+        return self.stats.audio_ended_s + sum(s.counters.audio_in_s
+                                              for s in list(self.sessions.values()))
 
     @property
     def pending_outbound(self) -> int:

@@ -267,9 +267,11 @@ class Idle:
 def worker_paths() -> set[str]:
     """GET paths the worker's health server answers."""
     from stt.health import HealthServer
+    from stt.metrics import MetricsTelemetry
     from stt.worker import Worker
 
-    server = HealthServer(Worker(Settings.from_env({}), Idle()), "127.0.0.1", 0)  # type: ignore[arg-type]
+    worker = Worker(Settings.from_env({}), Idle())  # type: ignore[arg-type]
+    server = HealthServer(worker.status, MetricsTelemetry(worker.status), "127.0.0.1", 0)
     return {p for p in ("/livez", "/readyz", "/metrics", "/healthz", "/health")
             if server.respond("GET", p)[0] != 404}
 

@@ -36,9 +36,10 @@ async def gather(nc: Any, subject: str, expect: int = 0,
 
 async def test_ping_info_stats_and_status(worker_factory: Any, nc: Any) -> None:
     first, second = await worker_factory(), await worker_factory()
-    discoveries = [Discovery(first), Discovery(second)]
-    for d in discoveries:
-        await d.start()
+    workers = [first, second]
+    discoveries = [Discovery(w.settings, w.status) for w in workers]
+    for d, w in zip(discoveries, workers, strict=True):
+        await d.start(w.nc)
     try:
         pings = await gather(nc, "$SRV.PING", expect=2)
         ours = [p for p in pings if p["name"] == SERVICE_NAME]
@@ -87,8 +88,8 @@ async def test_ping_info_stats_and_status(worker_factory: Any, nc: Any) -> None:
 async def test_discovery_survives_a_nats_restart(worker_factory: Any, nats_server: Any,
                                                  nc: Any) -> None:
     worker = await worker_factory()
-    discovery = Discovery(worker)
-    await discovery.start()
+    discovery = Discovery(worker.settings, worker.status)
+    await discovery.start(worker.nc)
     try:
         nats_server.stop()
         await asyncio.sleep(0.3)

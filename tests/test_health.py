@@ -67,7 +67,7 @@ async def test_probes_follow_loading_connecting_outage_and_draining(
     engine = GatedEngine()
     worker = Worker(make_settings(nats_server.url, drain_timeout_s=20.0, chunk_timeout_s=0.3),
                     engine)
-    server = HealthServer(worker, "127.0.0.1", 0)
+    server = HealthServer(worker.status, MetricsTelemetry(worker.status), "127.0.0.1", 0)
     await server.start()
     try:
         # Model loading: alive, not ready, and the body says why.
@@ -117,8 +117,8 @@ async def test_probes_follow_loading_connecting_outage_and_draining(
 async def test_metrics_parse_and_move_with_a_real_session(worker_factory: Any, nc: Any) -> None:
     parser = pytest.importorskip("prometheus_client.parser")
     worker = await worker_factory(partial_interval_s=0.5)
-    worker.telemetry = MetricsTelemetry(worker)
-    server = HealthServer(worker, "127.0.0.1", 0)
+    worker.telemetry = metrics = MetricsTelemetry(worker.status)
+    server = HealthServer(worker.status, metrics, "127.0.0.1", 0)
     await server.start()
     try:
         before = scrape(parser, (await get(server, "/metrics")).text)
@@ -170,7 +170,7 @@ def scrape(parser: Any, text: str) -> dict[str, dict[tuple[tuple[str, str], ...]
 
 async def test_routes_methods_and_bad_requests(nats_server: NatsServer) -> None:
     worker = Worker(make_settings(nats_server.url), GatedEngine())
-    server = HealthServer(worker, "127.0.0.1", 0)
+    server = HealthServer(worker.status, MetricsTelemetry(worker.status), "127.0.0.1", 0)
     await server.start()
     try:
         assert await status_of(server, "/nope") == 404
@@ -179,7 +179,6 @@ async def test_routes_methods_and_bad_requests(nats_server: NatsServer) -> None:
             assert (await client.post(url + "/livez")).status_code == 405
             head = await client.head(url + "/livez")
             assert head.status_code == 200 and head.content == b""
-            # the worker has no recorder of its own: /metrics still reads its counters
             metrics = (await client.get(url + "/metrics")).text
             assert "stt_sessions_active 0" in metrics and "stt_engine_ready 0" in metrics
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
@@ -194,7 +193,7 @@ async def test_routes_methods_and_bad_requests(nats_server: NatsServer) -> None:
 async def test_container_health_check_command(nats_server: NatsServer) -> None:
     """``python -m stt.health`` is the images' HEALTHCHECK: 0 when /livez answers, 1 when not."""
     worker = Worker(make_settings(nats_server.url), GatedEngine())
-    server = HealthServer(worker, "127.0.0.1", 0)
+    server = HealthServer(worker.status, MetricsTelemetry(worker.status), "127.0.0.1", 0)
     await server.start()
     env = {**os.environ, "STT_HEALTH_PORT": str(server.port)}
     env.pop("STT_HEALTHCHECK_URL", None)
@@ -218,7 +217,7 @@ async def test_slow_consumer_events_and_breaker_state_are_counted(worker_factory
 
     engine = create_engine(make_settings("nats://unused", engine="http"))
     worker = await worker_factory(engine=engine)
-    metrics = MetricsTelemetry(worker)
+    metrics = MetricsTelemetry(worker.status)
     assert worker.nc is not None
     # nats-py reports a dropped message only to the error callback, as here
     await worker.nc._error_cb(SlowConsumerError(subject="ai.voice.stream.x", reply="", sid=1,

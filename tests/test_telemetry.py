@@ -27,13 +27,14 @@ import numpy as np
 import pytest
 from conftest import ROOT, SAMPLE, eventually, make_settings
 
-from stt import telemetry
 from stt.audio import load_16k_mono, to_pcm16
+from stt.cli import build_telemetry
 from stt.client import send
 from stt.engines import create_engine
 from stt.metrics import MetricsTelemetry
 from stt.nats_server import NatsServer, free_port
 from stt.protocol import Subjects
+from stt.telemetry import Telemetry
 from stt.worker import Worker
 
 pytest.importorskip("opentelemetry.sdk")
@@ -180,15 +181,22 @@ async def speak(nc: Any, session_id: str, header: str | None, chunk_ms: int = 40
     await send(nc, SUBJECTS, session_id, {"type": "end"}, headers)
 
 
+def attach_telemetry(worker: Worker) -> Telemetry:
+    """What ``stt worker`` wires for these settings, on a worker the fixture already started."""
+    tel = build_telemetry(worker.settings, worker.engine)
+    tel.attach(worker.status)
+    worker.telemetry = tel
+    return tel
+
+
 # --- tests -----------------------------------------------------------------------------------
 
 async def test_trace_runs_from_front_end_through_worker_and_engine_to_transcript(
         worker_factory: Any, nc: Any, otel_env: Receiver, caplog: pytest.LogCaptureFixture) -> None:
     worker = await worker_factory(otel_enabled=True, hyperdx_enabled=True,
                                   hyperdx_api_key="hdx-key", partial_interval_s=0.5)
-    tel = telemetry.create(worker.settings, worker)
+    tel = attach_telemetry(worker)
     assert isinstance(tel, OtelTelemetry)
-    worker.telemetry = tel
     header, trace_id, client_span = traceparent()
     caplog.set_level(logging.INFO, logger="stt")
     async with collect(nc, "t1") as got:
@@ -276,7 +284,7 @@ async def test_whisper_requests_carry_the_engine_span(
     url, seen = whisper_service
     engine = create_engine(make_settings("nats://unused", engine="http", whisper_url=url))
     worker = await worker_factory(engine=engine, otel_enabled=True, partial_interval_s=0.5)
-    worker.telemetry = tel = telemetry.create(worker.settings, worker)
+    tel = attach_telemetry(worker)
     header, trace_id, _ = traceparent()
     async with collect(nc, "e1") as got:
         await speak(nc, "e1", header)
@@ -297,7 +305,7 @@ async def test_whisper_requests_carry_the_engine_span(
 async def test_sessions_without_context_get_a_trace_of_their_own(
         worker_factory: Any, nc: Any, otel_env: Receiver) -> None:
     worker = await worker_factory(otel_enabled=True, partial_interval_s=0)
-    worker.telemetry = tel = telemetry.create(worker.settings, worker)
+    tel = attach_telemetry(worker)
     async with collect(nc, "n1") as got:
         await speak(nc, "n1", None)
         await eventually(lambda: any(m["type"] == "end" for m, _ in got), 30)
@@ -313,10 +321,9 @@ async def test_sessions_without_context_get_a_trace_of_their_own(
 async def test_off_means_no_exporter_and_no_threads(nats_server: NatsServer) -> None:
     before = set(threading.enumerate())
     engine = create_engine(make_settings(nats_server.url, engine="http"))
-    plain = Worker(make_settings(nats_server.url), engine)
-    assert type(telemetry.create(plain.settings, plain)) is telemetry.Telemetry
-    metrics_only = Worker(make_settings(nats_server.url, health_port=free_port()), engine)
-    assert type(telemetry.create(metrics_only.settings, metrics_only)) is MetricsTelemetry
+    assert type(build_telemetry(make_settings(nats_server.url), engine)) is Telemetry
+    assert type(build_telemetry(make_settings(nats_server.url, health_port=free_port()),
+                                engine)) is MetricsTelemetry
     assert set(threading.enumerate()) == before
     # This test module imports OpenTelemetry itself; a fresh interpreter shows what the worker
     # imports with telemetry off and the health port on.
@@ -326,7 +333,7 @@ async def test_off_means_no_exporter_and_no_threads(nats_server: NatsServer) -> 
 
 OFF_CHECK = """
 import sys
-from stt import telemetry
+from stt.cli import build_telemetry
 from stt.config import Settings
 from stt.engines.base import Engine
 from stt.worker import Worker
@@ -336,8 +343,8 @@ class Silent(Engine):
         raise NotImplementedError
 
 settings = Settings.from_env({}, overrides={"health_port": 8080})
-worker = Worker(settings, Silent())
-worker.telemetry = telemetry.create(settings, worker)
+engine = Silent()
+worker = Worker(settings, engine, telemetry=build_telemetry(settings, engine))
 worker.telemetry.render()
 sys.exit(1 if any(m.startswith("opentelemetry") for m in sys.modules) else 0)
 """
