@@ -214,9 +214,11 @@ class Settings:
                                       "it, partials decode only the audio after the stable words.")
     final_window: str = setting("full", "STT_FINAL_WINDOW",
                                 "What a final decodes once partials have made words stable: full "
-                                "(the whole utterance; stable words kept) or tail (only the audio "
-                                "after them: cheaper, faster finals on long utterances).",
-                                choices=("full", "tail"))
+                                "(the whole utterance; the most accurate, may revise a stable "
+                                "word), prefix (the whole utterance with the stable words forced "
+                                "as its start: never revises them; local engines) or tail (only "
+                                "the audio after them: cheapest, soonest, least accurate).",
+                                choices=("full", "prefix", "tail"))
     enable_interrupt_detection: bool = setting(True, "STT_ENABLE_INTERRUPT_DETECTION",
                                                "Detect the user talking over the assistant while "
                                                "'responding'; off = half duplex.")

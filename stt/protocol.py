@@ -294,7 +294,7 @@ def end_message(session_id: str, reason: EndReason, audio_seconds: float, segmen
             "segments": segments, "speaker_id": speaker_id}
 
 
-def error_message(session_id: str, code: ErrorCode, message: str,
-                  sequence: int = 0) -> dict[str, Any]:
-    return {"type": "error", "session_id": session_id, "sequence": sequence,
+def error_message(session_id: str, code: ErrorCode, message: str) -> dict[str, Any]:
+    """Sequence 0: the session stamps its own sequence when it emits the message."""
+    return {"type": "error", "session_id": session_id, "sequence": 0,
             "timestamp": time.time(), "code": code.value, "message": message}

@@ -49,7 +49,7 @@ import numpy as np
 
 from .audio import SAMPLE_RATE, Converter, to_pcm16
 from .config import Settings
-from .engines.base import TranscribeOptions, Transcription
+from .engines.base import TranscribeOptions, Transcription, Word
 from .protocol import (
     Chunk,
     End,
@@ -115,6 +115,7 @@ class Job:
     had_partials: bool = False  # partials were published for this segment: a final must follow
     interrupted: bool = False   # this utterance fired an interrupt
     committed: list[str] = field(default_factory=list)  # words already published as stable
+    committed_words: tuple[Word, ...] = ()  # their times on the session timeline, when known
 
     @property
     def duration_s(self) -> float:
@@ -180,6 +181,7 @@ class _Segment:
     # committed and never withdrawn; the audio they cover is not decoded again for partials
     committed: list[str] = field(default_factory=list)
     committed_frames: int = 0         # segment frames covered by the committed words (if timed)
+    committed_words: list[Word] = field(default_factory=list)  # their times, session timeline
     previous_tails: list[list[str]] = field(default_factory=list)  # newest last
 
     def append(self, frame: np.ndarray, voiced: bool, energy: float) -> None:
@@ -330,14 +332,19 @@ class Session:
 
     def _final(self, job: Job, result: Transcription) -> list[Action]:
         words = result.text.split()
+        timed = self._words(job, result)
         if job.committed and job.start_s != job.segment_start_s:
-            # Only the audio after the stable words was decoded (STT_FINAL_WINDOW=tail): the
-            # final is the stable words and what the decode adds after them.
-            words = job.committed + words[overlap(job.committed, words):]
-        # Decoded whole, the final is the engine's best hypothesis for the utterance and
-        # replaces the partials', stable words included: keeping words that short partials
-        # agreed on cost real Whisper +0.03 WER over whole-clip decoding (tests/test_accuracy.py);
-        # how often a stable word is revised is measured (bench/evaluate.py).
+            # Only the audio after the stable words was decoded (STT_FINAL_WINDOW=tail): the final is the stable words and what the decode adds after them, so
+            # a stable word is never withdrawn.
+            skip = overlap(job.committed, words)
+            words = job.committed + words[skip:]
+            if timed is not None:
+                timed = ([w.as_dict() for w in job.committed_words]
+                         + timed[skip:] if len(job.committed_words) == len(job.committed)
+                         and len(result.words) == len(result.text.split()) else None)
+        # STT_FINAL_WINDOW=full (the default): decoded whole, the final is the engine's best
+        # hypothesis for the utterance and may revise a stable word (bench/evaluate.py counts
+        # how often); "prefix" forces the stable words as its start where the engine can.
         text = " ".join(words)
         actions: list[Action] = []
         if text or job.had_partials:
@@ -345,8 +352,7 @@ class Session:
                 self.session_id, text=text, is_final=True, state=self._state,
                 speaker_id=self.speaker_id, has_voice_activity=True,
                 segment_id=job.segment_id, start_s=job.segment_start_s, end_s=job.end_s,
-                language=result.language or job.options.language,
-                words=self._words(job, result))))
+                language=result.language or job.options.language, words=timed)))
             self.counters.finals += 1
             self._finals_published += 1
         if text:
@@ -391,7 +397,11 @@ class Session:
         if agreed:
             seg.committed += hypothesis[:agreed]
             if len(result.words) == len(decoded):  # word times are relative to the window
-                last = result.words[len(decoded) - len(hypothesis) + agreed - 1]
+                first = len(decoded) - len(hypothesis)
+                seg.committed_words += [
+                    Word(w.word, w.start + job.start_s, w.end + job.start_s, w.probability)
+                    for w in result.words[first:first + agreed]]
+                last = result.words[first + agreed - 1]
                 offset = job.start_s - job.segment_start_s + last.end
                 seg.committed_frames = min(len(seg), max(seg.committed_frames,
                                                          int(offset / FRAME_S)))
@@ -708,10 +718,17 @@ class Session:
                                       context=context or None,
                                       # partials need word times to commit and trim audio
                                       word_timestamps=self._start.word_timestamps or not is_final,
-                                      is_partial=not is_final),
+                                      is_partial=not is_final,
+                                      # STT_FINAL_WINDOW=prefix: the final over the whole
+                                      # utterance starts with the stable words
+                                      prefix=(" ".join(seg.committed)
+                                              if is_final and not first and seg.committed
+                                              and self.settings.final_window == "prefix"
+                                              else None)),
             created_at=now, speech_end_at=now if is_final else None,
             had_partials=is_final and seg.partials_published > 0, interrupted=seg.interrupted,
-            committed=list(seg.committed) if is_final else [])
+            committed=list(seg.committed) if is_final else [],
+            committed_words=tuple(seg.committed_words) if is_final else ())
         self._next_job_id += 1
         return job
 

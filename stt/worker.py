@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 
 from . import protocol
 from .config import Settings
-from .engines.base import Engine, EngineError
+from .engines.base import Engine
 from .protocol import EndReason, ErrorCode, ProtocolError, Subjects
 from .session import Action, Close, Job, Publish, Session, Transcribe
 from .status import CHUNK_RESULTS, Status, not_ready_reasons, package_version
@@ -374,7 +374,7 @@ class Worker:
                                             self.settings.engine_timeout_s)
         except asyncio.CancelledError:
             raise
-        except (EngineError, TimeoutError, Exception) as exc:
+        except Exception as exc:  # EngineError, TimeoutError, or an engine bug: a clean error
             self.stats.engine_failures += 1
             reason = (f"engine timed out after {self.settings.engine_timeout_s:.0f} s"
                       if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__)

@@ -253,3 +253,20 @@ async def test_gpu_float16_int8_and_batching(speech: np.ndarray) -> None:
             assert all(r.text for r in results) and batched < one_by_one
         finally:
             await engine.close()
+
+
+async def test_a_final_with_a_prefix_starts_with_it_and_times_every_word(
+        engine: Any, speech: np.ndarray) -> None:
+    """The stable words of a session's partials, forced as the start of its final."""
+    audio = first_sentence(speech)
+    plain = await engine.transcribe(audio, TranscribeOptions(language="en"))
+    first_words = plain.text.split()[:3]
+    result = await engine.transcribe(audio, TranscribeOptions(
+        language="en", prefix=" ".join(first_words), word_timestamps=True))
+    assert result.text == plain.text  # the model's own start: the same text
+    assert len(result.words) == len(result.text.split())
+    assert all(0 <= w.start <= w.end <= audio.size / SAMPLE_RATE + 0.01 for w in result.words)
+    assert [w.start for w in result.words] == sorted(w.start for w in result.words)
+    forced = " ".join(["So", *first_words[1:]])  # a stable word the model would not pick
+    revised = await engine.transcribe(audio, TranscribeOptions(language="en", prefix=forced))
+    assert revised.text.startswith(forced)

@@ -313,7 +313,9 @@ def test_idle_timeout_ends_the_session_with_its_final() -> None:
     h = Harness(Start(), session_idle_timeout_s=5.0)
     h.feed(SENTENCE_1[: 2 * SR])
     t = h.now
-    assert h.session.tick(t + 4.0) == [] or True
+    early = h.session.tick(t + 4.0)  # 4 s without audio: the utterance may be cut, no more
+    assert not any(isinstance(a, Close) for a in early)
+    assert not any(isinstance(a, Publish) and a.message["type"] == "end" for a in early)
     h.apply(h.session.tick(t + 5.01))
     h.answer("and mister")
     assert h.of("end")[0]["reason"] == "idle_timeout"
@@ -568,9 +570,55 @@ def test_words_two_hypotheses_agree_on_become_stable_and_stay() -> None:
     assert h.partials[-1]["unstable_text"] == "would"
     assert h.partials[-1]["stability"] == pytest.approx(4 / 5)
     h.feed(silence(1.0))
-    # decoded whole, the final is the engine's best hypothesis and replaces the partials'
+    # without word times nothing tells where the stable words end: the final decodes the whole
+    # utterance, and its text is the engine's best hypothesis
     h.answer_final("and mister jack guess would have been")
     assert h.finals[0]["transcript"] == "and mister jack guess would have been"
+
+
+def test_the_final_keeps_the_stable_words_and_their_times_and_decodes_only_the_rest(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(session_module, "SETTLED_MARGIN_S", 0.0)  # these word times are made up
+    h = Harness(Start(word_timestamps=True), partial_interval_s=0.3, final_window="tail")
+    fed = 0
+    for text in ("and mister", "and mister john"):
+        while not h.session.in_flight:
+            h.feed(SENTENCE_1[fed: fed + int(0.12 * SR)])
+            fed += int(0.12 * SR)
+        h.answer(text, words=timed(text, start=0.05, step=0.1))
+    assert h.partials[-1]["stable_text"] == "and mister"
+    h.feed(SENTENCE_1[fed: fed + SR])
+    h.feed(silence(1.0))
+    (final_job,) = [j for j in h.session.in_flight if j.is_final]
+    # only the audio after "and mister" (which ends 0.25 s in) is decoded, with it as context
+    assert final_job.start_s == pytest.approx(final_job.segment_start_s + 0.25, abs=FRAME_S_TOL)
+    assert final_job.options.context == "and mister"
+    h.answer_final("mister jack guess", words=timed("mister jack guess", step=0.2))
+    final = h.finals[0]
+    assert final["transcript"] == "and mister jack guess"  # the boundary word is not doubled
+    assert [w["word"] for w in final["words"]] == ["and", "mister", "jack", "guess"]
+    start = final_job.segment_start_s
+    assert final["words"][0]["start"] == pytest.approx(start + 0.05, abs=1e-3)  # from the partial
+    assert final["words"][2]["start"] == pytest.approx(final_job.start_s + 0.2, abs=1e-3)
+
+
+def test_a_prefix_window_final_asks_for_the_stable_words_as_its_prefix(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(session_module, "SETTLED_MARGIN_S", 0.0)
+    h = Harness(Start(), partial_interval_s=0.3, final_window="prefix")
+    fed = 0
+    for text in ("and mister", "and mister john"):
+        while not h.session.in_flight:
+            h.feed(SENTENCE_1[fed: fed + int(0.12 * SR)])
+            fed += int(0.12 * SR)
+        h.answer(text, words=timed(text, start=0.05, step=0.1))
+    h.feed(silence(1.0))
+    (final_job,) = [j for j in h.session.in_flight if j.is_final]
+    assert final_job.start_s == final_job.segment_start_s
+    assert final_job.options.prefix == "and mister"
+    h.answer_final("and mister jack")  # an engine that forces the prefix starts with it
+    assert h.finals[0]["transcript"] == "and mister jack"
+    # one that cannot (http) answers with its own best text: that is published
 
 
 def test_past_the_window_partials_decode_only_the_audio_after_the_committed_words(

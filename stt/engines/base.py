@@ -31,6 +31,10 @@ class TranscribeOptions:
     word_timestamps: bool = False
     is_partial: bool = False             # partials may be decoded more cheaply
     temperature: float = 0.0
+    # Words the text must start with (a final after stable partial words): engines that can
+    # force a decoder prefix (faster-whisper) decode the rest after it, over the whole audio;
+    # others ignore it.
+    prefix: str | None = None
 
 
 @dataclass(frozen=True)

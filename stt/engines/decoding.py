@@ -182,6 +182,7 @@ class Request:
     short: bool
     long_form: bool = False
     prompt_tokens: tuple[int, ...] = ()  # engines that tokenize before batching
+    prefix_tokens: tuple[int, ...] = ()  # forced start of the text (TranscribeOptions.prefix)
 
     @property
     def duration_s(self) -> float:

@@ -151,9 +151,12 @@ class FasterWhisperEngine(LocalWhisperEngine):
         # the prompt's length is part of the key.
         short = uses_short_window(self.short_window, language, final)
         prefix = self._prompt_prefix(prompt)
+        forced = (tuple(self._tokenizer(None).encode(" " + options.prefix.strip()))
+                  [:MAX_LENGTH // 2 - 1] if options.prefix and final else ())
         return (Request(audio, options, language, prompt, final=final, short=short,
-                        prompt_tokens=tuple(prefix)),
-                (short, final, options.word_timestamps, len(prefix), options.temperature))
+                        prompt_tokens=tuple(prefix), prefix_tokens=forced),
+                (short, final, options.word_timestamps, len(prefix), len(forced),
+                 options.temperature))
 
     def _codes(self) -> tuple[str, ...]:
         from faster_whisper.tokenizer import _LANGUAGE_CODES
@@ -209,10 +212,8 @@ class FasterWhisperEngine(LocalWhisperEngine):
         prompts = []
         for request, language in zip(requests, languages, strict=True):
             tokenizer = self._tokenizer(language)
-            prompt = [*request.prompt_tokens, *tokenizer.sot_sequence]
-            if not request.final:
-                prompt.append(tokenizer.no_timestamps)
-            prompts.append(prompt)
+            prompts.append([*request.prompt_tokens, *tokenizer.sot_sequence,
+                            *self._forced(request, tokenizer)])
         budget = max(token_budget(r.duration_s, MAX_LENGTH) for r in requests)
         sampling: dict[str, Any] = (
             {"beam_size": 1, "sampling_topk": 0, "sampling_temperature": temperature}
@@ -227,8 +228,21 @@ class FasterWhisperEngine(LocalWhisperEngine):
         for result in results:
             tokens = list(result.sequences_ids[0])
             avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+            # CTranslate2 returns a forced prefix as the start of the sequence: it is kept,
+            # timed and guarded with the rest
             out.append((tokens, float(avg_logprob), float(result.no_speech_prob)))
         return out
+
+    @staticmethod
+    def _forced(request: Request, tokenizer: Any) -> list[int]:
+        """What follows the start-of-transcript sequence in the prompt.
+
+        A final with a forced prefix is decoded without timestamps, as partials are: it is
+        one segment (its words are still timed by alignment).
+        """
+        if not request.final or request.prefix_tokens:
+            return [tokenizer.no_timestamps, *request.prefix_tokens]
+        return []
 
     def _decode_group(self, requests: list[Request]) -> list[Transcription | BaseException]:
         n_frames = window_frames(requests)

@@ -266,7 +266,8 @@ class WhisperEngine(LocalWhisperEngine):
         # Whisper's batched decode takes one prompt per pass: the prompt is part of the key.
         short = uses_short_window(self.short_window, language, final)
         return (Request(audio, options, language, prompt, final=final, short=short),
-                (short, final, language, prompt, options.temperature))
+                (short, final, language, prompt, options.temperature,
+                 options.prefix if final else None))
 
     def _language(self, requested: str | None) -> str | None:
         from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
@@ -319,7 +320,8 @@ class WhisperEngine(LocalWhisperEngine):
             task="transcribe", language=first.language, temperature=first.options.temperature,
             sample_len=sample_len or max(token_budget(r.duration_s, self.model.dims.n_text_ctx)
                                          for r in requests),
-            prompt=first.prompt, without_timestamps=not first.final, fp16=self.fp16,
+            prompt=first.prompt, prefix=self._prefix(first),
+            without_timestamps=not first.final or bool(self._prefix(first)), fp16=self.fp16,
             beam_size=(self.beam_size if first.final and self.beam_size > 1
                        and first.options.temperature == 0 else None))
         results = list(whisper.decode(self.model, mel, options))
@@ -348,11 +350,20 @@ class WhisperEngine(LocalWhisperEngine):
             for i, result in zip(retry, whisper.decode(self.model, mel[retry], hotter), strict=True):
                 results[i] = result
 
+    @staticmethod
+    def _prefix(request: Request) -> str | None:
+        """A final's forced start (its stable words), decoded without timestamps like partials."""
+        return request.options.prefix.strip() if request.final and request.options.prefix \
+            else None
+
     def _finish(self, request: Request, result: Any, mel: torch.Tensor) -> Transcription:
         tokenizer = self._tokenizer(result.language)
         duration = request.duration_s
-        spans = (split_segments(result.tokens, tokenizer.timestamp_begin, duration)
-                 if request.final else [(0.0, duration, list(result.tokens))])
+        prefix = self._prefix(request)
+        # openai-whisper leaves a forced prefix out of the result: it is the text's start
+        tokens = [*tokenizer.encode(" " + prefix), *result.tokens] if prefix else result.tokens
+        spans = (split_segments(tokens, tokenizer.timestamp_begin, duration)
+                 if request.final and not prefix else [(0.0, duration, list(tokens))])
         segments: list[Segment] = []
         text_tokens: list[int] = []
         for start, end, tokens in spans:
