@@ -44,7 +44,7 @@ def snapshot(worker: Worker) -> dict[str, Any]:
     return {
         # microseconds as integers: compact, and far finer than the 5 ms target
         "handling_us": [round(s * 1e6) for s in stats.chunk_handling_s],
-        "chunk_totals": worker.chunk_totals(),
+        "chunk_totals": worker.session_totals(),
         "messages_in": stats.messages_in,
         "bad_messages": stats.bad_messages,
         "published": stats.published,

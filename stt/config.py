@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ENGINES = ("faster-whisper", "whisper", "http")
+VAD_START_WINDOW_MS = 150  # the window STT_VAD_START_MS of voiced audio must fall in
 ENCODINGS = ("pcm_s16le", "pcm_f32le", "mulaw", "alaw")
 COMPUTE_TYPES = ("auto", "int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16",
                  "bfloat16", "float32")
@@ -201,7 +202,8 @@ class Settings:
                                "Voice activity detection; off = every frame counts as speech.")
     vad_aggressiveness: int = setting(2, "STT_VAD_AGGRESSIVENESS", "webrtcvad mode, 0-3.")
     vad_start_ms: int = setting(90, "STT_VAD_START_MS",
-                                "Voiced audio within a 150 ms window that opens an utterance.")
+                                f"Voiced audio within a {VAD_START_WINDOW_MS} ms window that "
+                                "opens an utterance.")
     preroll_ms: int = setting(300, "STT_PREROLL_MS",
                               "Audio kept before detected speech, so first syllables survive.")
     hangover_ms: int = setting(300, "STT_HANGOVER_MS",
@@ -330,7 +332,8 @@ class Settings:
         need(self.max_pending_segments > 0, "max_pending_segments", "must be > 0")
         need(self.interrupt_min_speech_ms >= 30, "interrupt_min_speech_ms", "must be >= 30 ms")
         need(0 <= self.min_pitched_ms <= 1000, "min_pitched_ms", "must be between 0 and 1000 ms")
-        need(0 <= self.vad_start_ms <= 150, "vad_start_ms", "must be between 0 and 150 ms")
+        need(0 <= self.vad_start_ms <= VAD_START_WINDOW_MS, "vad_start_ms",
+             f"must be between 0 and {VAD_START_WINDOW_MS} ms")
         need(0 <= self.preroll_ms <= 2000, "preroll_ms", "must be between 0 and 2000 ms")
         need(0 <= self.hangover_ms <= 2000, "hangover_ms", "must be between 0 and 2000 ms")
         need(0 <= self.health_port <= 65535, "health_port", "must be a TCP port or 0")

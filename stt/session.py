@@ -17,7 +17,7 @@ with the session's ``sequence``), :class:`Transcribe` (a :class:`Job` for the en
 
 Audio path: each chunk is decoded and resampled to 16 kHz, cut into 30 ms frames, and each
 frame gets one VAD decision. While QUIET, the last ``preroll_ms`` of frames are kept; speech
-opens a segment when ``vad_start_ms`` of the last 150 ms are voiced, and the segment starts with
+opens a segment when ``vad_start_ms`` of the last 150 ms (``VAD_START_WINDOW_MS``) are voiced, and the segment starts with
 that pre-roll. While SPEAKING, the segment ends (a *final*) on ``chunk_timeout_s`` of trailing
 silence, on no audio arriving for ``audio_gap_timeout_s``, on a ``state_change``, ``end`` or idle
 timeout; when it reaches the size limit it is cut at its quietest recent point and the rest
@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from .audio import SAMPLE_RATE, Converter, to_pcm16
-from .config import Settings
+from .config import VAD_START_WINDOW_MS, Settings
 from .engines.base import TranscribeOptions, Transcription, Word
 from .protocol import (
     Chunk,
@@ -69,7 +69,7 @@ from .protocol import (
 from .textnorm import edit_row
 from .vad import FRAME_S, FRAME_SAMPLES, PERIODIC_THRESHOLD, Framer, FrameVAD, periodicity
 
-START_WINDOW_FRAMES = 5          # 150 ms window for the speech-onset decision
+START_WINDOW_FRAMES = round(VAD_START_WINDOW_MS / 1000 / FRAME_S)  # the speech-onset window
 INTERRUPT_MIN_VOICED_RATIO = 0.6  # of frames since onset, so a few loud clicks do not qualify
 CUT_SEARCH_S = 3.0               # how far back from the size limit to look for a quiet point
 SEEN_SEQ_WINDOW = 256            # recent chunk seq numbers kept to tell duplicates from late ones
@@ -153,7 +153,6 @@ class Counters:
     interrupts: int = 0
     finals: int = 0
     partials: int = 0
-    errors: int = 0
 
 
 @dataclass
@@ -657,7 +656,6 @@ class Session:
         if not self._pitched(seg, upto=n_frames, final=True):
             return []  # noise the VAD took for speech (no pitch anywhere): nothing to transcribe
         if len(self._queue) >= self.settings.max_pending_segments:
-            self.counters.errors += 1
             return [self._error(ErrorCode.OVERLOADED,
                                 f"segment {seg.segment_id} dropped: {len(self._queue)} segments "
                                 f"already wait for the engine (STT_MAX_PENDING_SEGMENTS)")]
@@ -769,7 +767,6 @@ class Session:
         return Publish(message)
 
     def _error(self, code: ErrorCode, message: str) -> Publish:
-        self.counters.errors += 1
         return self._emit(error_message(self.session_id, code, message))
 
 

@@ -54,6 +54,8 @@ def _malloc_trim() -> Callable[[], object] | None:
     except (OSError, AttributeError):
         return None
     return lambda: trim(0)
+SESSION_TOTALS = ("chunks_ok", "chunks_duplicate", "chunks_late", "chunks_dropped", "finals",
+                  "partials", "interrupts")  # Session.Counters summed over sessions
 OUTBOX_LIMIT = 200_000  # messages held while NATS is unreachable; oldest dropped beyond
 
 
@@ -75,8 +77,6 @@ class Stats:
         self.reconnects = 0
         self.disconnects = 0
         self.slow_consumers = 0
-        self.interrupts = 0
-        self.transcripts: dict[str, int] = {"partial": 0, "final": 0}
         self.audio_ended_s = 0.0  # audio received by sessions that have ended
         self.chunk_handling_s: list[float] = []  # filled only when sampling is on (benchmarks)
         self.sample_chunk_handling = False
@@ -326,18 +326,14 @@ class Worker:
         for action in actions:
             if isinstance(action, Publish):
                 message = action.message
-                if message["type"] == "transcript":
+                if message["type"] == "transcript":  # counted by the session
                     if message["is_final"]:
-                        self.stats.transcripts["final"] += 1
                         self._final_sent(session, message)
-                    else:
-                        self.stats.transcripts["partial"] += 1
                 elif message["type"] == "error":
                     self.stats.count_error(message["code"])
                     log.warning("error sent: %s", message["message"],
                                 extra={"session_id": session.session_id, "code": message["code"]})
                 elif message["type"] == "interrupt":
-                    self.stats.interrupts += 1
                     log.info("interrupt", extra={"session_id": session.session_id})
                 self._send(session.session_id, message)
             elif isinstance(action, Transcribe):
@@ -359,7 +355,7 @@ class Worker:
                     "interrupts": c.interrupts, "chunks": c.chunks_ok,
                     "duplicates": c.chunks_duplicate, "late": c.chunks_late,
                     "dropped": c.chunks_dropped, "gaps": c.seq_gaps})
-                for key in ("chunks_ok", "chunks_duplicate", "chunks_late", "chunks_dropped"):
+                for key in SESSION_TOTALS:
                     self._session_totals[key] = self._session_totals.get(key, 0) + getattr(c, key)
                 self.stats.audio_ended_s += c.audio_in_s
                 self.telemetry.session_closed(session.session_id, action.reason.value)
@@ -452,10 +448,11 @@ class Worker:
 
     # --- introspection --------------------------------------------------------------------------
 
-    def chunk_totals(self) -> dict[str, int]:
+    def session_totals(self) -> dict[str, int]:
+        """Sessions' own tallies (chunks, finals, partials, interrupts): ended plus live ones."""
         totals = dict(self._session_totals)
         for s in list(self.sessions.values()):
-            for key in ("chunks_ok", "chunks_duplicate", "chunks_late", "chunks_dropped"):
+            for key in SESSION_TOTALS:
                 totals[key] = totals.get(key, 0) + getattr(s.counters, key)
         return totals
 
@@ -475,7 +472,7 @@ class Worker:
 
     def _status(self) -> Status:
         s = self.stats
-        totals = self.chunk_totals()
+        totals = self.session_totals()
         return Status(
             version=self.version, engine=self.engine.describe(), engine_ready=self.engine_ready,
             connected=self.connected, draining=self.draining, sessions=len(self.sessions),
@@ -483,9 +480,10 @@ class Worker:
             sessions_ended=dict(s.sessions_ended), audio_received_s=self.audio_received_s(),
             audio_transcribed_s=s.audio_transcribed_s,
             chunks={r: totals.get("chunks_" + r, 0) for r in CHUNK_RESULTS},
+            transcripts={"partial": totals.get("partials", 0), "final": totals.get("finals", 0)},
+            interrupts=totals.get("interrupts", 0),
             messages_in=s.messages_in, bad_messages=s.bad_messages, published=s.published,
-            publish_failures=s.publish_failures, transcripts=dict(s.transcripts),
-            interrupts=s.interrupts, errors=dict(s.errors), engine_jobs=s.engine_jobs,
+            publish_failures=s.publish_failures, errors=dict(s.errors), engine_jobs=s.engine_jobs,
             engine_failures=s.engine_failures, engine_seconds=s.engine_seconds,
             reconnects=s.reconnects, disconnects=s.disconnects, slow_consumers=s.slow_consumers,
             pending_inbound=self.pending_inbound, pending_outbound=self.pending_outbound)

@@ -140,7 +140,7 @@ async def test_metrics_parse_and_move_with_a_real_session(worker_factory: Any, n
     assert after["stt_sessions_ended_total"][(("reason", "end"),)] == 2
     assert after["stt_interrupts_total"][()] == 1
     assert after["stt_sessions_active"][()] == 0
-    assert after["stt_chunks_total"][(("result", "ok"),)] == worker.chunk_totals()["chunks_ok"] > 0
+    assert after["stt_chunks_total"][(("result", "ok"),)] == worker.session_totals()["chunks_ok"] > 0
     assert after["stt_audio_received_seconds_total"][()] == pytest.approx(
         2 * len(SPEECH_WITH_PAUSE) / SR, abs=0.05)
     assert after["stt_audio_transcribed_seconds_total"][()] > 0
