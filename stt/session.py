@@ -17,8 +17,8 @@ with the session's ``sequence``), :class:`Transcribe` (a :class:`Job` for the en
 
 Audio path: each chunk is decoded and resampled to 16 kHz, cut into 30 ms frames, and each
 frame gets one VAD decision. While QUIET, the last ``preroll_ms`` of frames are kept; speech
-opens a segment when ``vad_start_ms`` of the last 150 ms (``VAD_START_WINDOW_MS``) are voiced, and the segment starts with
-that pre-roll. While SPEAKING, the segment ends (a *final*) on ``chunk_timeout_s`` of trailing
+opens a segment when ``vad_start_ms`` of the last 150 ms (``VAD_START_WINDOW_MS``) are voiced,
+and the segment starts with that pre-roll. While SPEAKING, the segment ends (a *final*) on ``chunk_timeout_s`` of trailing
 silence, on no audio arriving for ``audio_gap_timeout_s``, on a ``state_change``, ``end`` or idle
 timeout; when it reaches the size limit it is cut at its quietest recent point and the rest
 carries on as the next segment. Every ``partial_interval_s`` of new audio, a *partial* of the
@@ -333,14 +333,16 @@ class Session:
         words = result.text.split()
         timed = self._words(job, result)
         if job.committed and job.start_s != job.segment_start_s:
-            # Only the audio after the stable words was decoded (STT_FINAL_WINDOW=tail): the final is the stable words and what the decode adds after them, so
-            # a stable word is never withdrawn.
+            # Only the audio after the stable words was decoded (STT_FINAL_WINDOW=tail): the
+            # final is the stable words and what the decode adds after them, so a stable word
+            # is never withdrawn. Its times: the stable words' from the partials, then the tail's.
             skip = overlap(job.committed, words)
+            all_timed = (len(job.committed_words) == len(job.committed)
+                         and len(result.words) == len(words))
             words = job.committed + words[skip:]
             if timed is not None:
-                timed = ([w.as_dict() for w in job.committed_words]
-                         + timed[skip:] if len(job.committed_words) == len(job.committed)
-                         and len(result.words) == len(result.text.split()) else None)
+                timed = ([w.as_dict() for w in job.committed_words] + timed[skip:]
+                         if all_timed else None)
         # STT_FINAL_WINDOW=full (the default): decoded whole, the final is the engine's best
         # hypothesis for the utterance and may revise a stable word (bench/evaluate.py counts
         # how often); "prefix" forces the stable words as its start where the engine can.

@@ -576,16 +576,22 @@ def test_words_two_hypotheses_agree_on_become_stable_and_stay() -> None:
     assert h.finals[0]["transcript"] == "and mister jack guess would have been"
 
 
-def test_the_final_keeps_the_stable_words_and_their_times_and_decodes_only_the_rest(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(session_module, "SETTLED_MARGIN_S", 0.0)  # these word times are made up
-    h = Harness(Start(word_timestamps=True), partial_interval_s=0.3, final_window="tail")
+def make_and_mister_stable(h: Harness) -> int:
+    """Two timed partials that agree on "and mister" (ending 0.25 s in); returns samples fed."""
     fed = 0
     for text in ("and mister", "and mister john"):
         while not h.session.in_flight:
             h.feed(SENTENCE_1[fed: fed + int(0.12 * SR)])
             fed += int(0.12 * SR)
         h.answer(text, words=timed(text, start=0.05, step=0.1))
+    return fed
+
+
+def test_the_final_keeps_the_stable_words_and_their_times_and_decodes_only_the_rest(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(session_module, "SETTLED_MARGIN_S", 0.0)  # these word times are made up
+    h = Harness(Start(word_timestamps=True), partial_interval_s=0.3, final_window="tail")
+    fed = make_and_mister_stable(h)
     assert h.partials[-1]["stable_text"] == "and mister"
     h.feed(SENTENCE_1[fed: fed + SR])
     h.feed(silence(1.0))
@@ -606,12 +612,7 @@ def test_a_prefix_window_final_asks_for_the_stable_words_as_its_prefix(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(session_module, "SETTLED_MARGIN_S", 0.0)
     h = Harness(Start(), partial_interval_s=0.3, final_window="prefix")
-    fed = 0
-    for text in ("and mister", "and mister john"):
-        while not h.session.in_flight:
-            h.feed(SENTENCE_1[fed: fed + int(0.12 * SR)])
-            fed += int(0.12 * SR)
-        h.answer(text, words=timed(text, start=0.05, step=0.1))
+    make_and_mister_stable(h)
     h.feed(silence(1.0))
     (final_job,) = [j for j in h.session.in_flight if j.is_final]
     assert final_job.start_s == final_job.segment_start_s

@@ -31,9 +31,9 @@ class TranscribeOptions:
     word_timestamps: bool = False
     is_partial: bool = False             # partials may be decoded more cheaply
     temperature: float = 0.0
-    # Words the text must start with (a final after stable partial words): engines that can
-    # force a decoder prefix (faster-whisper) decode the rest after it, over the whole audio;
-    # others ignore it.
+    # Words the text must start with (a final after stable partial words): the local engines
+    # force it as the decoder prefix and decode the rest after it, over the whole audio; the
+    # http engine ignores it.
     prefix: str | None = None
 
 

@@ -316,12 +316,13 @@ class WhisperEngine(LocalWhisperEngine):
         mels = [self._mel(r.audio, n_frames) for r in requests]
         mel = torch.stack(mels)
         self.passes[n_frames] += 1
+        prefix = self._prefix(first)
         options = whisper.DecodingOptions(
             task="transcribe", language=first.language, temperature=first.options.temperature,
             sample_len=sample_len or max(token_budget(r.duration_s, self.model.dims.n_text_ctx)
                                          for r in requests),
-            prompt=first.prompt, prefix=self._prefix(first),
-            without_timestamps=not first.final or bool(self._prefix(first)), fp16=self.fp16,
+            prompt=first.prompt, prefix=prefix, without_timestamps=not first.final or bool(prefix),
+            fp16=self.fp16,
             beam_size=(self.beam_size if first.final and self.beam_size > 1
                        and first.options.temperature == 0 else None))
         results = list(whisper.decode(self.model, mel, options))
