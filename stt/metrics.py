@@ -224,7 +224,7 @@ class MetricsTelemetry(Telemetry):
         if job.duration_s > 0:
             self.real_time_factor.observe(engine_s / job.duration_s, kind)
 
-    def final_published(self, job: Job, latency_s: float) -> None:
+    def final_published(self, latency_s: float) -> None:
         self.final_latency.observe(latency_s)
 
     # --- exposition -----------------------------------------------------------------------

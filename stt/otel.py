@@ -55,7 +55,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from .config import ConfigError, Settings
 from .metrics import METRICS, Histogram, Metric, MetricsTelemetry
-from .protocol import Subjects
+from .protocol import Error, Outgoing, Subjects, Transcript, kind
 from .status import package_version
 
 if TYPE_CHECKING:
@@ -223,13 +223,13 @@ class OtelTelemetry(MetricsTelemetry):
             except RuntimeError:
                 self._end_utterance(token.session_id, token.utterance)
 
-    def publish_headers(self, session_id: str, message: dict[str, Any]) -> dict[str, str] | None:
+    def publish_headers(self, message: Outgoing, sequence: int) -> dict[str, str] | None:
+        session_id = message.session_id
         st = self._sessions.get(session_id)
         if st is None:
             return None
-        kind = message.get("type")
-        if st.utterance is not None and (kind == "error" or (kind == "transcript"
-                                                             and message.get("is_final"))):
+        final = isinstance(message, Transcript) and message.is_final
+        if st.utterance is not None and (final or isinstance(message, Error)):
             send = self.tracer.start_span(
                 f"send {self.subjects.output_template}",
                 context=trace.set_span_in_context(st.utterance), kind=SpanKind.PRODUCER,
@@ -240,14 +240,14 @@ class OtelTelemetry(MetricsTelemetry):
                     "messaging.destination.name": self.subjects.output(session_id),
                     "messaging.destination.template": self.subjects.output_template,
                     "stt.session.id": session_id,
-                    "stt.message.type": str(kind),
-                    "stt.message.sequence": int(message.get("sequence", 0)),
+                    "stt.message.type": kind(message),
+                    "stt.message.sequence": sequence,
                 })
             headers: dict[str, str] = {}
             propagate.inject(headers, context=trace.set_span_in_context(send))
             send.end()
-            if kind == "transcript":
-                st.utterance.set_attribute("stt.transcript.empty", not message.get("transcript"))
+            if isinstance(message, Transcript):
+                st.utterance.set_attribute("stt.transcript.empty", not message.text)
                 self._end_utterance(session_id, st.utterance)
             return headers
         return st.headers

@@ -4,7 +4,8 @@ This module is the only place that knows field names, subjects and the msgpack c
 Input is parsed into small typed events (:class:`Start`, :class:`Chunk`, :class:`StateChange`,
 :class:`End`); anything malformed raises :class:`ProtocolError`, whose ``code`` and ``message``
 travel back to the client in an ``error`` message. Output messages are built by the
-``*_message`` functions, so every message of a kind carries the same fields.
+typed classes (:class:`Transcript`, :class:`Interrupt`, ...) and turned into wire maps by
+:func:`encode`, so every message of a kind carries the same fields.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import base64
 import binascii
 import enum
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,8 +131,10 @@ class Start:
 
 @dataclass(frozen=True)
 class Chunk:
+    """Audio. The chunk's ``timestamp`` (capture time) is checked but not kept: the session's
+    timeline is the samples themselves, which jitter and bursts cannot shift."""
+
     audio: bytes
-    timestamp: float | None = None
     seq: int | None = None
 
 
@@ -240,61 +242,109 @@ def _parse_chunk(message: dict[str, Any]) -> Chunk:
     seq = message.get("seq")
     if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "chunk: seq must be an integer")
-    return Chunk(audio=audio, timestamp=None if timestamp is None else float(timestamp), seq=seq)
+    return Chunk(audio=audio, seq=seq)
 
 
 # --- output messages --------------------------------------------------------------------------
-# ``sequence`` is filled in by the session when the message is emitted.
+# Typed, as the input is: the session makes these, the worker numbers nothing and reads their
+# fields; :func:`encode` turns one into the wire map, with the session's ``sequence`` and the
+# publication ``timestamp`` stamped there, at the edge.
 
 
-def transcript_message(session_id: str, *, text: str, is_final: bool, state: State,
-                       speaker_id: str | None, has_voice_activity: bool, segment_id: int,
-                       start_s: float, end_s: float, language: str | None,
-                       words: list[dict[str, Any]] | None = None,
-                       extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    message: dict[str, Any] = {
-        "type": "transcript",
-        "session_id": session_id,
-        "transcript": text,
-        "sequence": 0,
-        "is_partial": not is_final,
-        "is_final": is_final,
-        "timestamp": time.time(),
-        "speaker_id": speaker_id,
-        "has_voice_activity": has_voice_activity,
-        "state": state.value,
-        "segment_id": segment_id,
-        "start": round(start_s, 3),
-        "end": round(end_s, 3),
-        "language": language,
-    }
-    if words:
-        message["words"] = words
-    if extra:
-        message.update(extra)
-    return message
+@dataclass(frozen=True)
+class Transcript:
+    session_id: str
+    text: str
+    is_final: bool
+    state: State
+    speaker_id: str | None
+    segment_id: int
+    start_s: float
+    end_s: float
+    language: str | None
+    words: list[dict[str, Any]] | None = None
+    # partials only: the committed words, the rest, and the share committed
+    stable_text: str | None = None
+    unstable_text: str | None = None
+    stability: float | None = None
+
+    def fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "transcript": self.text, "is_partial": not self.is_final, "is_final": self.is_final,
+            "speaker_id": self.speaker_id, "has_voice_activity": True, "state": self.state.value,
+            "segment_id": self.segment_id, "start": round(self.start_s, 3),
+            "end": round(self.end_s, 3), "language": self.language}
+        if self.words:
+            out["words"] = self.words
+        if self.stable_text is not None:
+            out.update(stable_text=self.stable_text, unstable_text=self.unstable_text,
+                       stability=self.stability)
+        return out
 
 
-def interrupt_message(session_id: str, speaker_id: str | None, **extra: Any) -> dict[str, Any]:
-    return {"type": "interrupt", "session_id": session_id, "sequence": 0,
-            "timestamp": time.time(), "speaker_id": speaker_id, **extra}
+@dataclass(frozen=True)
+class Interrupt:
+    session_id: str
+    speaker_id: str | None
+    segment_id: int
+    start_s: float  # session time where the interrupting speech began
+
+    def fields(self) -> dict[str, Any]:
+        return {"speaker_id": self.speaker_id, "segment_id": self.segment_id,
+                "start": round(self.start_s, 3)}
 
 
-def interrupt_cancelled_message(session_id: str, speaker_id: str | None,
-                                **extra: Any) -> dict[str, Any]:
+@dataclass(frozen=True)
+class InterruptCancelled:
     """The speech behind an interrupt had no words: the assistant may resume."""
-    return {"type": "interrupt_cancelled", "session_id": session_id, "sequence": 0,
-            "timestamp": time.time(), "speaker_id": speaker_id, **extra}
+
+    session_id: str
+    speaker_id: str | None
+    segment_id: int
+    state: State  # the session's state after it (responding, unless the client changed it)
+
+    def fields(self) -> dict[str, Any]:
+        return {"speaker_id": self.speaker_id, "segment_id": self.segment_id,
+                "state": self.state.value}
 
 
-def end_message(session_id: str, reason: EndReason, audio_seconds: float, segments: int,
-                speaker_id: str | None) -> dict[str, Any]:
-    return {"type": "end", "session_id": session_id, "sequence": 0, "timestamp": time.time(),
-            "reason": reason.value, "audio_seconds": round(audio_seconds, 3),
-            "segments": segments, "speaker_id": speaker_id}
+@dataclass(frozen=True)
+class SessionEnd:
+    session_id: str
+    reason: EndReason
+    audio_s: float
+    segments: int
+    speaker_id: str | None = None
+
+    def fields(self) -> dict[str, Any]:
+        return {"reason": self.reason.value, "audio_seconds": round(self.audio_s, 3),
+                "segments": self.segments, "speaker_id": self.speaker_id}
 
 
-def error_message(session_id: str, code: ErrorCode, message: str) -> dict[str, Any]:
-    """Sequence 0: the session stamps its own sequence when it emits the message."""
-    return {"type": "error", "session_id": session_id, "sequence": 0,
-            "timestamp": time.time(), "code": code.value, "message": message}
+@dataclass(frozen=True)
+class Error:
+    session_id: str
+    code: ErrorCode
+    message: str
+
+    def fields(self) -> dict[str, Any]:
+        return {"code": self.code.value, "message": self.message}
+
+
+Outgoing = Transcript | Interrupt | InterruptCancelled | SessionEnd | Error
+
+OUTGOING_TYPES: dict[type, str] = {Transcript: "transcript", Interrupt: "interrupt",
+                                   InterruptCancelled: "interrupt_cancelled", SessionEnd: "end",
+                                   Error: "error"}
+
+
+def kind(message: Outgoing) -> str:
+    """The wire ``type`` of an outgoing message."""
+    return OUTGOING_TYPES[type(message)]
+
+
+def encode(message: Outgoing, sequence: int, timestamp: float) -> dict[str, Any]:
+    """The wire map: ``sequence`` is the session's count (0 for a message outside a live
+    session), ``timestamp`` the publication time in epoch seconds."""
+    return {"type": kind(message), "session_id": message.session_id, "sequence": sequence,
+            "timestamp": timestamp, **message.fields()}

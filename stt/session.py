@@ -2,8 +2,8 @@
 
 Theory of operation
 -------------------
-Everything that decides *what happens to a session* lives in this file; nothing here does
-I/O, reads a clock or knows about NATS. The worker feeds it:
+This file ties the parts of a session to the protocol; nothing here does I/O, reads a clock or
+knows about NATS. The worker feeds it:
 
 * ``handle(event, now)``        a parsed input message (start, chunk, state_change, end);
 * ``reject(error, now)``        a message for this session that could not be parsed;
@@ -11,87 +11,88 @@ I/O, reads a clock or knows about NATS. The worker feeds it:
 * ``transcribed(job_id, ...)``  an engine result for a job this session asked for;
 * ``finish(reason, now)``       end it (``end``, idle timeout, worker shutdown).
 
-and executes the returned actions in order: :class:`Publish` (a message, already numbered
-with the session's ``sequence``), :class:`Transcribe` (a :class:`Job` for the engine) and
+and executes the returned actions in order: :class:`Publish` (a typed outgoing message with
+the session's ``sequence``), :class:`Transcribe` (a :class:`Job` for the engine) and
 :class:`Close` (forget the session).
 
-Audio path: each chunk is decoded and resampled to 16 kHz, cut into 30 ms frames, and each
-frame gets one VAD decision. While QUIET, the last ``preroll_ms`` of frames are kept; speech
-opens a segment when ``vad_start_ms`` of the last 150 ms (``VAD_START_WINDOW_MS``) are voiced,
-and the segment starts with that pre-roll. While SPEAKING, the segment ends (a *final*) on ``chunk_timeout_s`` of trailing
-silence, on no audio arriving for ``audio_gap_timeout_s``, on a ``state_change``, ``end`` or idle
-timeout; when it reaches the size limit it is cut at its quietest recent point and the rest
-carries on as the next segment. Every ``partial_interval_s`` of new audio, a *partial* of the
-growing segment is requested.
+The parts:
 
-Ordering: at most one engine job per session is in flight; finals wait in a bounded queue and
-partials are only requested when nothing is waiting, so results come back in order and a
-session's messages are published in order. A partial that returns after its segment was
-finalized is dropped.
+* audio: each chunk is decoded and resampled to 16 kHz (:mod:`stt.audio`) and cut into 30 ms
+  frames (:mod:`stt.vad`);
+* where utterances begin and end: :mod:`stt.segmenter` (voice activity, pre-roll, endpoint
+  silence, the size cut). Besides its endpoint, a segment also ends on no audio arriving for
+  ``audio_gap_timeout_s``, on a ``state_change``, ``end`` or idle timeout (decided here);
+* which words of a partial are stable: :mod:`stt.stabilizer`.
+
+Every ``partial_interval_s`` of new speech a *partial* of the growing segment is requested; a
+segment's end queues its *final*.
+
+Ordering: at most one final and one partial per session are in flight; finals wait in a
+bounded queue and partials are only requested when nothing is waiting, so a session's
+messages are published in order. A partial that returns after its segment ended is dropped.
 
 Barge-in: while ``responding`` (with interrupt detection on) speech still opens a segment,
 but as a *candidate*: once it holds ``interrupt_min_speech_ms`` of voiced frames (and most of
-its frames since onset are voiced), an ``interrupt`` is published, the session switches to
-``listening`` and the candidate, pre-roll included, carries on as a normal utterance. A
-candidate that ends before that (a cough, a click) is discarded. With detection off, audio
-received while ``responding`` is dropped (half duplex).
+its frames since onset are voiced) and has a pitch, an ``interrupt`` is published, the session
+switches to ``listening`` and the candidate, pre-roll included, carries on as a normal
+utterance. A candidate that ends before that (a cough, a click) is discarded. With detection
+off, audio received while ``responding`` is dropped (half duplex).
 """
 
 from __future__ import annotations
 
 import collections
-import enum
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from .audio import SAMPLE_RATE, Converter, to_pcm16
-from .config import VAD_START_WINDOW_MS, Settings
+from .config import Settings
 from .engines.base import TranscribeOptions, Transcription, Word
 from .protocol import (
     Chunk,
     End,
     EndReason,
+    Error,
     ErrorCode,
     Event,
+    Interrupt,
+    InterruptCancelled,
+    Outgoing,
     ProtocolError,
+    SessionEnd,
     Start,
     State,
     StateChange,
-    end_message,
-    error_message,
-    interrupt_cancelled_message,
-    interrupt_message,
-    transcript_message,
+    Transcript,
 )
-from .textnorm import edit_row
-from .vad import FRAME_S, FRAME_SAMPLES, PERIODIC_THRESHOLD, Framer, FrameVAD, periodicity
+from .segmenter import Ended, Opened, Segment, Segmenter, SegmenterParams
+from .stabilizer import Stabilizer, overlap
+from .vad import FRAME_S, FRAME_SAMPLES, Framer
 
-START_WINDOW_FRAMES = round(VAD_START_WINDOW_MS / 1000 / FRAME_S)  # the speech-onset window
 INTERRUPT_MIN_VOICED_RATIO = 0.6  # of frames since onset, so a few loud clicks do not qualify
-CUT_SEARCH_S = 3.0               # how far back from the size limit to look for a quiet point
 SEEN_SEQ_WINDOW = 256            # recent chunk seq numbers kept to tell duplicates from late ones
-BYTES_PER_SECOND_16K = SAMPLE_RATE * 2  # STT_BUFFER_SIZE_BYTES is counted in 16 kHz s16 mono
-PITCH_CHECK_FRAMES = 3           # periodicity is computed in batches of this many new frames
-# Stable partials: LocalAgreement-2 (a word two consecutive hypotheses agree on is committed).
-# Measured with sphinx on 30 corpus clips at real time (bench/evaluate.py and README): waiting
-# for 3 agreeing hypotheses or holding back the newest agreed word did not lower the finals' WER
-# further, and decoding partials only after the committed words (trimming) raised it from +0.008
-# to +0.053 over offline decoding, so trimming is kept for utterances past STT_PARTIAL_WINDOW_S.
-AGREEMENT = 2
-HOLDBACK_WORDS = 0
-# With real Whisper (tiny.en, short-window partials; tests/test_accuracy.py) LocalAgreement-2
-# alone committed words that two early partials agreed on wrongly ("Fresh N" for "fresh Nelly"):
-# finals +0.038 WER over whole-clip decoding. A word is committed only once this much audio
-# follows it.
-SETTLED_MARGIN_S = 1.0
 
 
-class VADState(enum.Enum):
-    QUIET = "quiet"
-    SPEAKING = "speaking"
+@dataclass(frozen=True)
+class SessionParams:
+    """The settings a session reads, in frames where they count frames."""
+
+    segmenter: SegmenterParams
+    audio_gap_s: float           # no audio arriving for this long ends an open segment
+    partial_frames: int          # new frames between partials (0 = no partials)
+    partial_window_frames: int   # longest segment a partial decodes from its start
+    interrupt_frames: int        # voiced frames since onset before an interrupt fires
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> SessionParams:
+        return cls(
+            segmenter=SegmenterParams.from_settings(s),
+            audio_gap_s=max(s.audio_gap_timeout_s, s.chunk_timeout_s),
+            partial_frames=round(s.partial_interval_s / FRAME_S) if s.partial_interval_s > 0 else 0,
+            partial_window_frames=round(s.partial_window_s / FRAME_S),
+            interrupt_frames=max(1, math.ceil(s.interrupt_min_speech_ms / 1000 / FRAME_S)))
 
 
 # --- actions ---------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ class Job:
     segment_start_s: float     # where the utterance began (partials may get only its tail)
     options: TranscribeOptions
     created_at: float
-    speech_end_at: float | None = None  # wall clock when the end of speech was decided (finals)
+    speech_end_at: float | None = None  # when the end of speech was decided (finals)
     had_partials: bool = False  # partials were published for this segment: a final must follow
     interrupted: bool = False   # this utterance fired an interrupt
     committed: list[str] = field(default_factory=list)  # words already published as stable
@@ -124,7 +125,9 @@ class Job:
 
 @dataclass(frozen=True)
 class Publish:
-    message: dict[str, Any]
+    message: Outgoing
+    sequence: int
+    speech_ended_at: float | None = None  # a final: when its end of speech was decided
 
 
 @dataclass(frozen=True)
@@ -156,58 +159,25 @@ class Counters:
 
 
 @dataclass
-class _Segment:
-    segment_id: int
-    first_frame: int                  # index on the session's frame timeline
-    # the audio, one growing buffer: a job takes a slice instead of joining a list of frames
-    audio: np.ndarray = field(default_factory=lambda: np.empty(64 * FRAME_SAMPLES, np.float32))
-    n_frames: int = 0
-    voiced: list[bool] = field(default_factory=list)
-    energy: list[float] = field(default_factory=list)
-    voiced_count: int = 0
-    voiced_since_onset: int = 0
-    frames_since_onset: int = 0
-    trailing_silence: int = 0
+class _Utterance:
+    """An open segment and what the session keeps about it."""
+
+    segment: Segment
+    candidate: bool = False           # opened while responding; becomes real on interrupt
+    interrupted: bool = False         # fired an interrupt (a wordless final cancels it)
+    stable: Stabilizer = field(default_factory=Stabilizer)
     partial_at_frames: int = 0        # segment length when the last partial was requested
     partial_at_voiced: int = 0        # voiced frames then: no partial without new speech
     partials_published: int = 0
     last_partial_text: str = ""
-    candidate: bool = False           # opened while responding; becomes real on interrupt
-    interrupted: bool = False         # fired an interrupt (a wordless final cancels it)
-    periodic: int = 0                 # voiced frames with a pitch, counted until there are enough
-    pitch_checked: int = 0            # frames examined for pitch so far
-    # stable partials (LocalAgreement-2): words two consecutive hypotheses agreed on are
-    # committed and never withdrawn; the audio they cover is not decoded again for partials
-    committed: list[str] = field(default_factory=list)
-    committed_frames: int = 0         # segment frames covered by the committed words (if timed)
-    committed_words: list[Word] = field(default_factory=list)  # their times, session timeline
-    previous_tails: list[list[str]] = field(default_factory=list)  # newest last
 
-    def append(self, frame: np.ndarray, voiced: bool, energy: float) -> None:
-        at = self.n_frames * FRAME_SAMPLES
-        if at + FRAME_SAMPLES > self.audio.size:  # grow geometrically; memory follows speech
-            grown = np.empty(self.audio.size * 2, dtype=np.float32)
-            grown[:at] = self.audio[:at]
-            self.audio = grown  # slices handed to jobs keep the old buffer, which stays valid
-        self.audio[at:at + FRAME_SAMPLES] = frame
-        self.n_frames += 1
-        self.voiced.append(voiced)
-        self.energy.append(energy)
-        if voiced:
-            self.voiced_count += 1
-            self.trailing_silence = 0
-        else:
-            self.trailing_silence += 1
-
-    def __len__(self) -> int:
-        return self.n_frames
-
-    def frame(self, i: int) -> np.ndarray:
-        return self.audio[i * FRAME_SAMPLES:(i + 1) * FRAME_SAMPLES]
-
-    def samples(self, first: int, end: int) -> np.ndarray:
-        """Frames ``first..end`` as one array: a view, never written again."""
-        return self.audio[first * FRAME_SAMPLES:end * FRAME_SAMPLES]
+    @property
+    def committed_frames(self) -> int:
+        """Segment frames the stable words cover (0 unless their times are known)."""
+        if not self.stable.timed:
+            return 0
+        seg = self.segment
+        return max(0, min(len(seg), int((self.stable.settled_s - seg.start_s) / FRAME_S)))
 
 
 class Session:
@@ -215,6 +185,7 @@ class Session:
                  start: Start | None = None) -> None:
         self.session_id = session_id
         self.settings = settings
+        self.params = SessionParams.from_settings(settings)
         self.created_at = now
         self.last_message_at = now
         self.last_audio_at = now
@@ -222,13 +193,9 @@ class Session:
         self.closed = False
         self.implicit_start = start is None
         self._sequence = 1
-        self._next_segment_id = 1
         self._next_job_id = 1
-        self._frame_index = 0          # frames processed on the session timeline
-        self._vad_state = VADState.QUIET
-        self._segment: _Segment | None = None
-        self._window: collections.deque[bool] = collections.deque(maxlen=START_WINDOW_FRAMES)
-        self._preroll: collections.deque[tuple[np.ndarray, bool, float]] = collections.deque()
+        self._segmenter = Segmenter(self.params.segmenter)
+        self._utt: _Utterance | None = None
         # At most one final and one partial in flight: a final never waits behind a partial
         # (whose result it makes moot), and finals run one at a time, in order.
         self._final_job: Job | None = None
@@ -240,21 +207,6 @@ class Session:
         self._last_final_text = ""
         self._finals_published = 0
         self._interrupt_segment: int | None = None  # utterance that took the turn, until final
-        # frame counts derived from settings
-        s = settings
-        self._silence_frames = max(1, math.ceil(s.chunk_timeout_s / FRAME_S))
-        self._audio_gap_s = max(s.audio_gap_timeout_s, s.chunk_timeout_s)
-        self._partial_window_frames = round(s.partial_window_s / FRAME_S)
-        self._hangover_frames = max(0, round(s.hangover_ms / 1000 / FRAME_S))
-        self._preroll_frames = max(START_WINDOW_FRAMES, round(s.preroll_ms / 1000 / FRAME_S))
-        self._start_frames = max(1, math.ceil(s.vad_start_ms / 1000 / FRAME_S)) \
-            if s.enable_vad else 1
-        self._partial_frames = (round(s.partial_interval_s / FRAME_S)
-                                if s.partial_interval_s > 0 else 0)
-        self._interrupt_frames = max(1, math.ceil(s.interrupt_min_speech_ms / 1000 / FRAME_S))
-        self._pitch_frames = (math.ceil(s.min_pitched_ms / 1000 / FRAME_S)
-                              if s.enable_vad else 0)
-        self._vad = FrameVAD(s.enable_vad, s.vad_aggressiveness)
         self._state = State.LISTENING
         self.speaker_id: str | None = None
         self._configure(start or Start())
@@ -266,6 +218,10 @@ class Session:
         return self._state
 
     @property
+    def segmenter(self) -> Segmenter:
+        return self._segmenter
+
+    @property
     def in_flight(self) -> list[Job]:
         """Jobs handed to the engine and not answered yet, oldest first."""
         jobs = [j for j in (self._final_job, self._partial_job) if j is not None]
@@ -275,8 +231,8 @@ class Session:
     def deadline(self) -> float:
         """Earliest time at which ``tick`` may have something to do."""
         t = self.last_message_at + self.settings.session_idle_timeout_s
-        if self._vad_state is VADState.SPEAKING:
-            t = min(t, self.last_audio_at + self._audio_gap_s)
+        if self._utt is not None:
+            t = min(t, self.last_audio_at + self.params.audio_gap_s)
         return t
 
     def handle(self, event: Event, now: float) -> list[Action]:
@@ -305,8 +261,7 @@ class Session:
             return []
         if now - self.last_message_at >= self.settings.session_idle_timeout_s:
             return self.finish(EndReason.IDLE_TIMEOUT, now)
-        if (self._vad_state is VADState.SPEAKING
-                and now - self.last_audio_at >= self._audio_gap_s):
+        if self._utt is not None and now - self.last_audio_at >= self.params.audio_gap_s:
             # The client stopped sending audio mid-utterance (push-to-talk released, network).
             return self._end_segment(now)
         return []
@@ -329,6 +284,18 @@ class Session:
         actions = self._final(job, result) if job.is_final else self._partial(job, result)
         return actions + self._pump(now)
 
+    def transcription_failed(self, job_id: int, message: str, now: float) -> list[Action]:
+        job = self._take_inflight(job_id)
+        if job is None:
+            return []
+        actions: list[Action] = []
+        if job.is_final:  # a failed partial is simply superseded by the next one
+            actions.append(self._error(ErrorCode.ENGINE_FAILED,
+                                       f"segment {job.segment_id}: {message}"))
+        return actions + self._pump(now)
+
+    # --- results ---------------------------------------------------------------------------
+
     def _final(self, job: Job, result: Transcription) -> list[Action]:
         words = result.text.split()
         timed = self._words(job, result)
@@ -349,11 +316,12 @@ class Session:
         text = " ".join(words)
         actions: list[Action] = []
         if text or job.had_partials:
-            actions.append(self._emit(transcript_message(
+            actions.append(self._emit(Transcript(
                 self.session_id, text=text, is_final=True, state=self._state,
-                speaker_id=self.speaker_id, has_voice_activity=True,
-                segment_id=job.segment_id, start_s=job.segment_start_s, end_s=job.end_s,
-                language=result.language or job.options.language, words=timed)))
+                speaker_id=self.speaker_id, segment_id=job.segment_id,
+                start_s=job.segment_start_s, end_s=job.end_s,
+                language=result.language or job.options.language, words=timed),
+                speech_ended_at=job.speech_end_at))
             self.counters.finals += 1
             self._finals_published += 1
         if text:
@@ -363,83 +331,38 @@ class Session:
             # say so, and hand the turn back unless the client changed state meanwhile.
             if self._interrupt_segment == job.segment_id and self._state is State.LISTENING:
                 self._state = State.RESPONDING
-            actions.append(self._emit(interrupt_cancelled_message(
-                self.session_id, self.speaker_id, segment_id=job.segment_id,
-                state=self._state.value)))
+            actions.append(self._emit(InterruptCancelled(
+                self.session_id, self.speaker_id, segment_id=job.segment_id, state=self._state)))
         if self._interrupt_segment == job.segment_id:
             self._interrupt_segment = None
         return actions
 
     def _partial(self, job: Job, result: Transcription) -> list[Action]:
-        seg = self._segment
-        if seg is None or seg.segment_id != job.segment_id:
+        utt = self._utt
+        if utt is None or utt.segment.segment_id != job.segment_id:
             return []  # the utterance ended while this partial was decoded
-        decoded = result.text.split()
-        hypothesis = decoded
-        if seg.committed:
-            if job.start_s == job.segment_start_s:  # decoded from the start: drop what is committed
-                hypothesis = hypothesis[align_prefix(seg.committed, hypothesis):]
-            else:  # decoded from the last committed word's end, which word timing only estimates
-                hypothesis = hypothesis[overlap(seg.committed, hypothesis):]
-        # LocalAgreement-n: what this hypothesis and the n-1 before it agree on is stable,
-        # but for the last HOLDBACK_WORDS (an utterance's newest words are the least settled).
-        agreed = 0
-        if len(seg.previous_tails) >= AGREEMENT - 1:
-            agreed = min(common_prefix(t, hypothesis) for t in seg.previous_tails[-(AGREEMENT - 1):]) \
-                if AGREEMENT > 1 else len(hypothesis)
-            agreed = max(0, agreed - HOLDBACK_WORDS)
-        if agreed and len(result.words) == len(decoded):
-            # Settled only with enough audio after it: Whisper rewrites its newest words
-            # (a word cut by the window's end, a guess from too little context).
-            first = len(decoded) - len(hypothesis)
-            limit = (job.end_s - job.start_s) - SETTLED_MARGIN_S
-            while agreed and result.words[first + agreed - 1].end > limit:
-                agreed -= 1
-        if agreed:
-            seg.committed += hypothesis[:agreed]
-            if len(result.words) == len(decoded):  # word times are relative to the window
-                first = len(decoded) - len(hypothesis)
-                seg.committed_words += [
-                    Word(w.word, w.start + job.start_s, w.end + job.start_s, w.probability)
-                    for w in result.words[first:first + agreed]]
-                last = result.words[first + agreed - 1]
-                offset = job.start_s - job.segment_start_s + last.end
-                seg.committed_frames = min(len(seg), max(seg.committed_frames,
-                                                         int(offset / FRAME_S)))
-        tail = hypothesis[agreed:]
-        # earlier hypotheses share the committed words: keep what follows them
-        seg.previous_tails = [t[agreed:] for t in seg.previous_tails[-(AGREEMENT - 2):]] \
-            if AGREEMENT > 2 else []
-        seg.previous_tails.append(tail)
-        text = " ".join(seg.committed + tail)
-        if not text or text == seg.last_partial_text:
+        tail = utt.stable.update(result.text.split(), result.words, window_start_s=job.start_s,
+                                 window_end_s=job.end_s,
+                                 from_start=job.start_s == job.segment_start_s)
+        stable = utt.stable.words
+        text = " ".join(stable + tail)
+        if not text or text == utt.last_partial_text:
             return []
-        seg.last_partial_text = text
-        seg.partials_published += 1
+        utt.last_partial_text = text
+        utt.partials_published += 1
         self.counters.partials += 1
-        total = len(seg.committed) + len(tail)
-        return [self._emit(transcript_message(
+        return [self._emit(Transcript(
             self.session_id, text=text, is_final=False, state=self._state,
-            speaker_id=self.speaker_id, has_voice_activity=True, segment_id=job.segment_id,
+            speaker_id=self.speaker_id, segment_id=job.segment_id,
             start_s=job.segment_start_s, end_s=job.end_s,
             language=result.language or job.options.language, words=self._words(job, result),
-            extra={"stable_text": " ".join(seg.committed), "unstable_text": " ".join(tail),
-                   "stability": round(len(seg.committed) / total, 3)}))]
+            stable_text=" ".join(stable), unstable_text=" ".join(tail),
+            stability=round(len(stable) / (len(stable) + len(tail)), 3)))]
 
-    def _words(self, job: Job, result: Transcription) -> list[dict[str, Any]] | None:
+    def _words(self, job: Job, result: Transcription) -> list[dict[str, object]] | None:
         if not self._start.word_timestamps or not result.words:
             return None
         return [w.as_dict(job.start_s) for w in result.words]
-
-    def transcription_failed(self, job_id: int, message: str, now: float) -> list[Action]:
-        job = self._take_inflight(job_id)
-        if job is None:
-            return []
-        actions: list[Action] = []
-        if job.is_final:  # a failed partial is simply superseded by the next one
-            actions.append(self._error(ErrorCode.ENGINE_FAILED,
-                                       f"segment {job.segment_id}: {message}"))
-        return actions + self._pump(now)
 
     # --- configuration -------------------------------------------------------------------
 
@@ -449,11 +372,6 @@ class Session:
         self.speaker_id = start.speaker_id
         self._converter = Converter(start.sample_rate, start.channels, start.encoding)
         self._framer = Framer()
-        # Bytes of 16 kHz 16-bit mono, the seed's format: the limit is a length of speech
-        # that does not shrink 12x when a browser sends 48 kHz stereo float.
-        seconds = min(self.settings.buffer_size_bytes / BYTES_PER_SECOND_16K,
-                      self.settings.max_segment_s)
-        self._max_segment_frames = max(self._silence_frames + 2, int(seconds / FRAME_S))
         self._language = start.language or self.settings.language or None
 
     def _on_start(self, start: Start, now: float) -> list[Action]:
@@ -463,7 +381,7 @@ class Session:
                 ErrorCode.SESSION_MISMATCH,
                 f"start.session_id {start.claimed_session_id!r} differs from the subject's "
                 f"{self.session_id!r}; using the subject's"))
-        if self._frame_index or self._segment is not None:
+        if self._segmenter.frames or self._utt is not None:
             # A start for a session that already has audio: close the current utterance,
             # then carry on in the new format.
             actions += self._on_frames(self._drain_audio(), now)
@@ -480,7 +398,7 @@ class Session:
         self._state = state
         self._interrupt_segment = None  # the client decides the turn from here on
         if state is State.RESPONDING:
-            self._preroll.clear()  # audio from the user's turn is not an interruption's pre-roll
+            self._segmenter.forget_preroll()  # the user's turn is not an interruption's pre-roll
         return actions
 
     # --- audio -----------------------------------------------------------------------------
@@ -547,112 +465,66 @@ class Session:
 
     def _on_frame(self, frame: np.ndarray, pcm: bytes, energy: float,
                   now: float) -> list[Action]:
-        index = self._frame_index
-        self._frame_index += 1
         responding = self._state is State.RESPONDING
         if responding and not self.settings.enable_interrupt_detection:
+            self._segmenter.skip()
             return []  # half duplex: the assistant is speaking, the user is not transcribed
-        voiced = self._vad.is_speech_pcm(pcm)
-        if self._vad_state is VADState.QUIET:
-            self._preroll.append((frame, voiced, energy))
-            if len(self._preroll) > self._preroll_frames:
-                self._preroll.popleft()
-            self._window.append(voiced)
-            if voiced and sum(self._window) >= self._start_frames:
-                self._open_segment(index, candidate=responding)
+        boundary = self._segmenter.push(frame, pcm, energy)
+        if isinstance(boundary, Opened):
+            self._utt = _Utterance(boundary.segment, candidate=responding)
             return []
-        seg = self._segment
-        assert seg is not None
-        seg.append(frame, voiced, energy)
-        seg.frames_since_onset += 1
-        seg.voiced_since_onset += voiced
+        utt = self._utt
+        if utt is None:
+            return []
         actions: list[Action] = []
-        if seg.candidate:
-            if (seg.voiced_since_onset >= self._interrupt_frames and seg.voiced_since_onset
-                    >= INTERRUPT_MIN_VOICED_RATIO * seg.frames_since_onset
-                    and self._pitched(seg)):
-                actions.append(self._fire_interrupt(seg))
-        if seg.trailing_silence >= self._silence_frames:
-            actions += self._end_segment(now)
-        elif len(seg) >= self._max_segment_frames:
-            actions += self._cut_segment(now)
-        elif self._partial_due(seg):
-            actions += self._request_partial(seg, now)
+        if utt.candidate and self._interrupting(utt):
+            actions.append(self._fire_interrupt(utt))
+        if boundary is not None:
+            actions += self._segment_ended(boundary, now)
+        elif self._partial_due(utt):
+            actions += self._request_partial(utt, now)
         return actions
 
-    def _open_segment(self, index: int, candidate: bool) -> None:
-        frames = list(self._preroll)
-        self._preroll.clear()
-        self._window.clear()
-        seg = _Segment(segment_id=self._next_segment_id, first_frame=index + 1 - len(frames),
-                       candidate=candidate)
-        self._next_segment_id += 1
-        for frame, voiced, energy in frames:
-            seg.append(frame, voiced, energy)
-        # onset counts from the voiced frames of the start window, not the quiet pre-roll
-        seg.frames_since_onset = START_WINDOW_FRAMES
-        seg.voiced_since_onset = sum(v for _, v, _ in frames[-START_WINDOW_FRAMES:])
-        self._segment = seg
-        self._vad_state = VADState.SPEAKING
+    def _interrupting(self, utt: _Utterance) -> bool:
+        seg = utt.segment
+        return (seg.voiced_since_onset >= self.params.interrupt_frames
+                and seg.voiced_since_onset >= INTERRUPT_MIN_VOICED_RATIO * seg.frames_since_onset
+                and self._pitched(seg))
 
-    def _fire_interrupt(self, seg: _Segment) -> Publish:
-        seg.candidate = False
-        seg.interrupted = True
-        self._interrupt_segment = seg.segment_id
+    def _fire_interrupt(self, utt: _Utterance) -> Publish:
+        utt.candidate = False
+        utt.interrupted = True
+        self._interrupt_segment = utt.segment.segment_id
         self._state = State.LISTENING
         self.counters.interrupts += 1
-        return self._emit(interrupt_message(
-            self.session_id, self.speaker_id, segment_id=seg.segment_id,
-            start=round(seg.first_frame * FRAME_S, 3)))
+        return self._emit(Interrupt(self.session_id, self.speaker_id,
+                                    segment_id=utt.segment.segment_id, start_s=utt.segment.start_s))
 
     # --- segments and jobs -------------------------------------------------------------------
 
     def _end_segment(self, now: float) -> list[Action]:
         """Close the open segment (if any) and queue its final."""
-        seg = self._segment
-        self._segment = None
-        self._vad_state = VADState.QUIET
-        self._window.clear()
-        if seg is None:
-            return []
-        keep = len(seg) - max(0, seg.trailing_silence - self._hangover_frames)
-        # the dropped silence is the next segment's pre-roll
-        for i in range(max(keep, len(seg) - self._preroll_frames), len(seg)):
-            self._preroll.append((seg.frame(i).copy(), seg.voiced[i], seg.energy[i]))
-        while len(self._preroll) > self._preroll_frames:
-            self._preroll.popleft()
-        if seg.candidate:
-            return []  # speech while responding that never became an interrupt: noise
-        return self._queue_final(seg, keep, now)
+        ended = self._segmenter.close()
+        return [] if ended is None else self._segment_ended(ended, now)
 
-    def _cut_segment(self, now: float) -> list[Action]:
-        """The segment reached the size limit: finalize up to its quietest recent point."""
-        seg = self._segment
-        assert seg is not None
-        n = len(seg)
-        lo = max(1, n - int(CUT_SEARCH_S / FRAME_S), n // 2)
-        best, best_run, run = None, 0, 0
-        for i in range(lo, n):  # longest unvoiced run; cut in its middle
-            run = run + 1 if not seg.voiced[i] else 0
-            if run > best_run:
-                best_run, best = run, i - run // 2
-        if best is None:
-            best = lo + int(np.argmin(seg.energy[lo:n]))
-        cut = max(1, best)
+    def _segment_ended(self, ended: Ended, now: float) -> list[Action]:
+        utt = self._utt
+        assert utt is not None and utt.segment is ended.segment
+        if ended.rest is None:
+            self._utt = None
+            if utt.candidate:
+                return []  # speech while responding that never became an interrupt: noise
+            return self._queue_final(utt, ended.n_frames, now)
+        # cut at the size limit: the rest carries on as the next utterance
         actions: list[Action] = []
-        if seg.candidate:  # a very long candidate is speech: it fires before the cut
-            actions.append(self._fire_interrupt(seg))
-        actions += self._queue_final(seg, cut, now)
-        rest = _Segment(segment_id=self._next_segment_id, first_frame=seg.first_frame + cut)
-        self._next_segment_id += 1
-        for i in range(cut, n):
-            rest.append(seg.frame(i), seg.voiced[i], seg.energy[i])
-        rest.frames_since_onset = len(rest)
-        rest.voiced_since_onset = rest.voiced_count
-        self._segment = rest
+        if utt.candidate:  # a very long candidate is speech: it fires before the cut
+            actions.append(self._fire_interrupt(utt))
+        actions += self._queue_final(utt, ended.n_frames, now)
+        self._utt = _Utterance(ended.rest)
         return actions
 
-    def _queue_final(self, seg: _Segment, n_frames: int, now: float) -> list[Action]:
+    def _queue_final(self, utt: _Utterance, n_frames: int, now: float) -> list[Action]:
+        seg = utt.segment
         if seg.voiced_count == 0 or n_frames <= 0:
             return []
         if not self._pitched(seg, upto=n_frames, final=True):
@@ -663,57 +535,44 @@ class Session:
                                 f"already wait for the engine (STT_MAX_PENDING_SEGMENTS)")]
         # With final_window "tail", the final decodes only what follows the stable words (its cost
         # is the unsettled tail, not the utterance); "full" decodes the whole utterance.
-        first = seg.committed_frames if self.settings.final_window == "tail" else 0
-        self._queue.append(self._job(seg, n_frames, is_final=True, now=now, first=first))
+        first = utt.committed_frames if self.settings.final_window == "tail" else 0
+        self._queue.append(self._job(utt, n_frames, is_final=True, now=now, first=first))
         return self._pump(now)
 
-    def _partial_due(self, seg: _Segment) -> bool:
-        return (self._partial_frames > 0 and not seg.candidate and self._partial_job is None
+    def _partial_due(self, utt: _Utterance) -> bool:
+        seg = utt.segment
+        every = self.params.partial_frames
+        return (every > 0 and not utt.candidate and self._partial_job is None
                 and self._final_job is None and not self._queue and seg.voiced_count > 0
-                and seg.voiced_count > seg.partial_at_voiced
-                and len(seg) - seg.partial_at_frames >= self._partial_frames
+                and seg.voiced_count > utt.partial_at_voiced
+                and len(seg) - utt.partial_at_frames >= every
                 and self._pitched(seg))
 
-    def _pitched(self, seg: _Segment, upto: int | None = None, final: bool = False) -> bool:
-        """Does the segment hold enough voiced frames with a pitch to be speech, not noise?
+    def _pitched(self, seg: Segment, upto: int | None = None, final: bool = False) -> bool:
+        return seg.pitched(self.params.segmenter.pitch_frames, upto, final)
 
-        Counted lazily, a few frames at a time, and no more once the answer is yes: speech
-        qualifies within its first syllables, so only noise pays for looking further.
-        """
-        need = self._pitch_frames
-        end = len(seg) if upto is None else upto
-        if seg.periodic >= need:
-            return True
-        if not final and end - seg.pitch_checked < PITCH_CHECK_FRAMES:
-            return False
-        idx = [i for i in range(seg.pitch_checked, end) if seg.voiced[i]]
-        seg.pitch_checked = max(seg.pitch_checked, end)
-        if idx:
-            frames = seg.samples(0, end).reshape(-1, FRAME_SAMPLES)
-            scores = periodicity(frames[idx])
-            seg.periodic += int(np.count_nonzero(scores >= PERIODIC_THRESHOLD))
-        return seg.periodic >= need
-
-    def _request_partial(self, seg: _Segment, now: float) -> list[Action]:
-        seg.partial_at_frames = len(seg)
-        seg.partial_at_voiced = seg.voiced_count
+    def _request_partial(self, utt: _Utterance, now: float) -> list[Action]:
+        seg = utt.segment
+        utt.partial_at_frames = len(seg)
+        utt.partial_at_voiced = seg.voiced_count
         # Past the partial window, only the audio after the committed words is decoded again:
         # a long utterance then costs what its unsettled tail costs, not its whole length.
-        first = seg.committed_frames if len(seg) > self._partial_window_frames else 0
-        job = self._job(seg, len(seg), is_final=False, now=now, first=first)
+        first = utt.committed_frames if len(seg) > self.params.partial_window_frames else 0
+        job = self._job(utt, len(seg), is_final=False, now=now, first=first)
         self._partial_job = job
         return [Transcribe(job)]
 
-    def _job(self, seg: _Segment, n_frames: int, *, is_final: bool, now: float,
+    def _job(self, utt: _Utterance, n_frames: int, *, is_final: bool, now: float,
              first: int = 0) -> Job:
+        seg = utt.segment
+        committed = utt.stable.words
         audio = seg.samples(first, n_frames)
-        segment_start_s = seg.first_frame * FRAME_S
-        start_s = segment_start_s + first * FRAME_S
-        context = " ".join(seg.committed) if first else self._last_final_text
+        start_s = seg.start_s + first * FRAME_S
+        context = " ".join(committed) if first else self._last_final_text
         job = Job(
             job_id=self._next_job_id, session_id=self.session_id, segment_id=seg.segment_id,
             audio=audio, is_final=is_final, start_s=start_s,
-            end_s=segment_start_s + n_frames * FRAME_S, segment_start_s=segment_start_s,
+            end_s=seg.start_s + n_frames * FRAME_S, segment_start_s=seg.start_s,
             options=TranscribeOptions(language=self._language, prompt=self._start.prompt,
                                       context=context or None,
                                       # partials need word times to commit and trim audio
@@ -721,14 +580,14 @@ class Session:
                                       is_partial=not is_final,
                                       # STT_FINAL_WINDOW=prefix: the final over the whole
                                       # utterance starts with the stable words
-                                      prefix=(" ".join(seg.committed)
-                                              if is_final and not first and seg.committed
+                                      prefix=(" ".join(committed)
+                                              if is_final and not first and committed
                                               and self.settings.final_window == "prefix"
                                               else None)),
             created_at=now, speech_end_at=now if is_final else None,
-            had_partials=is_final and seg.partials_published > 0, interrupted=seg.interrupted,
-            committed=list(seg.committed) if is_final else [],
-            committed_words=tuple(seg.committed_words) if is_final else ())
+            had_partials=is_final and utt.partials_published > 0, interrupted=utt.interrupted,
+            committed=list(committed) if is_final else [],
+            committed_words=tuple(utt.stable.timed) if is_final else ())
         self._next_job_id += 1
         return job
 
@@ -741,13 +600,13 @@ class Session:
             return [Transcribe(self._final_job)]
         if self._closing is not None:  # a partial still decoding no longer matters
             self.closed = True
-            return [self._emit(end_message(self.session_id, self._closing,
-                                           self._frame_index * FRAME_S, self._finals_published,
-                                           self.speaker_id)),
+            return [self._emit(SessionEnd(self.session_id, self._closing,
+                                          self._segmenter.frames * FRAME_S,
+                                          self._finals_published, self.speaker_id)),
                     Close(self._closing)]
-        seg = self._segment
-        if seg is not None and self._partial_due(seg):
-            return self._request_partial(seg, now)
+        utt = self._utt
+        if utt is not None and self._partial_due(utt):
+            return self._request_partial(utt, now)
         return []
 
     def _take_inflight(self, job_id: int) -> Job | None:
@@ -763,40 +622,10 @@ class Session:
 
     # --- messages ---------------------------------------------------------------------------
 
-    def _emit(self, message: dict[str, Any]) -> Publish:
-        message["sequence"] = self._sequence
+    def _emit(self, message: Outgoing, speech_ended_at: float | None = None) -> Publish:
+        action = Publish(message, self._sequence, speech_ended_at)
         self._sequence += 1
-        return Publish(message)
+        return action
 
     def _error(self, code: ErrorCode, message: str) -> Publish:
-        return self._emit(error_message(self.session_id, code, message))
-
-
-def common_prefix(a: list[str], b: list[str]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def align_prefix(prefix: list[str], words: list[str]) -> int:
-    """How many of ``words`` the ``prefix`` covers: the cut with the fewest word edits.
-
-    A fresh decode of the whole utterance may spell its beginning a little differently from
-    the words already committed; this finds where the committed words end in it.
-    """
-    if not prefix:
-        return 0
-    row = edit_row(prefix, words)
-    best = min(row)
-    return max(j for j, d in enumerate(row) if d == best)
-
-
-def overlap(committed: list[str], words: list[str], longest: int = 3) -> int:
-    """Words at the start of ``words`` that repeat the end of ``committed``."""
-    for k in range(min(longest, len(committed), len(words)), 0, -1):
-        if committed[-k:] == words[:k]:
-            return k
-    return 0
+        return self._emit(Error(self.session_id, code, message))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .protocol import Outgoing
     from .session import Job
     from .status import StatusSource
 
@@ -34,11 +35,11 @@ class Telemetry:
     def job_finished(self, token: Any, job: Job, *, engine_s: float, error: str | None) -> None:
         """An engine job ended (``error`` is None on success)."""
 
-    def publish_headers(self, session_id: str, message: dict[str, Any]) -> dict[str, str] | None:
+    def publish_headers(self, message: Outgoing, sequence: int) -> dict[str, str] | None:
         """Headers for an outgoing message (trace context), or None."""
         return None
 
-    def final_published(self, job: Job, latency_s: float) -> None:
+    def final_published(self, latency_s: float) -> None:
         """A final left; ``latency_s`` is from the end-of-speech decision to publication."""
 
     async def shutdown(self) -> None:

@@ -108,7 +108,6 @@ class Worker:
         self._stopped = asyncio.Event()
         self._all_closed = asyncio.Event()  # set when the last session closes (for the drain)
         self._session_totals: dict[str, int] = {}  # chunk outcome totals of ended sessions
-        self._final_jobs: dict[str, Job] = {}  # the final job in flight, per session
         self._trim = _malloc_trim()
         self._closed_since_trim = 0
         self._last_trim = 0.0
@@ -296,7 +295,7 @@ class Worker:
     def _open(self, session_id: str, event: protocol.Event, now: float) -> Session | None:
         if isinstance(event, protocol.End):
             # Already ended (idle timeout, another worker) or never started: say it is over.
-            self._send(session_id, protocol.end_message(session_id, EndReason.END, 0.0, 0, None))
+            self._send(protocol.SessionEnd(session_id, EndReason.END, 0.0, 0))
             return None
         if self.draining:
             self._send_error(session_id, ErrorCode.OVERLOADED,
@@ -326,16 +325,15 @@ class Worker:
         for action in actions:
             if isinstance(action, Publish):
                 message = action.message
-                if message["type"] == "transcript":  # counted by the session
-                    if message["is_final"]:
-                        self._final_sent(session, message)
-                elif message["type"] == "error":
-                    self.stats.count_error(message["code"])
-                    log.warning("error sent: %s", message["message"],
-                                extra={"session_id": session.session_id, "code": message["code"]})
-                elif message["type"] == "interrupt":
+                if isinstance(message, protocol.Error):
+                    self.stats.count_error(message.code.value)
+                    log.warning("error sent: %s", message.message,
+                                extra={"session_id": session.session_id, "code": message.code.value})
+                elif isinstance(message, protocol.Interrupt):
                     log.info("interrupt", extra={"session_id": session.session_id})
-                self._send(session.session_id, message)
+                if action.speech_ended_at is not None:
+                    self.telemetry.final_published(self.clock() - action.speech_ended_at)
+                self._send(message, action.sequence)
             elif isinstance(action, Transcribe):
                 task = asyncio.get_running_loop().create_task(self._run_job(session, action.job))
                 self._jobs.add(task)
@@ -345,7 +343,6 @@ class Worker:
                 self._closed_since_trim += 1
                 if not self.sessions:
                     self._all_closed.set()
-                self._final_jobs.pop(session.session_id, None)
                 self.stats.sessions_ended[action.reason.value] = \
                     self.stats.sessions_ended.get(action.reason.value, 0) + 1
                 c = session.counters
@@ -363,8 +360,6 @@ class Worker:
     async def _run_job(self, session: Session, job: Job) -> None:
         started = time.perf_counter()
         token = self.telemetry.job_started(job)
-        if job.is_final:
-            self._final_jobs[session.session_id] = job
         try:
             result = await asyncio.wait_for(self.engine.transcribe(job.audio, job.options),
                                             self.settings.engine_timeout_s)
@@ -398,20 +393,18 @@ class Worker:
         """An error about a message that belongs to no live session (so: sequence 0)."""
         self.stats.count_error(code.value)
         log.warning("error sent: %s", message, extra={"session_id": session_id, "code": code.value})
-        self._send(session_id, protocol.error_message(session_id, code, message))
+        self._send(protocol.Error(session_id, code, message))
 
-    def _final_sent(self, session: Session, message: dict[str, Any]) -> None:
-        job = self._final_jobs.pop(session.session_id, None)
-        if job is not None and job.speech_end_at is not None:
-            self.telemetry.final_published(job, self.clock() - job.speech_end_at)
-
-    def _send(self, session_id: str, message: dict[str, Any]) -> None:
+    def _send(self, message: protocol.Outgoing, sequence: int = 0) -> None:
+        """Pack and queue one message; its timestamp is the time it is packed."""
         if self._outbox.qsize() >= OUTBOX_LIMIT:
             self._outbox.get_nowait()
             self._outbox.task_done()
             self.stats.publish_failures += 1
-        headers = self.telemetry.publish_headers(session_id, message)
-        self._outbox.put_nowait((self.subjects.output(session_id), protocol.pack(message), headers))
+        session_id = message.session_id
+        headers = self.telemetry.publish_headers(message, sequence)
+        payload = protocol.pack(protocol.encode(message, sequence, time.time()))
+        self._outbox.put_nowait((self.subjects.output(session_id), payload, headers))
 
     async def _publisher(self) -> None:
         """The only place that publishes: one queue, so per-session order is kept."""

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import SAMPLE
 
-import stt.session as session_module
+import stt.stabilizer as stabilizer_module
 from stt.audio import load_16k_mono, to_pcm16
 from stt.config import Settings
 from stt.engines.base import Transcription, Word
@@ -23,9 +23,11 @@ from stt.protocol import (
     End,
     EndReason,
     ProtocolError,
+    SessionEnd,
     Start,
     State,
     StateChange,
+    encode,
     parse,
 )
 from stt.session import Close, Job, Publish, Session, Transcribe
@@ -70,7 +72,7 @@ class Harness:
     def apply(self, actions: list[Any]) -> list[Any]:
         for a in actions:
             if isinstance(a, Publish):
-                self.published.append(a.message)
+                self.published.append(encode(a.message, a.sequence, self.now))
             elif isinstance(a, Transcribe):
                 self.jobs.append(a.job)
             elif isinstance(a, Close):
@@ -204,7 +206,7 @@ def test_buffer_size_cuts_long_speech_at_a_quiet_point_and_continues() -> None:
 
 
 def test_buffer_size_means_the_same_length_of_speech_in_every_format() -> None:
-    limits = {Session("a", settings(buffer_size_bytes=64000), 0.0, start)._max_segment_frames
+    limits = {Session("a", settings(buffer_size_bytes=64000), 0.0, start).params.segmenter.max_frames
               for start in (Start(), Start(sample_rate=8000, encoding="mulaw"),
                             Start(sample_rate=48000, channels=2, encoding="pcm_f32le"))}
     assert limits == {66}  # 2 s of 30 ms frames
@@ -315,7 +317,7 @@ def test_idle_timeout_ends_the_session_with_its_final() -> None:
     t = h.now
     early = h.session.tick(t + 4.0)  # 4 s without audio: the utterance may be cut, no more
     assert not any(isinstance(a, Close) for a in early)
-    assert not any(isinstance(a, Publish) and a.message["type"] == "end" for a in early)
+    assert not any(isinstance(a, Publish) and isinstance(a.message, SessionEnd) for a in early)
     h.apply(h.session.tick(t + 5.01))
     h.answer("and mister")
     assert h.of("end")[0]["reason"] == "idle_timeout"
@@ -428,7 +430,7 @@ def test_without_interrupt_detection_responding_audio_is_not_transcribed() -> No
 def test_vad_off_counts_everything_as_voice() -> None:
     h = Harness(Start(), enable_vad=False)
     h.feed(silence(1.0))
-    assert h.session._segment is not None  # silence is "speech" with VAD off
+    assert h.session.segmenter.segment is not None  # silence is "speech" with VAD off
     h.apply(h.session.tick(h.now + 1.01))  # ends when audio stops arriving
     assert len(h.jobs) == 1
 
@@ -474,12 +476,12 @@ def test_every_encoding_and_rate_reaches_the_engine_as_16k_speech(encoding: str,
 def test_bad_chunks_get_errors_and_change_nothing_else() -> None:
     h = Harness(Start(), max_chunk_bytes=8000)
     h.feed(SENTENCE_2[: SR])
-    before = h.session._frame_index
+    before = h.session.segmenter.frames
     h.apply(h.session.handle(Chunk(b"\x01\x02\x03"), h.now))  # odd byte count
     h.apply(h.session.handle(Chunk(b"\x00" * 9000), h.now))  # too large
     codes = [m["code"] for m in h.of("error")]
     assert codes == ["bad_audio", "too_large"]
-    assert h.session._frame_index == before
+    assert h.session.segmenter.frames == before
     h.feed(SENTENCE_2[SR:])
     h.feed(silence(1.0))
     assert len([j for j in h.jobs if j.is_final]) == 1
@@ -589,7 +591,7 @@ def make_and_mister_stable(h: Harness) -> int:
 
 def test_the_final_keeps_the_stable_words_and_their_times_and_decodes_only_the_rest(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(session_module, "SETTLED_MARGIN_S", 0.0)  # these word times are made up
+    monkeypatch.setattr(stabilizer_module, "SETTLED_MARGIN_S", 0.0)  # these word times are made up
     h = Harness(Start(word_timestamps=True), partial_interval_s=0.3, final_window="tail")
     fed = make_and_mister_stable(h)
     assert h.partials[-1]["stable_text"] == "and mister"
@@ -610,7 +612,7 @@ def test_the_final_keeps_the_stable_words_and_their_times_and_decodes_only_the_r
 
 def test_a_prefix_window_final_asks_for_the_stable_words_as_its_prefix(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(session_module, "SETTLED_MARGIN_S", 0.0)
+    monkeypatch.setattr(stabilizer_module, "SETTLED_MARGIN_S", 0.0)
     h = Harness(Start(), partial_interval_s=0.3, final_window="prefix")
     make_and_mister_stable(h)
     h.feed(silence(1.0))
@@ -624,7 +626,7 @@ def test_a_prefix_window_final_asks_for_the_stable_words_as_its_prefix(
 
 def test_past_the_window_partials_decode_only_the_audio_after_the_committed_words(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(session_module, "SETTLED_MARGIN_S", 0.0)  # these word times are made up
+    monkeypatch.setattr(stabilizer_module, "SETTLED_MARGIN_S", 0.0)  # these word times are made up
     h = Harness(Start(), partial_interval_s=0.3, partial_window_s=1.0)
     first = None
     for text in ("and mister", "and mister john"):
@@ -633,7 +635,7 @@ def test_past_the_window_partials_decode_only_the_audio_after_the_committed_word
         job = h.session.in_flight[0]
         first = first or job
         h.answer(text, words=timed(text, start=0.05, step=0.1))
-    while not h.session.in_flight or len(h.session._segment or []) * 0.03 < 1.0:
+    while not h.session.in_flight or len(h.session.segmenter.segment or []) * 0.03 < 1.0:
         if h.session.in_flight:
             h.answer("and mister john")
         h.feed(SENTENCE_1[2 * SR: 2 * SR + 1920])

@@ -1,0 +1,269 @@
+"""Where utterances begin and end: voice activity on 30 ms frames, as a small state machine.
+
+Frames come in one at a time, each with its VAD decision made here; :meth:`Segmenter.push`
+answers with a :class:`Boundary` when a segment opened or ended. The states
+(:class:`VoiceState`):
+
+* ``QUIET``: no speech. The last ``preroll_frames`` are kept, so first syllables survive.
+* ``STARTING``: some frames of the onset window (``VAD_START_WINDOW_MS``) are voiced, not yet
+  ``onset_frames`` of them. A cough or a click usually stays here and falls back to ``QUIET``.
+* ``SPEAKING``: a segment is open (it starts with the pre-roll) and its last frame is voiced.
+* ``STOPPING``: a segment is open and silence trails it. ``endpoint_frames`` of trailing
+  silence end it (:class:`Ended`); the last ``hangover_frames`` of that silence stay in the
+  segment and the rest becomes the next segment's pre-roll. A voiced frame goes back to
+  ``SPEAKING``.
+
+A segment that reaches ``max_frames`` is cut at its quietest recent point (the middle of the
+longest unvoiced run in the last ``CUT_SEARCH_S``, else the lowest-energy frame): the part
+before is finalized and the rest carries on as a new open segment (:attr:`Ended.rest`).
+
+Whether a segment is *speech* and not noise is a second question, answered lazily by
+:meth:`Segment.pitched`: webrtcvad calls loud noise speech, and only voiced speech has a pitch.
+
+No clock, no I/O, no protocol: frames in, boundaries out. The session decides what they mean
+(finals, partials, interrupts).
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .audio import SAMPLE_RATE
+from .config import VAD_START_WINDOW_MS, Settings
+from .vad import FRAME_S, FRAME_SAMPLES, PERIODIC_THRESHOLD, FrameVAD, periodicity
+
+ONSET_WINDOW_FRAMES = round(VAD_START_WINDOW_MS / 1000 / FRAME_S)
+CUT_SEARCH_S = 3.0               # how far back from the size limit to look for a quiet point
+PITCH_CHECK_FRAMES = 3           # periodicity is computed in batches of this many new frames
+BYTES_PER_SECOND_16K = SAMPLE_RATE * 2  # STT_BUFFER_SIZE_BYTES is counted in 16 kHz s16 mono
+
+
+class VoiceState(enum.Enum):
+    QUIET = "quiet"
+    STARTING = "starting"
+    SPEAKING = "speaking"
+    STOPPING = "stopping"
+
+
+@dataclass(frozen=True)
+class SegmenterParams:
+    """Every segmentation rule in frames, derived once from the settings."""
+
+    vad_enabled: bool = True
+    vad_aggressiveness: int = 2
+    onset_frames: int = 3        # voiced frames within the onset window that open a segment
+    preroll_frames: int = 10     # kept before the onset
+    endpoint_frames: int = 27    # trailing silence that ends a segment
+    hangover_frames: int = 10    # of that silence, kept at the segment's end
+    max_frames: int = 500        # longest segment before it is cut
+    pitch_frames: int = 3        # voiced frames with a pitch that make a segment speech
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> SegmenterParams:
+        endpoint = max(1, math.ceil(s.chunk_timeout_s / FRAME_S))
+        # STT_BUFFER_SIZE_BYTES is bytes of 16 kHz 16-bit mono, the seed's format: the limit is a
+        # length of speech that does not shrink 12x when a browser sends 48 kHz stereo float.
+        longest_s = min(s.buffer_size_bytes / BYTES_PER_SECOND_16K, s.max_segment_s)
+        return cls(
+            vad_enabled=s.enable_vad, vad_aggressiveness=s.vad_aggressiveness,
+            onset_frames=max(1, math.ceil(s.vad_start_ms / 1000 / FRAME_S)) if s.enable_vad else 1,
+            preroll_frames=max(ONSET_WINDOW_FRAMES, round(s.preroll_ms / 1000 / FRAME_S)),
+            endpoint_frames=endpoint,
+            hangover_frames=max(0, round(s.hangover_ms / 1000 / FRAME_S)),
+            max_frames=max(endpoint + 2, int(longest_s / FRAME_S)),
+            pitch_frames=math.ceil(s.min_pitched_ms / 1000 / FRAME_S) if s.enable_vad else 0)
+
+
+@dataclass
+class Segment:
+    """One utterance's audio and per-frame decisions, as it grows."""
+
+    segment_id: int
+    first_frame: int                  # index on the session's frame timeline
+    # the audio, one growing buffer: a job takes a slice instead of joining a list of frames
+    audio: np.ndarray = field(default_factory=lambda: np.empty(64 * FRAME_SAMPLES, np.float32))
+    n_frames: int = 0
+    voiced: list[bool] = field(default_factory=list)
+    energy: list[float] = field(default_factory=list)
+    voiced_count: int = 0
+    voiced_since_onset: int = 0
+    frames_since_onset: int = 0
+    trailing_silence: int = 0
+    periodic: int = 0                 # voiced frames with a pitch, counted until there are enough
+    pitch_checked: int = 0            # frames examined for pitch so far
+
+    def append(self, frame: np.ndarray, voiced: bool, energy: float) -> None:
+        at = self.n_frames * FRAME_SAMPLES
+        if at + FRAME_SAMPLES > self.audio.size:  # grow geometrically; memory follows speech
+            grown = np.empty(self.audio.size * 2, dtype=np.float32)
+            grown[:at] = self.audio[:at]
+            self.audio = grown  # slices handed to jobs keep the old buffer, which stays valid
+        self.audio[at:at + FRAME_SAMPLES] = frame
+        self.n_frames += 1
+        self.voiced.append(voiced)
+        self.energy.append(energy)
+        if voiced:
+            self.voiced_count += 1
+            self.trailing_silence = 0
+        else:
+            self.trailing_silence += 1
+
+    def __len__(self) -> int:
+        return self.n_frames
+
+    @property
+    def start_s(self) -> float:
+        return self.first_frame * FRAME_S
+
+    def frame(self, i: int) -> np.ndarray:
+        return self.audio[i * FRAME_SAMPLES:(i + 1) * FRAME_SAMPLES]
+
+    def samples(self, first: int, end: int) -> np.ndarray:
+        """Frames ``first..end`` as one array: a view, never written again."""
+        return self.audio[first * FRAME_SAMPLES:end * FRAME_SAMPLES]
+
+    def pitched(self, need: int, upto: int | None = None, final: bool = False) -> bool:
+        """Does the segment hold ``need`` voiced frames with a pitch: speech, not noise?
+
+        Counted lazily, a few frames at a time, and no more once the answer is yes: speech
+        qualifies within its first syllables, so only noise pays for looking further.
+        """
+        end = len(self) if upto is None else upto
+        if self.periodic >= need:
+            return True
+        if not final and end - self.pitch_checked < PITCH_CHECK_FRAMES:
+            return False
+        idx = [i for i in range(self.pitch_checked, end) if self.voiced[i]]
+        self.pitch_checked = max(self.pitch_checked, end)
+        if idx:
+            frames = self.samples(0, end).reshape(-1, FRAME_SAMPLES)
+            scores = periodicity(frames[idx])
+            self.periodic += int(np.count_nonzero(scores >= PERIODIC_THRESHOLD))
+        return self.periodic >= need
+
+
+@dataclass(frozen=True)
+class Opened:
+    segment: Segment
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A segment closed: its first ``n_frames`` are the utterance to finalize."""
+
+    segment: Segment
+    n_frames: int
+    rest: Segment | None = None  # a cut at the size limit: the open segment that carries on
+
+
+Boundary = Opened | Ended
+
+
+class Segmenter:
+    def __init__(self, params: SegmenterParams) -> None:
+        self.params = params
+        self.frames = 0                 # frames seen: the session's timeline
+        self.segment: Segment | None = None
+        self._next_segment_id = 1
+        self._vad = FrameVAD(params.vad_enabled, params.vad_aggressiveness)
+        self._window: collections.deque[bool] = collections.deque(maxlen=ONSET_WINDOW_FRAMES)
+        self._preroll: collections.deque[tuple[np.ndarray, bool, float]] = collections.deque()
+
+    @property
+    def state(self) -> VoiceState:
+        seg = self.segment
+        if seg is None:
+            return VoiceState.STARTING if any(self._window) else VoiceState.QUIET
+        return VoiceState.STOPPING if seg.trailing_silence else VoiceState.SPEAKING
+
+    def skip(self) -> None:
+        """A frame that is not listened to (half duplex): time passes, nothing is kept."""
+        self.frames += 1
+
+    def push(self, frame: np.ndarray, pcm: bytes, energy: float) -> Boundary | None:
+        """One frame (float samples, its 16-bit PCM and mean energy)."""
+        index = self.frames
+        self.frames += 1
+        voiced = self._vad.is_speech_pcm(pcm)
+        seg = self.segment
+        p = self.params
+        if seg is None:
+            self._preroll.append((frame, voiced, energy))
+            if len(self._preroll) > p.preroll_frames:
+                self._preroll.popleft()
+            self._window.append(voiced)
+            if voiced and sum(self._window) >= p.onset_frames:
+                return Opened(self._open(index))
+            return None
+        seg.append(frame, voiced, energy)
+        seg.frames_since_onset += 1
+        seg.voiced_since_onset += voiced
+        if seg.trailing_silence >= p.endpoint_frames:
+            return self.close()
+        if len(seg) >= p.max_frames:
+            return self._cut()
+        return None
+
+    def close(self) -> Ended | None:
+        """End the open segment now (endpoint, ``end``, a turn change, audio that stopped)."""
+        seg = self.segment
+        self.segment = None
+        self._window.clear()
+        if seg is None:
+            return None
+        keep = len(seg) - max(0, seg.trailing_silence - self.params.hangover_frames)
+        # the dropped silence is the next segment's pre-roll
+        for i in range(max(keep, len(seg) - self.params.preroll_frames), len(seg)):
+            self._preroll.append((seg.frame(i).copy(), seg.voiced[i], seg.energy[i]))
+        while len(self._preroll) > self.params.preroll_frames:
+            self._preroll.popleft()
+        return Ended(seg, keep)
+
+    def forget_preroll(self) -> None:
+        """Audio kept so far must not start the next segment (the turn changed hands)."""
+        self._preroll.clear()
+
+    def _new_segment(self, first_frame: int) -> Segment:
+        seg = Segment(segment_id=self._next_segment_id, first_frame=first_frame)
+        self._next_segment_id += 1
+        return seg
+
+    def _open(self, index: int) -> Segment:
+        frames = list(self._preroll)
+        self._preroll.clear()
+        self._window.clear()
+        seg = self._new_segment(index + 1 - len(frames))
+        for frame, voiced, energy in frames:
+            seg.append(frame, voiced, energy)
+        # onset counts from the voiced frames of the onset window, not the quiet pre-roll
+        seg.frames_since_onset = ONSET_WINDOW_FRAMES
+        seg.voiced_since_onset = sum(v for _, v, _ in frames[-ONSET_WINDOW_FRAMES:])
+        self.segment = seg
+        return seg
+
+    def _cut(self) -> Ended:
+        """The segment reached the size limit: finalize up to its quietest recent point."""
+        seg = self.segment
+        assert seg is not None
+        n = len(seg)
+        lo = max(1, n - int(CUT_SEARCH_S / FRAME_S), n // 2)
+        best, best_run, run = None, 0, 0
+        for i in range(lo, n):  # longest unvoiced run; cut in its middle
+            run = run + 1 if not seg.voiced[i] else 0
+            if run > best_run:
+                best_run, best = run, i - run // 2
+        if best is None:
+            best = lo + int(np.argmin(seg.energy[lo:n]))
+        cut = max(1, best)
+        rest = self._new_segment(seg.first_frame + cut)
+        for i in range(cut, n):
+            rest.append(seg.frame(i), seg.voiced[i], seg.energy[i])
+        rest.frames_since_onset = len(rest)
+        rest.voiced_since_onset = rest.voiced_count
+        self.segment = rest
+        return Ended(seg, cut, rest=rest)

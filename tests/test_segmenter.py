@@ -1,0 +1,182 @@
+"""The segmenter alone: frames in, boundaries out, every state of the voice state machine.
+
+Speech is real (the bundled LibriVox sample), silence is digital zeros, noise is seeded white
+noise. Frames are the only clock.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from conftest import SAMPLE
+
+from stt.audio import load_16k_mono, to_pcm16
+from stt.config import Settings
+from stt.segmenter import (
+    Ended,
+    Opened,
+    Segmenter,
+    SegmenterParams,
+    VoiceState,
+)
+from stt.vad import FRAME_S, FRAME_SAMPLES
+
+SR = 16000
+_SPEECH = load_16k_mono(str(SAMPLE))
+SPEECH = _SPEECH[int(0.55 * SR): int(7.2 * SR)]   # continuous speech for the VAD
+LONG_SPEECH = _SPEECH[int(19.4 * SR): int(25.2 * SR)]
+
+
+def frames(audio: np.ndarray) -> np.ndarray:
+    n = len(audio) // FRAME_SAMPLES
+    return audio[: n * FRAME_SAMPLES].reshape(n, FRAME_SAMPLES)
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * SR), dtype=np.float32)
+
+
+def push_all(seg: Segmenter, audio: np.ndarray) -> list[tuple[int, object, VoiceState]]:
+    """(frame index, boundary or None, state after) for every frame of ``audio``."""
+    out = []
+    for f in frames(audio):
+        index = seg.frames
+        boundary = seg.push(f, to_pcm16(f), float(np.mean(f * f)))
+        out.append((index, boundary, seg.state))
+    return out
+
+
+def params(**overrides: object) -> SegmenterParams:
+    values: dict[str, object] = {"chunk_timeout_s": 0.6}
+    values.update(overrides)
+    return SegmenterParams.from_settings(Settings.from_env(environ={}, overrides=values))
+
+
+def test_params_are_derived_from_the_settings_in_frames() -> None:
+    p = params(chunk_timeout_s=0.8, hangover_ms=300, preroll_ms=300, vad_start_ms=90,
+               buffer_size_bytes=64000, min_pitched_ms=90)
+    assert (p.endpoint_frames, p.hangover_frames, p.preroll_frames, p.onset_frames,
+            p.max_frames, p.pitch_frames) == (27, 10, 10, 3, 66, 3)
+    off = params(enable_vad=False)
+    assert off.onset_frames == 1 and off.pitch_frames == 0
+    # the size limit is the smaller of the two settings, and never below the endpoint
+    assert params(max_segment_s=1.0).max_frames == 33
+    assert params(buffer_size_bytes=3200, chunk_timeout_s=0.6).max_frames == 22
+
+
+def test_silence_stays_quiet_and_keeps_only_the_preroll() -> None:
+    seg = Segmenter(params())
+    steps = push_all(seg, silence(2.0))
+    assert all(b is None and st is VoiceState.QUIET for _, b, st in steps)
+    assert seg.segment is None and seg.frames == len(steps)
+    assert len(seg._preroll) == seg.params.preroll_frames
+
+
+def test_an_utterance_goes_quiet_starting_speaking_stopping_and_ends_on_the_endpoint() -> None:
+    p = params()
+    seg = Segmenter(p)
+    steps = push_all(seg, np.concatenate([silence(1.0), SPEECH, silence(1.5)]))
+    states = [st for _, _, st in steps]
+    seen = [states[0]] + [b for a, b in itertools.pairwise(states) if a != b]
+    # the order of states, collapsed: quiet, (starting), speaking/stopping alternating, quiet
+    assert seen[0] is VoiceState.QUIET and seen[-1] is VoiceState.QUIET
+    assert VoiceState.SPEAKING in seen and VoiceState.STOPPING in seen
+    boundaries = [(i, b) for i, b, _ in steps if b is not None]
+    (i_open, opened), (i_end, ended) = boundaries
+    assert isinstance(opened, Opened) and isinstance(ended, Ended) and ended.rest is None
+    segment = opened.segment
+    assert ended.segment is segment and seg.segment is None
+    # the segment starts with the pre-roll: onset - preroll + 1
+    assert segment.first_frame == i_open + 1 - p.preroll_frames
+    assert segment.first_frame * FRAME_S < 1.0 < (i_open + 1) * FRAME_S
+    # it ended after endpoint_frames of silence; the hangover of it is kept
+    assert segment.trailing_silence == p.endpoint_frames
+    assert ended.n_frames == len(segment) - (p.endpoint_frames - p.hangover_frames)
+    assert i_end == segment.first_frame + len(segment) - 1
+    assert (segment.first_frame + ended.n_frames) * FRAME_S == pytest.approx(
+        1.0 + len(SPEECH) / SR + p.hangover_frames * FRAME_S, abs=0.4)
+    assert segment.pitched(p.pitch_frames, final=True)
+
+
+def test_voiced_frames_short_of_the_onset_are_starting_not_speaking() -> None:
+    seg = Segmenter(params(vad_start_ms=150))  # every frame of the onset window must be voiced
+    push_all(seg, silence(0.5))
+    states = []
+    for f in frames(SPEECH):
+        if isinstance(seg.push(f, to_pcm16(f), float(np.mean(f * f))), Opened):
+            break
+        states.append(seg.state)
+    assert VoiceState.STARTING in states and VoiceState.SPEAKING not in states
+    assert seg.state is VoiceState.SPEAKING
+    # one voiced frame in a window of silence falls back to quiet once it leaves the window
+    seg = Segmenter(params(vad_start_ms=150))
+    push_all(seg, silence(0.5))
+    for f in frames(SPEECH):
+        seg.push(f, to_pcm16(f), float(np.mean(f * f)))
+        if seg.state is VoiceState.STARTING:
+            break
+    steps = push_all(seg, silence(0.5))
+    assert steps[-1][2] is VoiceState.QUIET and seg.segment is None
+
+
+def test_white_noise_may_open_a_segment_but_has_no_pitch() -> None:
+    p = params()
+    seg = Segmenter(p)
+    noise = np.random.default_rng(1).normal(0, 0.3, int(1.5 * SR)).astype(np.float32)
+    steps = push_all(seg, np.concatenate([noise, silence(1.0)]))
+    ended = [b for _, b, _ in steps if isinstance(b, Ended)]
+    assert ended, "webrtcvad calls loud white noise speech"
+    assert not ended[0].segment.pitched(p.pitch_frames, upto=ended[0].n_frames, final=True)
+
+
+def test_the_size_limit_cuts_at_a_quiet_point_and_the_rest_carries_on() -> None:
+    p = params(buffer_size_bytes=64000)  # 2 s
+    seg = Segmenter(p)
+    steps = push_all(seg, np.concatenate([silence(0.3), LONG_SPEECH]))
+    cuts = [b for _, b, _ in steps if isinstance(b, Ended)]
+    assert len(cuts) >= 2 and all(c.rest is not None for c in cuts)
+    for a, b in itertools.pairwise(cuts):
+        assert a.rest is b.segment  # each cut's rest is the next one cut
+    for c in cuts:
+        assert c.rest is not None and 1 <= c.n_frames <= p.max_frames
+        assert c.rest.first_frame == c.segment.first_frame + c.n_frames  # no gap, no overlap
+    ids = [c.segment.segment_id for c in cuts]
+    assert ids == sorted(set(ids))
+
+
+def test_close_keeps_the_hangover_and_the_dropped_silence_becomes_preroll() -> None:
+    p = params()
+    seg = Segmenter(p)
+    push_all(seg, np.concatenate([SPEECH[: 2 * SR], silence(0.45)]))  # less than the endpoint
+    assert seg.state is VoiceState.STOPPING
+    ended = seg.close()
+    assert isinstance(ended, Ended) and seg.segment is None and seg.state is VoiceState.QUIET
+    trailing = ended.segment.trailing_silence
+    assert ended.n_frames == len(ended.segment) - (trailing - p.hangover_frames)
+    assert len(seg._preroll) == min(p.preroll_frames, trailing - p.hangover_frames)
+    assert seg.close() is None
+
+
+def test_forget_preroll_starts_the_next_segment_at_its_onset() -> None:
+    seg = Segmenter(params())
+    push_all(seg, silence(1.0))
+    seg.forget_preroll()
+    steps = push_all(seg, SPEECH[: SR])
+    (index, opened, _), = [s for s in steps if isinstance(s[1], Opened)]
+    assert isinstance(opened, Opened)
+    # without the silence before it, the segment holds only the frames since the reset
+    assert index - int(1.0 / FRAME_S) < seg.params.preroll_frames  # onset soon after the reset
+    assert opened.segment.first_frame == int(1.0 / FRAME_S)
+
+
+def test_vad_off_opens_on_the_first_frame_and_skip_advances_time() -> None:
+    seg = Segmenter(params(enable_vad=False))
+    seg.skip()
+    seg.skip()
+    f = silence(0.03)
+    boundary = seg.push(f, to_pcm16(f), 0.0)
+    assert isinstance(boundary, Opened) and boundary.segment.first_frame == 2
+    assert seg.state is VoiceState.SPEAKING  # with VAD off, silence counts as speech
+    assert seg.frames == 3
