@@ -198,6 +198,16 @@ class Settings:
                                          "in progress (push-to-talk released, client gone); the "
                                          "larger of this and STT_CHUNK_TIMEOUT applies, so network "
                                          "jitter does not cut speech.")
+    stall_timeout_s: float = setting(5.0, "STT_STALL_TIMEOUT_S",
+                                     "Longest wait for audio that stops arriving while the last "
+                                     "frames are voiced (a network stall mid-word): the "
+                                     "utterance resumes with the burst that follows, and ends "
+                                     "after this long without audio.")
+    speculative_ms: int = setting(200, "STT_SPECULATIVE_MS",
+                                  "Silence after speech at which the final's decode starts, "
+                                  "before the endpoint is certain; published at the endpoint if "
+                                  "no speech came back, discarded if it did (0 = off: decode at "
+                                  "the endpoint).")
     enable_vad: bool = setting(True, "STT_ENABLE_VAD",
                                "Voice activity detection; off = every frame counts as speech.")
     vad_aggressiveness: int = setting(2, "STT_VAD_AGGRESSIVENESS", "webrtcvad mode, 0-3.")
@@ -244,6 +254,10 @@ class Settings:
     max_segment_s: float = setting(30.0, "STT_MAX_SEGMENT_SECONDS",
                                    "Hard cap on one segment sent to the engine and on one chunk's "
                                    "duration.", group="limits")
+    final_retry_s: float = setting(10.0, "STT_FINAL_RETRY_S",
+                                   "How long a final whose engine call failed is retried (with "
+                                   "backoff) before the session gets engine_failed; partials "
+                                   "are not retried.", group="limits")
     max_pending_segments: int = setting(8, "STT_MAX_PENDING_SEGMENTS",
                                         "Finals queued per session while the engine is busy; more "
                                         "are dropped with 'overloaded'.", group="limits")
@@ -324,6 +338,9 @@ class Settings:
         need(self.audio_gap_timeout_s > 0, "audio_gap_timeout_s", "must be > 0 seconds")
         need(self.buffer_size_bytes >= 3200, "buffer_size_bytes", "must be at least 3200 bytes")
         need(self.partial_interval_s >= 0, "partial_interval_s", "must be >= 0")
+        need(0 <= self.speculative_ms <= 10_000, "speculative_ms", "must be between 0 and 10000")
+        need(self.stall_timeout_s >= 0, "stall_timeout_s", "must be >= 0")
+        need(self.final_retry_s >= 0, "final_retry_s", "must be >= 0")
         need(self.partial_window_s >= 1.0, "partial_window_s", "must be at least 1 s")
         need(self.session_idle_timeout_s > 0, "session_idle_timeout_s", "must be > 0")
         need(self.max_sessions > 0, "max_sessions", "must be > 0")

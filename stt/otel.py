@@ -57,6 +57,7 @@ from .config import ConfigError, Settings
 from .metrics import METRICS, Histogram, Metric, MetricsTelemetry
 from .protocol import Error, Outgoing, Subjects, Transcript, kind
 from .status import package_version
+from .telemetry import CANCELLED
 
 if TYPE_CHECKING:
     from .session import Job
@@ -207,14 +208,20 @@ class OtelTelemetry(MetricsTelemetry):
             return
         if token.context_token is not None:
             otel_context.detach(token.context_token)  # type: ignore[arg-type]
+        cancelled = error == CANCELLED
+        failed = error is not None and not cancelled
         if token.engine is not None:
             token.engine.set_attribute("stt.engine.seconds", round(engine_s, 4))
-            if error is not None:
+            if cancelled:
+                token.engine.set_attribute("stt.job.cancelled", True)
+            if failed:
                 token.engine.set_status(Status(StatusCode.ERROR, error))
             token.engine.end()
         if token.utterance is not None:
-            if error is not None:
+            if failed:
                 token.utterance.set_status(Status(StatusCode.ERROR, error))
+            if job.speculative and error is None:
+                return  # decoded before its endpoint: the final is published when that comes
             # The final (if any) is published in the same synchronous step that follows this
             # hook; whatever is still open after it published nothing (silence, failure).
             try:

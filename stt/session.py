@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import collections
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -72,6 +72,9 @@ from .stabilizer import Stabilizer, overlap
 from .vad import FRAME_S, FRAME_SAMPLES, Framer
 
 INTERRUPT_MIN_VOICED_RATIO = 0.6  # of frames since onset, so a few loud clicks do not qualify
+# Audio that stops arriving while the segment ends in less silence than this was cut off
+# mid-speech (a network stall, not the user pausing): the segment waits STT_STALL_TIMEOUT_S.
+STALL_VOICED_TAIL_S = 0.3
 SEEN_SEQ_WINDOW = 256            # recent chunk seq numbers kept to tell duplicates from late ones
 
 
@@ -84,6 +87,8 @@ class SessionParams:
     partial_frames: int          # new frames between partials (0 = no partials)
     partial_window_frames: int   # longest segment a partial decodes from its start
     interrupt_frames: int        # voiced frames since onset before an interrupt fires
+    speculative_frames: int      # trailing silence at which the final's decode starts (0 = off)
+    stall_s: float               # longest wait for audio after a stall mid-speech
 
     @classmethod
     def from_settings(cls, s: Settings) -> SessionParams:
@@ -92,7 +97,10 @@ class SessionParams:
             audio_gap_s=max(s.audio_gap_timeout_s, s.chunk_timeout_s),
             partial_frames=round(s.partial_interval_s / FRAME_S) if s.partial_interval_s > 0 else 0,
             partial_window_frames=round(s.partial_window_s / FRAME_S),
-            interrupt_frames=max(1, math.ceil(s.interrupt_min_speech_ms / 1000 / FRAME_S)))
+            interrupt_frames=max(1, math.ceil(s.interrupt_min_speech_ms / 1000 / FRAME_S)),
+            speculative_frames=(max(1, round(s.speculative_ms / 1000 / FRAME_S))
+                                if s.speculative_ms > 0 else 0),
+            stall_s=s.stall_timeout_s)
 
 
 # --- actions ---------------------------------------------------------------------------------
@@ -115,6 +123,7 @@ class Job:
     speech_end_at: float | None = None  # when the end of speech was decided (finals)
     had_partials: bool = False  # partials were published for this segment: a final must follow
     interrupted: bool = False   # this utterance fired an interrupt
+    speculative: bool = False   # a final decoded before its endpoint was certain
     committed: list[str] = field(default_factory=list)  # words already published as stable
     committed_words: tuple[Word, ...] = ()  # their times on the session timeline, when known
 
@@ -136,11 +145,18 @@ class Transcribe:
 
 
 @dataclass(frozen=True)
+class Cancel:
+    """A job asked for earlier is no longer wanted (its answer will be ignored)."""
+
+    job_id: int
+
+
+@dataclass(frozen=True)
 class Close:
     reason: EndReason
 
 
-Action = Publish | Transcribe | Close
+Action = Publish | Transcribe | Cancel | Close
 
 
 @dataclass
@@ -170,6 +186,11 @@ class _Utterance:
     partial_at_voiced: int = 0        # voiced frames then: no partial without new speech
     partials_published: int = 0
     last_partial_text: str = ""
+    # speculative final: decoded at the first silence, published if the endpoint follows
+    speculative: Job | None = None
+    spec_result: Transcription | None = None
+    spec_voiced: int = 0              # voiced frames when it was asked for
+    spec_stable: int = 0              # stable words then
 
     @property
     def committed_frames(self) -> int:
@@ -200,6 +221,7 @@ class Session:
         # (whose result it makes moot), and finals run one at a time, in order.
         self._final_job: Job | None = None
         self._partial_job: Job | None = None
+        self._spec_job: Job | None = None  # a speculative final in flight
         self._queue: collections.deque[Job] = collections.deque()
         self._closing: EndReason | None = None
         self._last_seq: int | None = None
@@ -224,7 +246,7 @@ class Session:
     @property
     def in_flight(self) -> list[Job]:
         """Jobs handed to the engine and not answered yet, oldest first."""
-        jobs = [j for j in (self._final_job, self._partial_job) if j is not None]
+        jobs = [j for j in (self._final_job, self._partial_job, self._spec_job) if j is not None]
         return sorted(jobs, key=lambda j: j.job_id)
 
     @property
@@ -232,7 +254,7 @@ class Session:
         """Earliest time at which ``tick`` may have something to do."""
         t = self.last_message_at + self.settings.session_idle_timeout_s
         if self._utt is not None:
-            t = min(t, self.last_audio_at + self.params.audio_gap_s)
+            t = min(t, self.last_audio_at + self._audio_gap_limit(self._utt))
         return t
 
     def handle(self, event: Event, now: float) -> list[Action]:
@@ -261,10 +283,19 @@ class Session:
             return []
         if now - self.last_message_at >= self.settings.session_idle_timeout_s:
             return self.finish(EndReason.IDLE_TIMEOUT, now)
-        if self._utt is not None and now - self.last_audio_at >= self.params.audio_gap_s:
-            # The client stopped sending audio mid-utterance (push-to-talk released, network).
+        utt = self._utt
+        if utt is not None and now - self.last_audio_at >= self._audio_gap_limit(utt):
+            # The client stopped sending audio mid-utterance (push-to-talk released, gone).
             return self._end_segment(now)
         return []
+
+    def _audio_gap_limit(self, utt: _Utterance) -> float:
+        """How long an open segment waits for audio that stopped arriving."""
+        if (self.params.segmenter.vad_enabled
+                and utt.segment.trailing_silence * FRAME_S < STALL_VOICED_TAIL_S):
+            # cut off mid-speech: a stall; the burst that follows continues the utterance
+            return max(self.params.audio_gap_s, self.params.stall_s)
+        return self.params.audio_gap_s
 
     def finish(self, reason: EndReason, now: float) -> list[Action]:
         """Flush what is buffered; the ``end`` message follows the last final."""
@@ -278,6 +309,12 @@ class Session:
         return actions
 
     def transcribed(self, job_id: int, result: Transcription, now: float) -> list[Action]:
+        if self._spec_job is not None and self._spec_job.job_id == job_id and not self.closed:
+            spec, self._spec_job = self._spec_job, None
+            utt = self._utt
+            if utt is not None and utt.speculative is spec:
+                utt.spec_result = result  # published at the endpoint, if speech does not resume
+            return self._pump(now)
         job = self._take_inflight(job_id)
         if job is None:
             return []
@@ -285,6 +322,12 @@ class Session:
         return actions + self._pump(now)
 
     def transcription_failed(self, job_id: int, message: str, now: float) -> list[Action]:
+        if self._spec_job is not None and self._spec_job.job_id == job_id:
+            # the endpoint then queues an ordinary final
+            spec, self._spec_job = self._spec_job, None
+            if self._utt is not None and self._utt.speculative is spec:
+                self._utt.speculative = None
+            return self._pump(now)
         job = self._take_inflight(job_id)
         if job is None:
             return []
@@ -404,30 +447,37 @@ class Session:
     # --- audio -----------------------------------------------------------------------------
 
     def _on_chunk(self, chunk: Chunk, now: float) -> list[Action]:
+        actions: list[Action] = []
         if chunk.seq is not None:
+            gaps = self.counters.seq_gaps
             verdict = self._check_seq(chunk.seq)
             if verdict is not None:
                 return []
+            if (self.counters.seq_gaps > gaps and self._utt is not None
+                    and now - self.last_audio_at >= self.params.audio_gap_s):
+                # audio stopped arriving and some of it is lost, not late: what follows does not
+                # continue the utterance that was waiting for it
+                actions += self._end_segment(now)
         if len(chunk.audio) > self.settings.max_chunk_bytes:
             self.counters.chunks_dropped += 1
-            return [self._error(ErrorCode.TOO_LARGE,
-                                f"chunk of {len(chunk.audio)} bytes exceeds the limit of "
-                                f"{self.settings.max_chunk_bytes} (STT_MAX_CHUNK_BYTES)")]
+            return [*actions, self._error(
+                ErrorCode.TOO_LARGE, f"chunk of {len(chunk.audio)} bytes exceeds the limit of "
+                f"{self.settings.max_chunk_bytes} (STT_MAX_CHUNK_BYTES)")]
         duration = len(chunk.audio) / self._converter.bytes_per_second
         if duration > self.settings.max_segment_s:
             self.counters.chunks_dropped += 1
-            return [self._error(ErrorCode.TOO_LARGE,
-                                f"chunk of {duration:.1f} s exceeds the limit of "
-                                f"{self.settings.max_segment_s} s (STT_MAX_SEGMENT_SECONDS)")]
+            return [*actions, self._error(
+                ErrorCode.TOO_LARGE, f"chunk of {duration:.1f} s exceeds the limit of "
+                f"{self.settings.max_segment_s} s (STT_MAX_SEGMENT_SECONDS)")]
         try:
             samples = self._converter.convert(chunk.audio)
         except ProtocolError as exc:
             self.counters.chunks_dropped += 1
-            return [self._error(exc.code, exc.message)]
+            return [*actions, self._error(exc.code, exc.message)]
         self.counters.chunks_ok += 1
         self.counters.audio_in_s += duration
         self.last_audio_at = now
-        return self._on_frames(self._framer.push(samples), now)
+        return actions + self._on_frames(self._framer.push(samples), now)
 
     def _check_seq(self, seq: int) -> str | None:
         """None for a chunk to use; 'duplicate' or 'late' for one to drop."""
@@ -480,7 +530,11 @@ class Session:
         if utt.candidate and self._interrupting(utt):
             actions.append(self._fire_interrupt(utt))
         if boundary is not None:
-            actions += self._segment_ended(boundary, now)
+            return actions + self._segment_ended(boundary, now)
+        if utt.speculative is not None and utt.segment.voiced_count != utt.spec_voiced:
+            actions += self._drop_speculation(utt)  # speech resumed: that decode is moot
+        if self._speculation_due(utt):
+            actions += self._speculate(utt, now)
         elif self._partial_due(utt):
             actions += self._request_partial(utt, now)
         return actions
@@ -510,39 +564,101 @@ class Session:
     def _segment_ended(self, ended: Ended, now: float) -> list[Action]:
         utt = self._utt
         assert utt is not None and utt.segment is ended.segment
+        actions: list[Action] = []
+        if self._partial_job is not None and self._partial_job.segment_id == utt.segment.segment_id:
+            # its answer would come too late to matter: free the engine for the final
+            actions.append(Cancel(self._partial_job.job_id))
+            self._partial_job = None
         if ended.rest is None:
             self._utt = None
             if utt.candidate:
-                return []  # speech while responding that never became an interrupt: noise
-            return self._queue_final(utt, ended.n_frames, now)
+                return actions + self._drop_speculation(utt)  # never an interrupt: noise
+            return actions + self._queue_final(utt, ended.n_frames, now, endpoint=True)
         # cut at the size limit: the rest carries on as the next utterance
-        actions: list[Action] = []
+        actions += self._drop_speculation(utt)
         if utt.candidate:  # a very long candidate is speech: it fires before the cut
             actions.append(self._fire_interrupt(utt))
         actions += self._queue_final(utt, ended.n_frames, now)
         self._utt = _Utterance(ended.rest)
         return actions
 
-    def _queue_final(self, utt: _Utterance, n_frames: int, now: float) -> list[Action]:
+    # --- speculative finals ----------------------------------------------------------------
+
+    def _speculation_due(self, utt: _Utterance) -> bool:
         seg = utt.segment
-        if seg.voiced_count == 0 or n_frames <= 0:
+        at = self.params.speculative_frames
+        return (at > 0 and seg.trailing_silence == at and not utt.candidate
+                and utt.speculative is None and self._spec_job is None
+                and self._final_job is None and not self._queue and seg.voiced_count > 0
+                and self._pitched(seg, final=True))
+
+    def _speculate(self, utt: _Utterance, now: float) -> list[Action]:
+        """Silence began: start the final's decode now, on the audio the endpoint would keep."""
+        seg = utt.segment
+        n_frames = len(seg) - max(0, seg.trailing_silence - self.params.segmenter.hangover_frames)
+        job = replace(self._final_job_for(utt, n_frames, now), speculative=True)
+        utt.speculative, utt.spec_result = job, None
+        utt.spec_voiced, utt.spec_stable = seg.voiced_count, len(utt.stable.words)
+        self._spec_job = job
+        actions: list[Action] = []
+        if self._partial_job is not None:  # no partial once trailing silence has begun
+            actions.append(Cancel(self._partial_job.job_id))
+            self._partial_job = None
+        actions.append(Transcribe(job))
+        return actions
+
+    def _drop_speculation(self, utt: _Utterance) -> list[Action]:
+        job, utt.speculative, utt.spec_result = utt.speculative, None, None
+        if job is None or self._spec_job is not job:
             return []
+        self._spec_job = None
+        return [Cancel(job.job_id)]
+
+    def _speculation_holds(self, utt: _Utterance) -> bool:
+        """No voiced audio since, and the words it was decoded with are still the stable ones."""
+        return (utt.speculative is not None and utt.segment.voiced_count == utt.spec_voiced
+                and (self.settings.final_window == "full"
+                     or len(utt.stable.words) == utt.spec_stable)
+                and self._final_job is None and not self._queue)
+
+    def _queue_final(self, utt: _Utterance, n_frames: int, now: float,
+                     endpoint: bool = False) -> list[Action]:
+        seg = utt.segment
+        if endpoint and self._speculation_holds(utt):
+            assert utt.speculative is not None
+            # the decode started at the first silence is this final: publish it as soon as it is
+            # done (now, if it is); its latency counts from this endpoint decision
+            job = replace(utt.speculative, speech_end_at=now,
+                          had_partials=utt.partials_published > 0, interrupted=utt.interrupted)
+            result, utt.speculative, utt.spec_result = utt.spec_result, None, None
+            if result is not None:
+                return self._final(job, result) + self._pump(now)
+            self._spec_job, self._final_job = None, job
+            return []
+        actions = self._drop_speculation(utt)
+        if seg.voiced_count == 0 or n_frames <= 0:
+            return actions
         if not self._pitched(seg, upto=n_frames, final=True):
-            return []  # noise the VAD took for speech (no pitch anywhere): nothing to transcribe
+            return actions  # noise the VAD took for speech (no pitch anywhere): nothing to say
         if len(self._queue) >= self.settings.max_pending_segments:
-            return [self._error(ErrorCode.OVERLOADED,
-                                f"segment {seg.segment_id} dropped: {len(self._queue)} segments "
-                                f"already wait for the engine (STT_MAX_PENDING_SEGMENTS)")]
+            actions.append(self._error(
+                ErrorCode.OVERLOADED, f"segment {seg.segment_id} dropped: {len(self._queue)} "
+                "segments already wait for the engine (STT_MAX_PENDING_SEGMENTS)"))
+            return actions
+        self._queue.append(self._final_job_for(utt, n_frames, now))
+        return actions + self._pump(now)
+
+    def _final_job_for(self, utt: _Utterance, n_frames: int, now: float) -> Job:
         # With final_window "tail", the final decodes only what follows the stable words (its cost
         # is the unsettled tail, not the utterance); "full" decodes the whole utterance.
         first = utt.committed_frames if self.settings.final_window == "tail" else 0
-        self._queue.append(self._job(utt, n_frames, is_final=True, now=now, first=first))
-        return self._pump(now)
+        return self._job(utt, n_frames, is_final=True, now=now, first=first)
 
     def _partial_due(self, utt: _Utterance) -> bool:
         seg = utt.segment
         every = self.params.partial_frames
         return (every > 0 and not utt.candidate and self._partial_job is None
+                and seg.trailing_silence == 0 and self._spec_job is None
                 and self._final_job is None and not self._queue and seg.voiced_count > 0
                 and seg.voiced_count > utt.partial_at_voiced
                 and len(seg) - utt.partial_at_frames >= every

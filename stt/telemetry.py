@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from .status import StatusSource
 
 
+CANCELLED = "cancelled"  # the ``error`` of a job its session withdrew (not a failure)
+
+
 class Telemetry:
     def attach(self, status: StatusSource) -> None:
         """The worker's status snapshots, for implementations that report them."""

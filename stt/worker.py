@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import logging
 import ssl
 import time
@@ -32,9 +33,10 @@ from . import protocol
 from .config import Settings
 from .engines.base import Engine
 from .protocol import EndReason, ErrorCode, ProtocolError, Subjects
-from .session import Action, Close, Job, Publish, Session, Transcribe
+from .scheduler import Scheduler
+from .session import Action, Cancel, Close, Job, Publish, Session, Transcribe
 from .status import CHUNK_RESULTS, Status, not_ready_reasons, package_version
-from .telemetry import Telemetry
+from .telemetry import CANCELLED, Telemetry
 
 log = logging.getLogger("stt.worker")
 
@@ -56,6 +58,7 @@ def _malloc_trim() -> Callable[[], object] | None:
     return lambda: trim(0)
 SESSION_TOTALS = ("chunks_ok", "chunks_duplicate", "chunks_late", "chunks_dropped", "finals",
                   "partials", "interrupts")  # Session.Counters summed over sessions
+FIRST_RETRY_S, LAST_RETRY_S = 0.5, 4.0  # backoff between tries of a failed final
 OUTBOX_LIMIT = 200_000  # messages held while NATS is unreachable; oldest dropped beyond
 
 
@@ -72,6 +75,7 @@ class Stats:
         self.errors: dict[str, int] = {}
         self.engine_jobs = 0
         self.engine_failures = 0
+        self.engine_retries = 0
         self.engine_seconds = 0.0
         self.audio_transcribed_s = 0.0
         self.reconnects = 0
@@ -104,7 +108,7 @@ class Worker:
         self._sub: Any = None
         self._outbox: asyncio.Queue[tuple[str, bytes, dict[str, str] | None]] = asyncio.Queue()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._jobs: set[asyncio.Task[Any]] = set()
+        self.scheduler = Scheduler(engine.slots, engine.per_pass, clock)
         self._stopped = asyncio.Event()
         self._all_closed = asyncio.Event()  # set when the last session closes (for the drain)
         self._session_totals: dict[str, int] = {}  # chunk outcome totals of ended sessions
@@ -172,9 +176,10 @@ class Worker:
             await asyncio.wait_for(self._outbox.join(), 5)
         except TimeoutError:
             log.warning("outbound messages not flushed", extra={"pending": self._outbox.qsize()})
-        for task in list(self._tasks) + list(self._jobs):
+        jobs = self.scheduler.tasks
+        for task in list(self._tasks) + jobs:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._jobs, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *jobs, return_exceptions=True)
         if self.nc is not None and not self.nc.is_closed:
             try:
                 await asyncio.wait_for(self.nc.drain(), timeout=5)
@@ -335,11 +340,12 @@ class Worker:
                     self.telemetry.final_published(self.clock() - action.speech_ended_at)
                 self._send(message, action.sequence)
             elif isinstance(action, Transcribe):
-                task = asyncio.get_running_loop().create_task(self._run_job(session, action.job))
-                self._jobs.add(task)
-                task.add_done_callback(self._jobs.discard)
+                self.scheduler.submit(action.job, functools.partial(self._run_job, session))
+            elif isinstance(action, Cancel):
+                self.scheduler.cancel(session.session_id, action.job_id)
             elif isinstance(action, Close):
                 self.sessions.pop(session.session_id, None)
+                self.scheduler.forget(session.session_id)
                 self._closed_since_trim += 1
                 if not self.sessions:
                     self._all_closed.set()
@@ -358,36 +364,52 @@ class Worker:
                 self.telemetry.session_closed(session.session_id, action.reason.value)
 
     async def _run_job(self, session: Session, job: Job) -> None:
-        started = time.perf_counter()
+        """One engine job; a final that fails is retried with backoff for STT_FINAL_RETRY_S
+        (an engine restart or a rolling update takes seconds), a partial is not."""
         token = self.telemetry.job_started(job)
-        try:
-            result = await asyncio.wait_for(self.engine.transcribe(job.audio, job.options),
-                                            self.settings.engine_timeout_s)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # EngineError, TimeoutError, or an engine bug: a clean error
-            self.stats.engine_failures += 1
-            reason = (f"engine timed out after {self.settings.engine_timeout_s:.0f} s"
-                      if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__)
-            log.warning("transcription failed: %s", reason,
-                        extra={"session_id": session.session_id, "segment_id": job.segment_id,
-                               "final": job.is_final})
-            self.telemetry.job_finished(token, job, engine_s=time.perf_counter() - started,
-                                        error=reason)
-            actions = session.transcription_failed(job.job_id, reason, self.clock())
-        else:
-            elapsed = time.perf_counter() - started
-            self.telemetry.job_finished(token, job, engine_s=elapsed, error=None)
-            self.stats.engine_jobs += 1
-            self.stats.engine_seconds += elapsed
-            self.stats.audio_transcribed_s += job.duration_s
-            if job.is_final:
-                log.info("final", extra={"session_id": session.session_id,
-                                         "segment_id": job.segment_id,
-                                         "audio_s": round(job.duration_s, 2),
-                                         "engine_s": round(elapsed, 3)})
-            actions = session.transcribed(job.job_id, result, self.clock())
-        self._execute(session, actions)
+        started = time.perf_counter()
+        give_up_at = self.clock() + (self.settings.final_retry_s if job.is_final else 0.0)
+        delay = FIRST_RETRY_S
+        while True:
+            attempt = time.perf_counter()
+            try:
+                result = await asyncio.wait_for(self.engine.transcribe(job.audio, job.options),
+                                                self.settings.engine_timeout_s)
+                break
+            except asyncio.CancelledError:  # withdrawn by the session, or shutdown
+                self.telemetry.job_finished(token, job, engine_s=time.perf_counter() - started,
+                                            error=CANCELLED)
+                raise
+            except Exception as exc:  # EngineError, TimeoutError, or an engine bug: a clean error
+                self.stats.engine_failures += 1
+                reason = (f"engine timed out after {self.settings.engine_timeout_s:.0f} s"
+                          if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__)
+                where = {"session_id": session.session_id, "segment_id": job.segment_id,
+                         "final": job.is_final}
+                if self.clock() + delay <= give_up_at and not session.closed:
+                    self.stats.engine_retries += 1
+                    log.warning("transcription failed, retrying: %s", reason,
+                                extra={**where, "retry_s": delay})
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, LAST_RETRY_S)
+                    continue
+                log.warning("transcription failed: %s", reason, extra=where)
+                self.telemetry.job_finished(token, job, engine_s=time.perf_counter() - started,
+                                            error=reason)
+                self._execute(session, session.transcription_failed(job.job_id, reason,
+                                                                    self.clock()))
+                return
+        elapsed = time.perf_counter() - attempt
+        self.telemetry.job_finished(token, job, engine_s=elapsed, error=None)
+        self.stats.engine_jobs += 1
+        self.stats.engine_seconds += elapsed
+        self.stats.audio_transcribed_s += job.duration_s
+        if job.is_final:
+            log.info("final", extra={"session_id": session.session_id,
+                                     "segment_id": job.segment_id,
+                                     "audio_s": round(job.duration_s, 2),
+                                     "engine_s": round(elapsed, 3)})
+        self._execute(session, session.transcribed(job.job_id, result, self.clock()))
 
     def _send_error(self, session_id: str, code: ErrorCode, message: str) -> None:
         """An error about a message that belongs to no live session (so: sequence 0)."""

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import SAMPLE
 
+import stt.session as session_module
 import stt.stabilizer as stabilizer_module
 from stt.audio import load_16k_mono, to_pcm16
 from stt.config import Settings
@@ -30,7 +31,7 @@ from stt.protocol import (
     encode,
     parse,
 )
-from stt.session import Close, Job, Publish, Session, Transcribe
+from stt.session import Cancel, Close, Job, Publish, Session, Transcribe
 
 SR = 16000
 CHUNK_S = 0.04
@@ -49,8 +50,9 @@ def silence(seconds: float) -> np.ndarray:
 
 
 def settings(**overrides: Any) -> Settings:
+    # speculative finals off unless a test asks: most tests count jobs at the endpoint
     values: dict[str, Any] = {"chunk_timeout_s": 0.6, "partial_interval_s": 0.0,
-                              "session_idle_timeout_s": 30.0}
+                              "session_idle_timeout_s": 30.0, "speculative_ms": 0}
     values.update(overrides)
     return Settings.from_env(environ={}, overrides=values)
 
@@ -63,6 +65,7 @@ class Harness:
         self.session = Session("s1", settings(**overrides), self.now)
         self.published: list[dict[str, Any]] = []
         self.jobs: list[Job] = []
+        self.cancelled: list[int] = []
         self.closed: EndReason | None = None
         self.auto_answer = False  # answer every job as soon as it is asked for
         self._answering = False
@@ -75,6 +78,8 @@ class Harness:
                 self.published.append(encode(a.message, a.sequence, self.now))
             elif isinstance(a, Transcribe):
                 self.jobs.append(a.job)
+            elif isinstance(a, Cancel):
+                self.cancelled.append(a.job_id)
             elif isinstance(a, Close):
                 self.closed = a.reason
         if self.auto_answer and not self._answering:
@@ -179,13 +184,37 @@ def test_two_sentences_two_finals_in_order() -> None:
     assert h.finals[1]["start"] > h.finals[0]["end"]
 
 
-def test_audio_that_stops_arriving_ends_the_utterance_on_tick() -> None:
-    h = Harness(Start(), chunk_timeout_s=0.6, audio_gap_timeout_s=1.0)
+def test_audio_that_stops_mid_word_waits_for_the_stall_timeout() -> None:
+    h = Harness(Start(), chunk_timeout_s=0.6, audio_gap_timeout_s=1.0, stall_timeout_s=5.0)
     h.feed(SENTENCE_1[: 2 * SR])  # the client stops mid-word
+    assert h.session.segmenter.segment is not None
+    assert h.session.segmenter.segment.trailing_silence * 0.03 < session_module.STALL_VOICED_TAIL_S
+    h.apply(h.session.tick(h.now + 1.5))  # longer than the audio gap: a stall, not an end
     assert h.jobs == []
-    h.apply(h.session.tick(h.now + 0.8))  # a network hiccup longer than chunk_timeout: no cut
+    assert h.session.deadline == pytest.approx(h.now + 5.0)
+    h.apply(h.session.tick(h.now + 5.01))  # bounded: the client is gone
+    assert len(h.jobs) == 1 and h.jobs[0].is_final
+
+
+def test_a_stall_mid_word_then_a_burst_stays_one_utterance() -> None:
+    h = Harness(Start(), chunk_timeout_s=0.6, audio_gap_timeout_s=1.0)
+    h.feed(SENTENCE_1[: 2 * SR])
+    h.now += 1.5  # nothing arrives for 1.5 s ...
+    h.apply(h.session.tick(h.now))
+    h.feed(SENTENCE_1[2 * SR:], chunk_s=0.01)  # ... then the held-back audio in a burst
+    h.feed(silence(1.0))
+    assert len(h.jobs) == 1
+    assert h.jobs[0].duration_s == pytest.approx(len(SENTENCE_1) / SR, abs=0.5)
+
+
+def test_audio_that_stops_during_a_pause_ends_the_utterance_after_the_gap() -> None:
+    h = Harness(Start(), chunk_timeout_s=0.6, audio_gap_timeout_s=1.0)
+    h.feed(SENTENCE_1)
+    h.feed(silence(0.4))  # a pause, shorter than the endpoint, then nothing arrives
     assert h.jobs == []
     assert h.session.deadline == pytest.approx(h.now + 1.0)
+    h.apply(h.session.tick(h.now + 0.8))  # longer than chunk_timeout: still no cut
+    assert h.jobs == []
     h.apply(h.session.tick(h.now + 1.01))
     assert len(h.jobs) == 1 and h.jobs[0].is_final
 
@@ -233,16 +262,18 @@ def test_partials_at_the_interval_while_speaking_then_final() -> None:
     assert [m["sequence"] for m in h.published] == [1, 2, 3]
 
 
-def test_partial_that_returns_after_the_final_was_queued_is_dropped() -> None:
+def test_partial_running_when_the_segment_ends_is_withdrawn_and_its_answer_dropped() -> None:
     h = Harness(Start(), partial_interval_s=0.3)
     h.feed(SENTENCE_2)
     (partial,) = h.session.in_flight
     assert not partial.is_final
     h.feed(silence(1.0))  # the segment ends while the partial is still running
-    h.answer("stale partial")
+    assert h.cancelled == [partial.job_id]  # the engine may drop it: the final matters now
+    (final,) = h.session.in_flight
+    assert final.is_final
+    # the engine answered it anyway: too late to matter
+    h.apply(h.session.transcribed(partial.job_id, Transcription(text="stale partial"), h.now))
     assert h.partials == []
-    final = h.session.in_flight[-1]
-    assert final.is_final  # started at once, beside the partial still decoding
     h.answer("he was not")
     assert [f["transcript"] for f in h.finals] == ["he was not"]
 
@@ -695,3 +726,115 @@ def test_interruption_with_words_is_not_cancelled() -> None:
     h.feed(silence(1.0))
     h.answer_final("he was not")
     assert h.of("interrupt_cancelled") == [] and h.session.state is State.LISTENING
+
+
+# --- speculative finals -------------------------------------------------------------------------
+
+
+# ends mid-speech; webrtcvad keeps calling the first ~120 ms of silence after it voiced, so
+# 210 ms of trailing silence is reached 0.33 s after it, the 0.6 s endpoint 0.72 s after it
+SPEAKING = SENTENCE_1[: 3 * SR]
+
+
+def spec_harness(**overrides: Any) -> Harness:
+    values: dict[str, Any] = {"speculative_ms": 210, "chunk_timeout_s": 0.6, "hangover_ms": 300}
+    values.update(overrides)
+    return Harness(Start(), **values)
+
+
+def test_the_final_decode_starts_at_the_first_silence_and_is_published_at_the_endpoint() -> None:
+    h = spec_harness()
+    h.feed(SPEAKING)
+    h.feed(silence(0.4))  # past 210 ms of trailing silence
+    (job,) = h.jobs
+    assert job.is_final and h.finals == []
+    h.answer("he was not")  # decoded before the endpoint: held, not published
+    assert h.finals == []
+    h.feed(silence(0.4))  # the endpoint: published at once, no second decode
+    assert [f["transcript"] for f in h.finals] == ["he was not"] and len(h.jobs) == 1
+    assert h.session.in_flight == []
+
+
+def test_a_speculative_final_still_decoding_at_the_endpoint_becomes_the_final() -> None:
+    h = spec_harness()
+    h.feed(SPEAKING)
+    h.feed(silence(1.0))
+    (job,) = h.jobs
+    assert [j.job_id for j in h.session.in_flight] == [job.job_id] and h.finals == []
+    h.answer("he was not")
+    assert [f["transcript"] for f in h.finals] == ["he was not"] and len(h.jobs) == 1
+
+
+def test_speech_that_resumes_withdraws_the_speculative_final() -> None:
+    h = spec_harness()
+    h.feed(SPEAKING)
+    h.feed(silence(0.4))
+    (first,) = h.jobs
+    h.feed(SENTENCE_1[3 * SR:])  # the user only paused
+    assert first.job_id in h.cancelled and h.session.in_flight[-1:] != [first]
+    h.apply(h.session.transcribed(first.job_id, Transcription(text="half"), h.now))
+    h.feed(silence(1.0))
+    final = h.jobs[-1]
+    assert final.is_final and final.job_id != first.job_id
+    assert final.duration_s > first.duration_s + 2.0  # the whole utterance
+    h.answer("the whole sentence")
+    assert [f["transcript"] for f in h.finals] == ["the whole sentence"]
+
+
+def test_end_after_the_speculation_publishes_its_result_then_ends() -> None:
+    h = spec_harness()
+    h.feed(SPEAKING)
+    h.feed(silence(0.4))
+    h.answer("he was not")
+    h.apply(h.session.handle(End(), h.now))
+    assert [m["type"] for m in h.published] == ["transcript", "end"]
+    assert len(h.jobs) == 1 and h.closed is EndReason.END
+
+
+def test_end_right_after_speech_decodes_at_once() -> None:
+    h = spec_harness()
+    h.feed(SPEAKING)
+    h.apply(h.session.handle(End(), h.now))  # before any silence: no speculation to use
+    (job,) = h.jobs
+    assert job.is_final
+    h.answer("he was not")
+    assert [m["type"] for m in h.published] == ["transcript", "end"]
+
+
+def test_a_speculative_final_is_timed_from_the_endpoint_decision() -> None:
+    h = spec_harness()
+    h.feed(SPEAKING)
+    h.feed(silence(0.4))
+    asked_at = h.now
+    h.answer("he was not")
+    actions = []
+    for _ in range(0, int(0.5 * SR), int(0.04 * SR)):
+        h.now += 0.04
+        actions += h.apply(h.session.handle(Chunk(to_pcm16(silence(0.04))), h.now))
+    (publish,) = [a for a in actions if isinstance(a, Publish)]
+    assert publish.speech_ended_at is not None and publish.speech_ended_at > asked_at + 0.3
+
+
+def test_no_partial_in_trailing_silence_and_the_running_one_is_withdrawn() -> None:
+    h = spec_harness(partial_interval_s=0.3)
+    h.feed(SPEAKING)
+    (partial,) = h.session.in_flight
+    assert not partial.is_final
+    h.feed(silence(0.4))
+    assert partial.job_id in h.cancelled  # the speculation withdrew it
+    (spec,) = h.session.in_flight
+    assert spec.is_final
+    h.answer("he was not")
+    h.feed(silence(0.2))
+    assert all(j.is_final for j in h.jobs[1:])  # nothing asked for during the silence
+
+
+def test_a_stall_with_lost_chunks_ends_the_waiting_utterance_first() -> None:
+    h = Harness(Start(), chunk_timeout_s=0.6, audio_gap_timeout_s=1.0)
+    h.feed(SENTENCE_1[: 2 * SR], seq_start=0)  # 50 chunks, seq 0..49
+    h.now += 1.5
+    h.apply(h.session.tick(h.now))
+    assert h.jobs == []  # waiting for the stalled audio
+    h.feed(SENTENCE_1[3 * SR:], seq_start=75)  # 1 s of chunks never came: lost, not late
+    assert h.jobs and h.jobs[0].is_final
+    assert h.jobs[0].duration_s < 2.5  # the first utterance ended where its audio stopped

@@ -78,6 +78,9 @@ class Engine(abc.ABC):
     name: str = "engine"
     #: True when several sessions' segments can usefully share one pass (GPU batching).
     batches: bool = False
+    #: Passes the engine runs at once, and jobs one pass takes (the scheduler's capacity).
+    slots: int = 1
+    per_pass: int = 1
 
     async def start(self) -> None:  # noqa: B027 - optional hook, most engines need it
         """Load and warm up. Raise :class:`EngineUnavailable` with what to set if impossible."""

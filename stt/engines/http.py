@@ -196,6 +196,7 @@ class HttpEngine(Engine):
         # The service, not this container's CPUs, bounds useful concurrency: a batching GPU
         # server wants several requests at once even from a 1-CPU worker.
         self.concurrency = concurrency or DEFAULT_CONCURRENCY
+        self.slots = self.concurrency
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self.budget_s = max(1.0, timeout_s - DEADLINE_MARGIN_S)

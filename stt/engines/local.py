@@ -46,6 +46,7 @@ class LocalWhisperEngine(Engine):
         self.use_context = use_context
         self.guards = guards
         self.batches = batch_size > 1
+        self.per_pass = batch_size  # one inference thread (slots = 1), batches of batch_size
         self.device = "cpu"
         self.threads = 0  # CPU inference threads (0 on GPU)
         self.model: Any = None
