@@ -19,7 +19,7 @@ COPY pyproject.toml README.md* stt_streaming.py stt_streaming_local.py ./
 COPY stt ./stt
 # Not the `local` extra: no torch, no openai-whisper. `otel` so OTEL_ENABLED/HYPERDX_ENABLED work.
 RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check "/src[otel]" \
-    && /opt/venv/bin/python -c "import stt.cli, stt.engines.http, stt.otel"
+    && /opt/venv/bin/python -c "import stt.cli, stt.connection, stt.engines.http, stt.otel, nkeys"
 
 # --- runtime ------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
