@@ -185,7 +185,8 @@ def utterances(plan: SessionPlan, clips: list[Clip], chunk_ms: int) -> list[Utte
 @dataclass
 class SessionOutcome:
     session_id: str
-    finals: list[tuple[float, float, float]] = field(default_factory=list)  # start, end, arrival
+    # start, end, arrival, segment_id
+    finals: list[tuple[float, float, float, int]] = field(default_factory=list)
     partials: int = 0
     interrupts: int = 0
     errors: list[str] = field(default_factory=list)
@@ -271,7 +272,8 @@ async def _generate(conn: Connection, url: str, plans: list[SessionPlan], clips:
         kind = m.get("type")
         if kind == "transcript":
             if m.get("is_final"):
-                out.finals.append((float(m["start"]), float(m["end"]), arrival))
+                out.finals.append((float(m["start"]), float(m["end"]), arrival,
+                                   int(m.get("segment_id") or 0)))
             else:
                 out.partials += 1
         elif kind == "end":
@@ -601,14 +603,38 @@ def _sleep_sampling(sampler: Sampler, until: float) -> None:
 # --- figures ---------------------------------------------------------------------------------
 
 
+LATENCY_PARTS = ("silence", "queue", "engine", "publish")
+
+
+def latency_parts(sent: float, arrival: float, timing: list[Any] | None) -> dict[str, float] | None:
+    """A final's latency split where it went (they add up to arrival - sent):
+
+    * silence: end of speech to the endpoint decision (STT_CHUNK_TIMEOUT, by design);
+    * queue: endpoint to the start of the engine pass that made the final (0 when a speculative
+      final's pass began before the endpoint);
+    * engine: what was left of that pass after the endpoint;
+    * publish: from the later of the pass's end and the endpoint to arrival at the client.
+    """
+    if timing is None:
+        return None
+    endpoint, start, end = timing[2], timing[3], timing[4]
+    done = max(end, endpoint)
+    return {"silence": round(endpoint - sent, 4), "queue": round(max(0.0, start - endpoint), 4),
+            "engine": round(max(0.0, end - max(start, endpoint)), 4),
+            "publish": round(arrival - done, 4)}
+
+
 def final_latencies(plan: SessionPlan, outcome: SessionOutcome, clips: list[Clip],
-                    chunk_ms: int) -> list[dict[str, Any]]:
+                    chunk_ms: int, timings: dict[tuple[str, int], list[Any]] | None = None
+                    ) -> list[dict[str, Any]]:
     """One row per counted utterance: its speech span, the final that closed it, the latency.
 
     The final "covering" an utterance is the last one (largest end) whose segment overlaps
     the utterance's speech: an utterance with a long pause inside gives several finals, and the
-    one that closes it is what a user waits for. ``latency_s`` is None when no final came.
+    one that closes it is what a user waits for. ``latency_s`` is None when no final came;
+    ``parts`` splits it (:func:`latency_parts`) when the worker reported its timings.
     """
+    timings = timings or {}
     rows = []
     slack = 0.35  # the worker's segment starts in the pre-roll and ends in the hang-over
     for u in utterances(plan, clips, chunk_ms):
@@ -621,16 +647,21 @@ def final_latencies(plan: SessionPlan, outcome: SessionOutcome, clips: list[Clip
         rows.append({"session_id": plan.session_id, "speech_s": [round(u.start_s, 3),
                                                                  round(u.end_s, 3)],
                      "final_s": None if final is None else [final[0], final[1]],
-                     "latency_s": None if final is None else round(final[2] - sent, 4)})
+                     "latency_s": None if final is None else round(final[2] - sent, 4),
+                     "parts": None if final is None else latency_parts(
+                         sent, final[2], timings.get((plan.session_id, final[3])))})
     return rows
 
 
 def report(cfg: RunConfig, clips: list[Clip], plans: list[SessionPlan], results: list[GenResult],
            stats: dict[str, Any], ready: dict[str, Any], sys_: dict[str, Any]) -> dict[str, Any]:
     outcomes = {o.session_id: o for r in results for o in r.sessions}
+    timings = {(t[0], int(t[1])): t for t in stats.get("final_timings", [])}
     rows = [row for plan in plans
-            for row in final_latencies(plan, outcomes[plan.session_id], clips, cfg.chunk_ms)]
+            for row in final_latencies(plan, outcomes[plan.session_id], clips, cfg.chunk_ms,
+                                       timings)]
     latencies = [row["latency_s"] for row in rows if row["latency_s"] is not None]
+    parts = [row["parts"] for row in rows if row.get("parts")]
     missed = len(rows) - len(latencies)
     chunks_sent = sum(r.chunks_sent for r in results)
     messages_sent = sum(r.messages_sent for r in results)
@@ -672,7 +703,11 @@ def report(cfg: RunConfig, clips: list[Clip], plans: list[SessionPlan], results:
                         "max": max(handling_ms) if handling_ms else None},
         "final_latency_s": {"n": len(latencies), "missed": missed,
                             "p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
-                            "max": max(latencies) if latencies else None},
+                            "max": max(latencies) if latencies else None,
+                            "parts": {k: {"p50": percentile([p[k] for p in parts], 50),
+                                          "p95": percentile([p[k] for p in parts], 95)}
+                                      for k in LATENCY_PARTS} if parts else None},
+        "scheduler": stats.get("scheduler"),
         "worker_backlog_ms": {"n": len(ping), "p50": percentile(ping, 50), "p99": ping_p99,
                               "max": max(ping) if ping else None,
                               "kept_up": ping_p99 is not None and ping_p99 <= BACKLOG_OK_MS},
@@ -723,6 +758,9 @@ def print_run(r: dict[str, Any]) -> None:
         f"  final latency s          p50 {_f(lat['p50'])}  p95 {_f(lat['p95'])}  "
         f"max {_f(lat['max'])}  (n={lat['n']}, no final: {lat['missed']}; "
         f"includes the {Settings.from_env().chunk_timeout_s:g} s STT_CHUNK_TIMEOUT)",
+        *([f"    parts s (p50 / p95)    " + "  ".join(
+            f"{k} {_f(v['p50'])} / {_f(v['p95'])}" for k, v in lat["parts"].items())]
+          if lat.get("parts") else []),
         f"  worker backlog ms        p50 {_f(b['p50'], '.1f')}  p99 {_f(b['p99'], '.1f')}  "
         f"max {_f(b['max'], '.0f')}  (ping round trip, n={b['n']}): "
         + ("kept up" if b["kept_up"] else f"FELL BEHIND (p99 over {BACKLOG_OK_MS:g} ms)"),

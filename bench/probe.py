@@ -32,12 +32,40 @@ from typing import Any
 from stt import logs
 from stt.config import Settings
 from stt.engines import create_engine
+from stt.protocol import Transcript
+from stt.session import Job
+from stt.telemetry import Telemetry
 from stt.worker import Worker
 
 PARENT_POLL_S = 1.0
 
 
-def snapshot(worker: Worker) -> dict[str, Any]:
+class FinalTimings(Telemetry):
+    """When each final's parts happened, on the monotonic clock the load generator shares.
+
+    Per (session, segment): the endpoint decision, the start of the engine pass that made the
+    final (after any wait inside the engine), its end, and the publication. A speculative final
+    may have started its pass before the endpoint.
+    """
+
+    def __init__(self) -> None:
+        self._passes: dict[tuple[str, int], tuple[float, float]] = {}
+        self.finals: list[list[Any]] = []
+
+    def job_finished(self, token: Any, job: Job, *, engine_s: float, error: str | None,
+                     queued_s: float = 0.0) -> None:
+        if job.is_final and error is None:
+            end = time.monotonic()
+            self._passes[(job.session_id, job.segment_id)] = (end - engine_s + queued_s, end)
+
+    def final_published(self, message: Transcript, latency_s: float) -> None:
+        now = time.monotonic()
+        start, end = self._passes.pop((message.session_id, message.segment_id), (now, now))
+        self.finals.append([message.session_id, message.segment_id, now - latency_s, start, end,
+                            now])
+
+
+def snapshot(worker: Worker, timings: FinalTimings) -> dict[str, Any]:
     """Everything bench.load needs from inside the worker, as plain JSON values."""
     stats = worker.stats
     usage = resource.getrusage(resource.RUSAGE_SELF)  # before building the big list below
@@ -62,13 +90,16 @@ def snapshot(worker: Worker) -> dict[str, Any]:
         "ru_maxrss_bytes": usage.ru_maxrss * 1024,  # Linux reports KiB
         "cpu_s": usage.ru_utime + usage.ru_stime,
         "engine": worker.engine.describe(),
+        "final_timings": timings.finals,
+        "scheduler": vars(worker.scheduler.stats),
     }
 
 
 async def serve(stats_out: Path) -> None:
     settings = Settings.from_env()
     logs.setup(settings.log_level, settings.log_format)
-    worker = Worker(settings, create_engine(settings))
+    timings = FinalTimings()
+    worker = Worker(settings, create_engine(settings), telemetry=timings)
     worker.stats.sample_chunk_handling = True
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -90,7 +121,7 @@ async def serve(stats_out: Path) -> None:
         print(json.dumps({"ready": True, "pid": os.getpid(), "engine": worker.engine.describe(),
                           "cpu_s": usage.ru_utime + usage.ru_stime}), flush=True)
         await stop.wait()
-        data = snapshot(worker)
+        data = snapshot(worker, timings)
         tmp = stats_out.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
         tmp.replace(stats_out)  # the parent never reads a half-written file

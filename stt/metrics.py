@@ -26,6 +26,7 @@ from .status import CHUNK_RESULTS, Status, StatusSource, package_version
 from .telemetry import Telemetry
 
 if TYPE_CHECKING:
+    from .protocol import Transcript
     from .session import Job
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -216,7 +217,8 @@ class MetricsTelemetry(Telemetry):
     def attach(self, status: StatusSource) -> None:
         self.status = status
 
-    def job_finished(self, token: Any, job: Job, *, engine_s: float, error: str | None) -> None:
+    def job_finished(self, token: Any, job: Job, *, engine_s: float, error: str | None,
+                     queued_s: float = 0.0) -> None:
         if error is not None:
             return  # counted by the worker (engine.failures, errors{code="engine_failed"})
         kind = "final" if job.is_final else "partial"
@@ -224,7 +226,7 @@ class MetricsTelemetry(Telemetry):
         if job.duration_s > 0:
             self.real_time_factor.observe(engine_s / job.duration_s, kind)
 
-    def final_published(self, latency_s: float) -> None:
+    def final_published(self, message: Transcript, latency_s: float) -> None:
         self.final_latency.observe(latency_s)
 
     # --- exposition -----------------------------------------------------------------------

@@ -202,8 +202,9 @@ class OtelTelemetry(MetricsTelemetry):
         token.context_token = otel_context.attach(current)
         return token
 
-    def job_finished(self, token: Any, job: Job, *, engine_s: float, error: str | None) -> None:
-        super().job_finished(token, job, engine_s=engine_s, error=error)
+    def job_finished(self, token: Any, job: Job, *, engine_s: float, error: str | None,
+                     queued_s: float = 0.0) -> None:
+        super().job_finished(token, job, engine_s=engine_s, error=error, queued_s=queued_s)
         if not isinstance(token, _JobTrace):
             return
         if token.context_token is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .protocol import Outgoing
+    from .protocol import Outgoing, Transcript
     from .session import Job
     from .status import StatusSource
 
@@ -35,14 +35,16 @@ class Telemetry:
         """An engine job begins; the return value is handed to ``job_finished``."""
         return None
 
-    def job_finished(self, token: Any, job: Job, *, engine_s: float, error: str | None) -> None:
-        """An engine job ended (``error`` is None on success)."""
+    def job_finished(self, token: Any, job: Job, *, engine_s: float, error: str | None,
+                     queued_s: float = 0.0) -> None:
+        """An engine job ended (``error`` is None on success); of its ``engine_s``, the
+        request waited ``queued_s`` inside the engine for its pass."""
 
     def publish_headers(self, message: Outgoing, sequence: int) -> dict[str, str] | None:
         """Headers for an outgoing message (trace context), or None."""
         return None
 
-    def final_published(self, latency_s: float) -> None:
+    def final_published(self, message: Transcript, latency_s: float) -> None:
         """A final left; ``latency_s`` is from the end-of-speech decision to publication."""
 
     async def shutdown(self) -> None:

@@ -336,8 +336,8 @@ class Worker:
                                 extra={"session_id": session.session_id, "code": message.code.value})
                 elif isinstance(message, protocol.Interrupt):
                     log.info("interrupt", extra={"session_id": session.session_id})
-                if action.speech_ended_at is not None:
-                    self.telemetry.final_published(self.clock() - action.speech_ended_at)
+                if action.speech_ended_at is not None and isinstance(message, protocol.Transcript):
+                    self.telemetry.final_published(message, self.clock() - action.speech_ended_at)
                 self._send(message, action.sequence)
             elif isinstance(action, Transcribe):
                 self.scheduler.submit(action.job, functools.partial(self._run_job, session))
@@ -400,7 +400,8 @@ class Worker:
                                                                     self.clock()))
                 return
         elapsed = time.perf_counter() - attempt
-        self.telemetry.job_finished(token, job, engine_s=elapsed, error=None)
+        self.telemetry.job_finished(token, job, engine_s=elapsed, error=None,
+                                    queued_s=result.queued_s)
         self.stats.engine_jobs += 1
         self.stats.engine_seconds += elapsed
         self.stats.audio_transcribed_s += job.duration_s

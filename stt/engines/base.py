@@ -70,6 +70,7 @@ class Transcription:
     words: list[Word] = field(default_factory=list)
     no_speech_prob: float | None = None
     duration_s: float = 0.0
+    queued_s: float = 0.0  # how long the request waited inside the engine before its pass
 
 
 class Engine(abc.ABC):

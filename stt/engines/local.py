@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import collections
 import logging
 import time
@@ -56,6 +57,7 @@ class LocalWhisperEngine(Engine):
         self._executor: ThreadPoolExecutor | None = None
         self._batcher: MicroBatcher[Request, Transcription] | None = None
         self._long_seq = 0
+        self._pass_started: dict[int, float] = {}  # id(request) -> when its pass began
         #: Model passes by window length in mel frames (3000 = a full 30 s window).
         self.passes: collections.Counter[int] = collections.Counter()
 
@@ -165,13 +167,19 @@ class LocalWhisperEngine(Engine):
             key = ("long", self._long_seq)
         else:
             request, key = self._request(audio, options, language, prompt, final)
+        submitted = time.perf_counter()
         try:
-            return await self._batcher.submit(request, key, priority=0 if final else 1)
+            result = await self._batcher.submit(request, key, priority=0 if final else 1)
         except EngineError:
             raise
         except Exception as exc:  # CUDA out of memory, a bad tensor: this request fails only
             raise EngineError(f"{self.name} inference failed: {type(exc).__name__}: "
                               f"{exc}") from exc
+        finally:
+            started = self._pass_started.pop(id(request), None)
+        if started is None:
+            return result
+        return dataclasses.replace(result, queued_s=max(0.0, started - submitted))
 
     # --- the inference thread -------------------------------------------------------------
 
@@ -184,6 +192,9 @@ class LocalWhisperEngine(Engine):
         """Audio longer than one window: the library's own sequential long-form decoding."""
 
     def _run_batch(self, requests: list[Request]) -> list[Transcription | BaseException]:
+        started = time.perf_counter()  # on the inference thread: the pass begins
+        for r in requests:
+            self._pass_started[id(r)] = started
         if requests[0].long_form:
             return [self._transcribe_long(r) for r in requests]
         return self._decode_group(requests)

@@ -1,0 +1,110 @@
+"""Final latency after end of speech, split into its parts, side by side in one run.
+
+    python -m bench.latency                      # 1, 2, 4 sessions; three ways to make the final
+    python -m bench.latency --sessions 1 2 --duration-s 20
+
+For each number of concurrent real-time sessions of corpus speech (``bench.load``: a real
+nats-server, the worker in its own process, the default engine), the same load runs with:
+
+* ``speculative``: the default: the final's decode starts at STT_SPECULATIVE_MS of silence and
+  is published when the endpoint is confirmed;
+* ``at endpoint``: STT_SPECULATIVE_MS=0, the final's decode starts when the endpoint is
+  confirmed (what the worker did before speculative finals);
+* ``no partials``: speculative finals and STT_PARTIAL_INTERVAL=0: the floor partials cost.
+
+Printed per run: final latency p50 / p95 from the end of speech (which includes the
+STT_CHUNK_TIMEOUT of silence the endpoint needs) and its parts (``bench.load.latency_parts``:
+silence, queue, engine, publish), then the most sessions whose final p95 stays within
+STT_CHUNK_TIMEOUT + ``--margin-s`` with the default configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from stt.config import Settings
+from stt.nats_server import NatsServer
+
+from .common import DEFAULT_CORPUS, ROOT, CorpusUnavailable, load_corpus, machine
+from .load import LATENCY_PARTS, RunConfig, code_revision, run_once
+
+CONFIGS: dict[str, dict[str, str]] = {
+    "speculative": {},
+    "at endpoint": {"STT_SPECULATIVE_MS": "0"},
+    "no partials": {"STT_PARTIAL_INTERVAL": "0"},
+}
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def row(name: str, r: dict[str, Any]) -> str:
+    lat = r["final_latency_s"]
+    parts = lat.get("parts") or {}
+    cells = " | ".join(f"{_f(parts.get(k, {}).get('p50'))} / {_f(parts.get(k, {}).get('p95'))}"
+                       for k in LATENCY_PARTS)
+    return (f"| {r['sessions']} | {name} | {_f(lat['p50'])} / {_f(lat['p95'])} | {cells} | "
+            f"{lat['missed']} | {r['partials']} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.latency",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--duration-s", type=float, default=30.0)
+    parser.add_argument("--chunk-ms", type=int, default=40)
+    parser.add_argument("--margin-s", type=float, default=0.15,
+                        help="capacity: final p95 at most STT_CHUNK_TIMEOUT + this")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    try:
+        clips = load_corpus(args.corpus)
+    except CorpusUnavailable as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    base = dict(os.environ)
+    base["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    base.setdefault("STT_DRAIN_TIMEOUT_S", "5")
+    settings = Settings.from_env(environ=base)
+    target = settings.chunk_timeout_s + args.margin_s
+    m = machine()
+    print(f"code: {code_revision()}")
+    print(f"machine: {m['nproc']} CPUs, {m['cpu_model']}, Python {m['python']}")
+    print(f"engine: {settings.engine}, STT_CHUNK_TIMEOUT {settings.chunk_timeout_s:g} s, "
+          f"{len(clips)} clips, {args.duration_s:g} s per run, {args.chunk_ms} ms chunks",
+          flush=True)
+    table: list[str] = []
+    within: dict[int, bool] = {}
+    with NatsServer() as server:
+        for n in args.sessions:
+            for name in args.configs:
+                env = {**base, **CONFIGS[name]}
+                cfg = RunConfig(settings.engine, n, args.duration_s, args.chunk_ms, args.corpus,
+                                False, 1, 30.0, args.seed, None, env)
+                r = run_once(cfg, server, clips)
+                table.append(row(name, r))
+                p95 = r["final_latency_s"]["p95"]
+                if name == "speculative":
+                    within[n] = p95 is not None and p95 <= target and not r["final_latency_s"]["missed"]
+                print(table[-1], flush=True)
+    print("\nfinal latency after end of speech, s, p50 / p95 (parts: silence, queue, engine, "
+          "publish)\n")
+    print("| sessions | final | latency | " + " | ".join(LATENCY_PARTS) + " | no final | partials |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in LATENCY_PARTS) + " | --- | --- |")
+    print("\n".join(table))
+    ok = [n for n, good in sorted(within.items()) if good]
+    print(f"\nmost sessions with final p95 <= {target:.2f} s (STT_CHUNK_TIMEOUT + "
+          f"{args.margin_s:g} s), default configuration: {max(ok) if ok else 'none'} "
+          f"(of {', '.join(map(str, sorted(within)))})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
