@@ -20,7 +20,6 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +28,7 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from . import protocol
+from . import connection, protocol
 from .config import Settings
 from .engines.base import Engine
 from .protocol import EndReason, ErrorCode, ProtocolError, Subjects
@@ -127,13 +126,19 @@ class Worker:
         return not not_ready_reasons(engine_ready=self.engine_ready, connected=self.connected,
                                      draining=self.draining)
 
-    async def start(self) -> None:
+    async def start(self, stop: asyncio.Event | None = None) -> bool:
+        """Load the engine, connect, subscribe. False when ``stop`` was set before it was
+        connected (SIGTERM while NATS is unreachable); raises stt.connection.ConnectionFatal
+        for what retrying cannot fix."""
         t0 = time.perf_counter()
         await self.engine.start()
         self.engine_ready = True
         log.info("engine ready", extra={"engine": self.engine.describe(),
                                         "load_s": round(time.perf_counter() - t0, 2)})
-        self.nc = await self._connect()
+        nc = await self._connect(stop)
+        if nc is None:
+            return False
+        self.nc = nc
         self._spawn(self._publisher())
         self._spawn(self._ticker())
         self._sub = await self.nc.subscribe(
@@ -143,12 +148,13 @@ class Worker:
         log.info("listening", extra={"subject": self.settings.input_subject,
                                      "output": self.subjects.output_wildcard,
                                      "nats": self.nc.connected_url.netloc if self.nc.connected_url else None})
+        return True
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start, serve until ``stop`` is set, then shut down gracefully."""
         try:
-            await self.start()
-            await stop.wait()
+            if await self.start(stop):
+                await stop.wait()
         finally:
             await self.shutdown()
 
@@ -191,47 +197,14 @@ class Worker:
         self._stopped.set()
         log.info("stopped")
 
-    async def _connect(self) -> Client:
-        s = self.settings
-        options: dict[str, Any] = {
-            "servers": [u.strip() for u in s.nats_url.split(",") if u.strip()],
-            "name": s.nats_name,
-            "allow_reconnect": True,
-            "max_reconnect_attempts": -1,
-            "reconnect_time_wait": 1,
-            "connect_timeout": 3,
-            "ping_interval": 10,
-            "max_outstanding_pings": 3,
-            "pending_size": 32 * 1024 * 1024,
-            "error_cb": self._on_error,
-            "disconnected_cb": self._on_disconnected,
-            "reconnected_cb": self._on_reconnected,
-            "closed_cb": self._on_closed,
-        }
-        if s.nats_user:
-            options["user"], options["password"] = s.nats_user, s.nats_password
-        if s.nats_token:
-            options["token"] = s.nats_token
-        if s.nats_nkey_seed:
-            options["nkeys_seed"] = s.nats_nkey_seed
-        if s.nats_creds:
-            options["user_credentials"] = s.nats_creds
-        if s.nats_tls_ca or s.nats_tls_cert:
-            ctx = ssl.create_default_context(cafile=s.nats_tls_ca or None)
-            if s.nats_tls_cert:
-                ctx.load_cert_chain(s.nats_tls_cert, s.nats_tls_key or None)
-            options["tls"] = ctx
-        delay = 0.5
-        while True:  # nats-py gives up on a failed first connect; a pod may start before NATS
-            try:
-                return await nats.connect(**options)
-            except Exception as exc:
-                if self.draining:
-                    raise
-                log.warning("cannot reach NATS, retrying", extra={"error": str(exc) or type(exc).__name__,
-                                                                   "retry_s": delay})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+    async def _connect(self, stop: asyncio.Event | None) -> Client | None:
+        """Connect (stt.connection: backoff, stop, errors retrying cannot fix); None if stopped."""
+        return await connection.connect(
+            self.settings, stop=stop, allow_reconnect=True, max_reconnect_attempts=-1,
+            reconnect_time_wait=1, ping_interval=10, max_outstanding_pings=3,
+            pending_size=32 * 1024 * 1024, error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
+            closed_cb=self._on_closed)
 
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
