@@ -66,3 +66,17 @@ def test_only_the_cli_imports_the_worker() -> None:
 def test_the_cycle_finder_finds_cycles() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_a_session_reads_no_clock_and_does_no_io() -> None:
+    """The session and its parts get the time as an argument; only the worker has a clock."""
+    banned = {"time", "datetime", "asyncio", "socket", "nats", "threading", "stt.worker",
+              "stt.engines.local", "stt.engines.http"}
+    for name in ("session", "segmenter", "stabilizer", "protocol"):
+        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not imported & banned, (name, imported & banned)
+    graph = import_graph()
+    for part in ("stt.segmenter", "stt.stabilizer"):  # below the session: no protocol either
+        assert not graph[part] & {"stt.session", "stt.protocol"}, (part, graph[part])
