@@ -758,7 +758,7 @@ def print_run(r: dict[str, Any]) -> None:
         f"  final latency s          p50 {_f(lat['p50'])}  p95 {_f(lat['p95'])}  "
         f"max {_f(lat['max'])}  (n={lat['n']}, no final: {lat['missed']}; "
         f"includes the {Settings.from_env().chunk_timeout_s:g} s STT_CHUNK_TIMEOUT)",
-        *([f"    parts s (p50 / p95)    " + "  ".join(
+        *(["    parts s (p50 / p95)    " + "  ".join(
             f"{k} {_f(v['p50'])} / {_f(v['p95'])}" for k, v in lat["parts"].items())]
           if lat.get("parts") else []),
         f"  worker backlog ms        p50 {_f(b['p50'], '.1f')}  p99 {_f(b['p99'], '.1f')}  "

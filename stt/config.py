@@ -198,6 +198,19 @@ class Settings:
                                          "in progress (push-to-talk released, client gone); the "
                                          "larger of this and STT_CHUNK_TIMEOUT applies, so network "
                                          "jitter does not cut speech.")
+    endpointing: str = setting("fixed", "STT_ENDPOINTING",
+                               "How much silence ends an utterance: fixed (STT_CHUNK_TIMEOUT) or "
+                               "adaptive: STT_ENDPOINT_MIN_S once the speculative final reads as "
+                               "a finished sentence (terminal punctuation, not ending on a "
+                               "conjunction, article, preposition or filler), STT_ENDPOINT_MAX_S "
+                               "when it does not, STT_CHUNK_TIMEOUT until it is decoded.",
+                               choices=("fixed", "adaptive"))
+    endpoint_min_s: float = setting(0.5, "STT_ENDPOINT_MIN_S",
+                                    "Adaptive endpointing: the silence that ends a finished "
+                                    "sentence.")
+    endpoint_max_s: float = setting(1.2, "STT_ENDPOINT_MAX_S",
+                                    "Adaptive endpointing: the silence that ends an utterance "
+                                    "that reads as unfinished.")
     stall_timeout_s: float = setting(5.0, "STT_STALL_TIMEOUT_S",
                                      "Longest wait for audio that stops arriving while the last "
                                      "frames are voiced (a network stall mid-word): the "
@@ -340,6 +353,8 @@ class Settings:
         need(self.partial_interval_s >= 0, "partial_interval_s", "must be >= 0")
         need(0 <= self.speculative_ms <= 10_000, "speculative_ms", "must be between 0 and 10000")
         need(self.stall_timeout_s >= 0, "stall_timeout_s", "must be >= 0")
+        need(0.1 <= self.endpoint_min_s <= self.endpoint_max_s <= 10, "endpoint_min_s",
+             "must be at least 0.1 s and at most STT_ENDPOINT_MAX_S (at most 10 s)")
         need(self.final_retry_s >= 0, "final_retry_s", "must be >= 0")
         need(self.partial_window_s >= 1.0, "partial_window_s", "must be at least 1 s")
         need(self.session_idle_timeout_s > 0, "session_idle_timeout_s", "must be > 0")

@@ -69,6 +69,7 @@ from .protocol import (
 )
 from .segmenter import Ended, Opened, Segment, Segmenter, SegmenterParams
 from .stabilizer import Stabilizer, overlap
+from .textnorm import reads_finished
 from .vad import FRAME_S, FRAME_SAMPLES, Framer
 
 INTERRUPT_MIN_VOICED_RATIO = 0.6  # of frames since onset, so a few loud clicks do not qualify
@@ -89,6 +90,11 @@ class SessionParams:
     interrupt_frames: int        # voiced frames since onset before an interrupt fires
     speculative_frames: int      # trailing silence at which the final's decode starts (0 = off)
     stall_s: float               # longest wait for audio after a stall mid-speech
+    # adaptive endpointing: the segmenter waits endpoint_max; the session ends a segment at
+    # endpoint_min when the speculative final reads as finished, at endpoint_fixed without one
+    adaptive: bool = False
+    endpoint_fixed_frames: int = 27
+    endpoint_min_frames: int = 27
 
     @classmethod
     def from_settings(cls, s: Settings) -> SessionParams:
@@ -100,7 +106,10 @@ class SessionParams:
             interrupt_frames=max(1, math.ceil(s.interrupt_min_speech_ms / 1000 / FRAME_S)),
             speculative_frames=(max(1, round(s.speculative_ms / 1000 / FRAME_S))
                                 if s.speculative_ms > 0 else 0),
-            stall_s=s.stall_timeout_s)
+            stall_s=s.stall_timeout_s,
+            adaptive=s.endpointing == "adaptive",
+            endpoint_fixed_frames=max(1, math.ceil(s.chunk_timeout_s / FRAME_S)),
+            endpoint_min_frames=max(1, math.ceil(s.endpoint_min_s / FRAME_S)))
 
 
 # --- actions ---------------------------------------------------------------------------------
@@ -533,6 +542,8 @@ class Session:
             return actions + self._segment_ended(boundary, now)
         if utt.speculative is not None and utt.segment.voiced_count != utt.spec_voiced:
             actions += self._drop_speculation(utt)  # speech resumed: that decode is moot
+        if self.params.adaptive and self._adaptive_endpoint(utt):
+            return actions + self._end_segment(now)
         if self._speculation_due(utt):
             actions += self._speculate(utt, now)
         elif self._partial_due(utt):
@@ -613,6 +624,18 @@ class Session:
             return []
         self._spec_job = None
         return [Cancel(job.job_id)]
+
+    def _adaptive_endpoint(self, utt: _Utterance) -> bool:
+        """STT_ENDPOINTING=adaptive: end now? A speculative final that reads as a finished
+        sentence ends the segment after STT_ENDPOINT_MIN_S of silence; one that does not waits
+        for the segmenter's STT_ENDPOINT_MAX_S; without one yet, STT_CHUNK_TIMEOUT applies."""
+        silence = utt.segment.trailing_silence
+        p = self.params
+        if silence < p.endpoint_min_frames:
+            return False
+        if utt.spec_result is None or not self._speculation_holds(utt):
+            return silence >= p.endpoint_fixed_frames
+        return reads_finished(utt.spec_result.text)
 
     def _speculation_holds(self, utt: _Utterance) -> bool:
         """No voiced audio since, and the words it was decoded with are still the stable ones."""

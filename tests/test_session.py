@@ -68,6 +68,7 @@ class Harness:
         self.cancelled: list[int] = []
         self.closed: EndReason | None = None
         self.auto_answer = False  # answer every job as soon as it is asked for
+        self.reply, self.answered = "", False
         self._answering = False
         if start is not None:
             self.apply(self.session.handle(start, self.now))
@@ -838,3 +839,48 @@ def test_a_stall_with_lost_chunks_ends_the_waiting_utterance_first() -> None:
     h.feed(SENTENCE_1[3 * SR:], seq_start=75)  # 1 s of chunks never came: lost, not late
     assert h.jobs and h.jobs[0].is_final
     assert h.jobs[0].duration_s < 2.5  # the first utterance ended where its audio stopped
+
+
+# --- adaptive endpointing -----------------------------------------------------------------------
+
+
+def adaptive_harness() -> Harness:
+    return spec_harness(endpointing="adaptive", endpoint_min_s=0.45, endpoint_max_s=1.2,
+                        chunk_timeout_s=0.8)
+
+
+def silence_until_final(h: Harness, limit_s: float = 2.0) -> float:
+    """Feed silence 30 ms at a time; the trailing silence (s) when the final was published."""
+    fed = 0.0
+    while not h.finals and fed < limit_s:
+        h.feed(silence(0.03), chunk_s=0.03)
+        fed += 0.03
+        if h.session.in_flight and h.session.in_flight[0].is_final and not h.answered:
+            h.answered = True
+            h.answer(h.reply)
+    return fed
+
+
+@pytest.mark.parametrize(("reply", "ends_after"), [
+    ("He was not there.", (0.3, 0.65)),      # finished: the minimum (+ webrtcvad's hang-over)
+    ("He was not there and", (1.2, 1.5)),    # mid-phrase: the maximum
+    ("He went to the", (1.2, 1.5)),
+])
+def test_adaptive_endpointing_reads_the_speculative_final(reply: str,
+                                                          ends_after: tuple[float, float]) -> None:
+    h = adaptive_harness()
+    h.reply, h.answered = reply, False
+    h.feed(SPEAKING)
+    fed = silence_until_final(h)
+    assert h.finals and h.finals[0]["transcript"] == reply
+    assert ends_after[0] <= fed <= ends_after[1], fed
+    assert len(h.jobs) == 1  # the speculative decode was the final
+
+
+def test_adaptive_endpointing_without_a_hypothesis_falls_back_to_the_fixed_timeout() -> None:
+    h = adaptive_harness()
+    h.feed(SPEAKING)
+    h.feed(silence(0.93))  # past 0.8 s of silence as the VAD counts it (its hang-over: ~0.12 s)
+    assert h.session.segmenter.segment is None  # ended at STT_CHUNK_TIMEOUT, not the maximum
+    h.answer("He was not there and")
+    assert [f["transcript"] for f in h.finals] == ["He was not there and"]

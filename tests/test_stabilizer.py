@@ -104,3 +104,4 @@ def test_helpers() -> None:
     assert align_prefix(["a", "b"], ["a", "x", "b", "c"]) == 3
     assert overlap(["a", "b", "c"], ["b", "c", "d"]) == 2
     assert overlap(["a"], ["b"]) == 0
+

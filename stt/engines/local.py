@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import dataclasses
 import collections
+import dataclasses
 import logging
 import time
 from collections.abc import Hashable
