@@ -121,8 +121,9 @@ from .scenarios import (
     select,
 )
 
-GROUPS = ("single", "multi", "barge", "noise")
-COLUMNS = ("single", "multi", "barge", "barge-listen", "noise")
+GROUPS = ("single", "multi", "barge", "noise", "synth")
+COLUMNS = ("single", "multi", "barge", "barge-listen", "noise", "synth")
+BARGE_GROUPS = ("barge", "synth")  # scored for interrupts
 SPEECH_COLUMNS = ("single", "multi", "barge", "barge-listen")
 DEFAULT_LIMIT = 12
 DEFAULT_CONCURRENCY = 6
@@ -429,7 +430,9 @@ def score_session(p: Played, offline: dict[str, Offline], settings: Settings,
                               "interrupts": [round(t, 3) for t in interrupts]}
     if utts:
         hyp = " ".join(m.get("transcript") or "" for m, _ in finals)
-        ref_off = " ".join(offline[u.clip].text for u in utts)
+        # synthetic voices have no offline decode: their WER is against the text spoken
+        ref_off = " ".join(offline[u.clip].text if u.clip in offline else u.reference
+                           for u in utts)
         ref_hum = " ".join(u.reference for u in utts)
         for acc, ref, h in ((s.wer_offline, ref_off, hyp), (s.wer_reference, ref_hum, hyp),
                             (s.offline_reference, ref_hum, ref_off)):
@@ -514,7 +517,7 @@ def score_session(p: Played, offline: dict[str, Offline], settings: Settings,
             s.no_partial += 1
 
     # --- interrupts -------------------------------------------------------------------------
-    if sc.group == "barge":
+    if sc.group in BARGE_GROUPS:
         barge_in = utts[0]
         s.false_interrupts += sum(1 for t in interrupts if t < barge_in.onset_s)
         hit = [t for t in interrupts if t >= barge_in.onset_s]
@@ -599,7 +602,7 @@ def fmt_ratio(errors: int, total: int) -> str:
 def summary(s: Score, column: str) -> dict[str, Any]:
     """The figures of one column, as JSON values (None where not applicable)."""
     speech = column in (*SPEECH_COLUMNS, "all")
-    barge = column in ("barge", "all")
+    barge = column in (*BARGE_GROUPS, "all")
     noise = column == "noise"
     out: dict[str, Any] = {
         "sessions": s.sessions, "utterances": s.utterances, "audio_s": round(s.audio_s, 1),
@@ -714,12 +717,13 @@ def table(columns: dict[str, Score], present: list[str]) -> str:
         row("stable words withdrawn (must be 0)",
             lambda s, d, c: (f"{s.withdrawn} of {s.stable_words}" if s.stable_partials
                              else ("n/a (no stable_text)" if s.partials else None))),
-        row("interrupt latency p50/p95", when(("barge", "all"), dist("interrupt_latency_s"))),
+        row("interrupt latency p50/p95",
+            when(("barge", "synth", "all"), dist("interrupt_latency_s"))),
         row("missed interrupts",
-            when(("barge", "all"),
+            when(("barge", "synth", "all"),
                  lambda s, d, c: f"{s.missed_interrupts} of {s.expected_interrupts}")),
         row("false interrupts",
-            when(("barge", "noise", "all"),
+            when(("barge", "synth", "noise", "all"),
                  lambda s, d, c: (f"{s.false_interrupts} in {sum(s.bursts.values())} bursts"
                                   f" + {s.silence_s:.0f} s silence" if c == "noise"
                                   else f"{s.false_interrupts} (lead-in)"))),

@@ -18,6 +18,7 @@ streams exactly the same audio for every value.
 
 from __future__ import annotations
 
+import io
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,6 +192,15 @@ def door_slam(peak: float, rng: np.random.Generator) -> np.ndarray:
     return (x / np.max(np.abs(x)) * peak).astype(np.float32)
 
 
+def beep(seconds: float, freq_hz: float, peak: float) -> np.ndarray:
+    """A notification tone with two harmonics: periodic, unlike noise, so the pitch guard
+    cannot tell it from voice by itself."""
+    t = np.arange(_secs(seconds)) / SAMPLE_RATE
+    x = (np.sin(2 * np.pi * freq_hz * t) + 0.5 * np.sin(4 * np.pi * freq_hz * t)
+         + 0.25 * np.sin(6 * np.pi * freq_hz * t))
+    return _fade((peak * x / np.max(np.abs(x))).astype(np.float32), 0.01)
+
+
 def _fade(x: np.ndarray, seconds: float = 0.005) -> np.ndarray:
     """5 ms ramps, so a noise burst's edges are not clicks of their own."""
     n = min(_secs(seconds), x.size // 2)
@@ -324,8 +334,26 @@ def multi(clips: list[CorpusClip], tail_s: float, seed: int = 2) -> list[Scenari
     return out
 
 
+LEAD_INS = ("quiet", "pink", "white", "typing", "slam", "beep")
+
+
+def lead_in(kind: str, rng: np.random.Generator) -> np.ndarray:
+    """What comes before a barge-in: quiet, a fan, or a burst the assistant must not take for
+    the user (white noise, typing, a door, a notification tone), then quiet."""
+    if kind == "pink":  # low-level pink noise under the whole lead-in (a fan, a street)
+        return pink(BARGE_LEAD_S, db(-55.0), rng) + room_tone(BARGE_LEAD_S, rng)
+    burst = {"quiet": lambda: np.zeros(0, np.float32),
+             "white": lambda: white(0.3, db(-30.0), rng),
+             "typing": lambda: click_train(db(-6.0), 8, 12.0, rng),
+             "slam": lambda: door_slam(db(-6.0), rng),
+             "beep": lambda: beep(0.25, 880.0, db(-20.0))}[kind]()
+    burst = burst + room_tone(burst.size / SAMPLE_RATE, rng)[: burst.size]
+    return np.concatenate([burst, room_tone(BARGE_LEAD_S, rng)])
+
+
 def barge(clips: list[CorpusClip], tail_s: float, seed: int = 3) -> list[Scenario]:
-    """The user talks over the assistant: ``responding``, 1 s of quiet or low noise, the clip.
+    """The user talks over the assistant: ``responding``, a lead-in (:func:`lead_in`, each kind
+    in turn), the clip.
 
     Each barge-in session has a twin that streams the same audio in ``listening``: comparing
     their finals shows the words an interruption loses at its start.
@@ -334,10 +362,7 @@ def barge(clips: list[CorpusClip], tail_s: float, seed: int = 3) -> list[Scenari
     out = []
     for i, clip in enumerate(clips):
         tape = _Tape()
-        if i % 2:   # alternate a quiet lead-in with low-level pink noise (a fan, a street)
-            tape.add(pink(BARGE_LEAD_S, db(-55.0), rng) + room_tone(BARGE_LEAD_S, rng))
-        else:
-            tape.add(room_tone(BARGE_LEAD_S, rng))
+        tape.add(lead_in(LEAD_INS[i % len(LEAD_INS)], rng))
         at = tape.add(clip.audio)
         tape.add(room_tone(tail_s, rng))
         audio = tape.audio()
@@ -348,6 +373,51 @@ def barge(clips: list[CorpusClip], tail_s: float, seed: int = 3) -> list[Scenari
         out.append(Scenario(f"{name}-listen", "barge-listen", "barge-listening", audio,
                             utterances=[Utterance(utt.clip, utt.reference, utt.onset_s,
                                                   utt.offset_s)]))
+    return out
+
+
+# Voices the corpus does not have (it holds two speakers): espeak-ng's accents, male and female
+# variants, other speeds and pitches. Synthetic speech is for detecting a barge-in, not for WER.
+SYNTH_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-029", "en-gb-x-rp+f2", "en-us+f3",
+                "en-gb-x-gbclan+m3", "en-us+f4")
+SYNTH_LINES = ("Wait, stop, I have a question about that.",
+               "No, no, that is not what I asked for.",
+               "Sorry, can you say the last part again?",
+               "Hold on a second, I need to check something.")
+
+
+def espeak(text: str, voice: str, speed: int, pitch: int) -> np.ndarray | None:
+    """16 kHz float32 speech from espeak-ng, or None where it is not installed."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        return None
+    wav = subprocess.run([exe, "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout",
+                          text], capture_output=True, check=True, timeout=30).stdout
+    return load_16k_mono(io.BytesIO(wav))
+
+
+def synth(tail_s: float, seed: int = 5) -> list[Scenario]:
+    """Barge-ins by synthetic voices (:data:`SYNTH_VOICES`) after every kind of lead-in."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, voice in enumerate(SYNTH_VOICES):
+        for j, kind in enumerate(LEAD_INS[i % 2::2]):
+            text = SYNTH_LINES[(i + j) % len(SYNTH_LINES)]
+            speech = espeak(text, voice, speed=150 + 20 * ((i + j) % 3), pitch=40 + 10 * j)
+            if speech is None:
+                return []
+            onset, offset = speech_bounds(speech, 2)
+            tape = _Tape()
+            tape.add(lead_in(kind, rng))
+            at = tape.add(speech)
+            tape.add(room_tone(tail_s, rng))
+            out.append(Scenario(f"synth-{i:02d}-{kind}", "synth", "synth-responding",
+                                tape.audio(), state="responding",
+                                utterances=[Utterance(f"espeak:{voice}", text, at + onset,
+                                                      at + offset)]))
     return out
 
 
@@ -454,4 +524,6 @@ def build(clips: list[CorpusClip], all_clips: list[CorpusClip], groups: list[str
         out += barge(clips, tail_s)
     if "noise" in groups:
         out += noise(all_clips)
+    if "synth" in groups:
+        out += synth(tail_s)
     return out

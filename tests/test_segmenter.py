@@ -21,7 +21,7 @@ from stt.segmenter import (
     SegmenterParams,
     VoiceState,
 )
-from stt.vad import FRAME_S, FRAME_SAMPLES
+from stt.vad import FRAME_S, FRAME_SAMPLES, PERIODIC_THRESHOLD, periodicity
 
 SR = 16000
 _SPEECH = load_16k_mono(str(SAMPLE))
@@ -180,3 +180,21 @@ def test_vad_off_opens_on_the_first_frame_and_skip_advances_time() -> None:
     assert isinstance(boundary, Opened) and boundary.segment.first_frame == 2
     assert seg.state is VoiceState.SPEAKING  # with VAD off, silence counts as speech
     assert seg.frames == 3
+
+
+@pytest.mark.parametrize("freq_hz", [500.0, 880.0, 1500.0])
+def test_a_notification_tone_opens_no_speech(freq_hz: float) -> None:
+    """A beep is periodic like a voice but machine-exact: no pitch, so no interrupt and no
+    transcription (it stays a segment webrtcvad may open)."""
+    from bench.scenarios import beep
+
+    p = params()
+    tone = beep(0.4, freq_hz, 0.1)
+    assert np.count_nonzero(periodicity(frames(tone)) >= PERIODIC_THRESHOLD) < p.pitch_frames
+    assert np.count_nonzero(periodicity(frames(SPEECH)) >= PERIODIC_THRESHOLD) > 0.5 * len(
+        frames(SPEECH))  # while most frames of speech have a pitch
+    seg = Segmenter(p)
+    steps = push_all(seg, np.concatenate([silence(0.3), tone, silence(1.0)]))
+    for _, b, _ in steps:
+        if isinstance(b, Ended):
+            assert not b.segment.pitched(p.pitch_frames, upto=b.n_frames, final=True)
