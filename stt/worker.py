@@ -359,11 +359,13 @@ class Worker:
                           if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__)
                 where = {"session_id": session.session_id, "segment_id": job.segment_id,
                          "final": job.is_final}
-                if self.clock() + delay <= give_up_at and not session.closed:
+                left = give_up_at - self.clock()
+                if left > 0 and not session.closed:  # the last try falls on the deadline
+                    wait = min(delay, left)
                     self.stats.engine_retries += 1
                     log.warning("transcription failed, retrying: %s", reason,
-                                extra={**where, "retry_s": delay})
-                    await asyncio.sleep(delay)
+                                extra={**where, "retry_s": round(wait, 2)})
+                    await asyncio.sleep(wait)
                     delay = min(delay * 2, LAST_RETRY_S)
                     continue
                 log.warning("transcription failed: %s", reason, extra=where)
