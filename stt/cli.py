@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -18,6 +19,7 @@ from typing import Any
 
 from . import config, logs
 from .config import ConfigError, Settings
+from .connection import ConnectError
 from .engines.base import Engine, EngineUnavailable
 from .telemetry import Telemetry
 
@@ -65,6 +67,29 @@ def build_telemetry(settings: Settings, engine: Engine) -> Telemetry:
     return Telemetry()
 
 
+async def check_http_engine(settings: Settings, engine: Engine) -> None:
+    """``--engine http``: is the Whisper service there? With ``WHISPER_URL`` left at its
+    loopback default nothing can work, so say which variable to set and stop; with a URL that
+    was chosen, warn (the service may start after the worker; the circuit breaker copes)."""
+    from .engines.http import HttpEngine
+
+    if not isinstance(engine, HttpEngine):
+        return
+    reason = await engine.probe()
+    if reason is None:
+        return
+    default = dataclasses.fields(Settings)  # the field's own default, not a copy of it
+    is_default = settings.whisper_url == next(f.default for f in default
+                                              if f.name == "whisper_url")
+    if is_default:
+        raise EngineUnavailable(
+            f"nothing answers at {settings.whisper_url}, WHISPER_URL's default ({reason}): set "
+            f"WHISPER_URL (--whisper-url) to the Whisper HTTP service's base URL")
+    log.warning("the Whisper HTTP service does not answer yet; requests will retry",
+                extra={"whisper_url": settings.whisper_url, "error": reason,
+                       "hint": "check WHISPER_URL (--whisper-url)"})
+
+
 async def run_worker(settings: Settings) -> int:
     """Everything the worker needs, wired here and only here."""
     from .discovery import Discovery
@@ -72,6 +97,7 @@ async def run_worker(settings: Settings) -> int:
     from .worker import Worker
 
     engine = create_engine(settings)
+    await check_http_engine(settings, engine)
     telemetry = build_telemetry(settings, engine)
     worker = Worker(settings, engine, telemetry=telemetry)
     stop = asyncio.Event()
@@ -88,7 +114,8 @@ async def run_worker(settings: Settings) -> int:
         await health.start()
     discovery = Discovery(settings, worker.status)
     try:
-        await worker.start()
+        if not await worker.start(stop):
+            return 0  # SIGTERM/SIGINT before NATS answered: nothing to drain
         try:
             await discovery.start(worker.nc)
         except Exception as exc:  # discovery is a convenience; the worker runs without it
@@ -105,18 +132,41 @@ async def run_worker(settings: Settings) -> int:
 def cmd_worker(args: argparse.Namespace, engine: str | None = None) -> int:
     settings = _settings(args, engine=engine)
     logs.setup(settings.log_level, settings.log_format)
-    log.info("starting worker", extra={"settings": settings.redacted()})
+    log.info("starting worker", extra={"settings": config.settings_summary(settings)})
     try:
         return asyncio.run(run_worker(settings))
     except EngineUnavailable as exc:
         log.error("engine unavailable: %s", exc)
         return 2
+    except ConnectError as exc:  # what retrying cannot fix (see stt.connection)
+        log.error("cannot connect to NATS: %s", exc, extra={"variable": exc.variable})
+        return 1
 
 
-async def _connect(url: str) -> Any:
-    import nats
+CLIENT_TRIES = 3  # `stt stream`/`stt tail`: tries while NATS does not answer (0.5 + 1 s apart)
 
-    return await nats.connect(url, connect_timeout=3, max_reconnect_attempts=3)
+
+def client_settings(args: argparse.Namespace, name: str) -> Settings:
+    """The worker's NATS settings (environment, then the NATS flags) for a client command:
+    the same credentials, TLS files and subjects as the worker, read by the same code."""
+    nats_fields = {f.name for f in dataclasses.fields(Settings)
+                   if f.metadata["group"] == "nats"}
+    overrides = {k: v for k, v in config.overrides_from_args(args).items() if k in nats_fields}
+    if "nats_name" not in overrides and "NATS_CLIENT_NAME" not in os.environ:
+        overrides["nats_name"] = name
+    return Settings.from_env(overrides=overrides)
+
+
+def _quiet_logs() -> None:
+    """Client commands print their own one-line errors; library chatter only when asked."""
+    level = os.environ.get("STT_LOG_LEVEL", "ERROR")
+    logs.setup(level if level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR") else "ERROR")
+
+
+async def _connect(settings: Settings, stop: asyncio.Event | None = None) -> Any:
+    from .connection import connect
+
+    return await connect(settings, stop=stop, max_tries=CLIENT_TRIES, max_reconnect_attempts=3)
 
 
 def _printer(quiet_partials: bool = False) -> Any:
@@ -138,14 +188,39 @@ def _printer(quiet_partials: bool = False) -> Any:
     return show
 
 
-async def _stream(args: argparse.Namespace, url: str) -> int:
+def read_audio(path: str) -> tuple[Any, int]:
+    """The file as (samples, rate), or :class:`CommandError` saying why not in one line."""
     from .audio import load_file
+
+    if not os.path.exists(path):
+        raise CommandError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise CommandError(f"{path}: is a directory, not an audio file")
+    try:
+        samples, rate = load_file(path)
+    except Exception as exc:  # libsndfile: unknown format, truncated, unreadable
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise CommandError(f"{path}: not an audio file libsndfile can read (WAV, FLAC, OGG, "
+                           f"MP3): {reason}") from None
+    if len(samples) == 0:
+        raise CommandError(f"{path}: has no audio frames")
+    return samples, rate
+
+
+class CommandError(Exception):
+    """A client command's failure, printed as one line (no traceback)."""
+
+
+async def _stream(args: argparse.Namespace, settings: Settings) -> int:
+    from nats.errors import Error as NatsError
+
     from .client import stream_audio
     from .protocol import Subjects
 
-    samples, rate = load_file(args.file)
-    subjects = Subjects.of(Settings.from_env())
-    nc = await _connect(url)
+    url = settings.nats_url
+    samples, rate = read_audio(args.file)
+    subjects = Subjects.of(settings)
+    nc = await _connect(settings)
     try:
         result = await stream_audio(
             nc, samples, rate, subjects=subjects, session_id=args.session_id,
@@ -156,27 +231,44 @@ async def _stream(args: argparse.Namespace, url: str) -> int:
         print(f"no 'end' message within {args.timeout} s: is a worker running on {url}?",
               file=sys.stderr)
         return 1
+    except NatsError as exc:  # the connection went away mid-stream
+        raise CommandError(f"NATS connection lost while streaming: {exc}") from None
     finally:
-        await nc.close()
+        with contextlib.suppress(Exception):
+            await nc.close()
     if args.print_text:
         print(result.text)
     return 0
 
 
+def _run_client(name: str, args: argparse.Namespace, run: Any) -> int:
+    """Settings, logging and the one-line errors shared by ``stt stream`` and ``stt tail``."""
+    settings = client_settings(args, f"stt-{name}")
+    _quiet_logs()
+    try:
+        return int(asyncio.run(run(args, settings)))
+    except (ConnectError, CommandError) as exc:
+        print(f"stt {name}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, CommandError) else 1
+
+
 def cmd_stream(args: argparse.Namespace) -> int:
-    url = args.nats_url or os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
-    return asyncio.run(_stream(args, url))
+    return _run_client("stream", args, _stream)
 
 
-async def _tail(args: argparse.Namespace, url: str) -> int:
+async def _tail(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
     from . import protocol
     from .client import describe
 
-    nc = await _connect(url)
+    url = settings.nats_url
+    subject = args.subject or settings.output_subject_prefix + ".>"
     stop = asyncio.Event()
     _stop_on_signals(stop)
+    nc = await _connect(settings, stop)
+    if nc is None:  # Ctrl-C while connecting
+        return 0
 
     async def cb(msg: Any) -> None:
         try:
@@ -189,16 +281,17 @@ async def _tail(args: argparse.Namespace, url: str) -> int:
         else:
             print(time.strftime("%H:%M:%S ") + describe(message), flush=True)
 
-    await nc.subscribe(args.subject, cb=cb)
-    print(f"listening on {args.subject} at {url} (Ctrl-C to stop)", file=sys.stderr)
+    await nc.subscribe(subject, cb=cb)
+    await nc.flush()
+    print(f"listening on {subject} at {url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     await stop.wait()
-    await nc.close()
+    with contextlib.suppress(Exception):
+        await nc.close()
     return 0
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    url = args.nats_url or os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
-    return asyncio.run(_tail(args, url))
+    return _run_client("tail", args, _tail)
 
 
 async def _demo(args: argparse.Namespace) -> int:
@@ -216,7 +309,7 @@ async def _demo(args: argparse.Namespace) -> int:
               f"at {args.speed:g}x real time", flush=True)
         worker = Worker(settings, create_engine(settings))
         await worker.start()
-        nc = await _connect(server.url)
+        nc = await _connect(settings)
         try:
             samples, rate = load_file(path)
             t0 = time.monotonic()
@@ -297,9 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(p)
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("stream", help="stream an audio file as a live session and print transcripts")
+    nats_help = ("NATS connection and subjects: the worker's variables and flags (NATS_URL, "
+                 "NATS_USER/NATS_PASSWORD, NATS_TOKEN, NATS_NKEY_SEED, NATS_CREDS, "
+                 "NATS_TLS_CA/CERT/KEY, ...)")
+    p = sub.add_parser("stream", help="stream an audio file as a live session and print transcripts",
+                       description="Stream an audio file as a live session. " + nats_help + ".")
     p.add_argument("file", help="WAV/FLAC/OGG at any sample rate")
-    p.add_argument("--nats-url", help="default: $NATS_URL or nats://127.0.0.1:4222")
     p.add_argument("--session-id", default=None)
     p.add_argument("--speed", type=float, default=1.0,
                    help="multiple of real time (2 = twice as fast, 0 = as fast as possible)")
@@ -311,13 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-partials", action="store_true", help="print finals only")
     p.add_argument("--print-text", action="store_true", help="print the joined finals at the end")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for 'end'")
+    config.add_arguments(p, groups=("nats",))
     p.set_defaults(func=cmd_stream)
 
-    p = sub.add_parser("tail", help="print decoded transcription messages as they arrive")
-    p.add_argument("--nats-url", help="default: $NATS_URL or nats://127.0.0.1:4222")
-    p.add_argument("--subject", default=os.environ.get("STT_OUTPUT_SUBJECT_PREFIX",
-                                                       "ai.voice.transcription") + ".>")
+    p = sub.add_parser("tail", help="print decoded transcription messages as they arrive",
+                       description="Print decoded transcription messages. " + nats_help + ".")
+    p.add_argument("--subject", default=None,
+                   help="subject to watch (default: STT_OUTPUT_SUBJECT_PREFIX + '.>')")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    config.add_arguments(p, groups=("nats",))
     p.set_defaults(func=cmd_tail)
 
     p = sub.add_parser("demo", help="embedded nats-server + worker + a streamed sample, offline")

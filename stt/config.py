@@ -27,11 +27,23 @@ COMPUTE_TYPES = ("auto", "int8", "int8_float16", "int8_float32", "int8_bfloat16"
 
 
 class ConfigError(ValueError):
-    """A setting has a bad value. ``variable`` names the environment variable."""
+    """A setting has a bad value. ``variable`` names the environment variable; the message
+    names its command-line flag too (``STT_CHUNK_TIMEOUT (--chunk-timeout-s): ...``), whichever
+    of the two the value came from."""
 
     def __init__(self, variable: str, message: str) -> None:
-        super().__init__(f"{variable}: {message}")
+        flag = flag_of(variable)
+        super().__init__(f"{variable} ({flag}): {message}" if flag else f"{variable}: {message}")
         self.variable = variable
+        self.flag = flag
+
+
+def flag_of(variable: str) -> str | None:
+    """The ``--flag`` of the setting read from environment variable ``variable``, if any."""
+    for f in dataclasses.fields(Settings):
+        if f.metadata["env"] == variable:
+            return "--" + f.name.replace("_", "-")
+    return None
 
 
 def setting(default: Any, env: str, help: str, *, choices: tuple[str, ...] | None = None,
@@ -308,8 +320,8 @@ class Settings:
         for name, value in (overrides or {}).items():
             if value is None:
                 continue
-            flag = "--" + name.replace("_", "-")
-            values[name] = _convert(value, hints[name], flag) if isinstance(value, str) else value
+            env = _FIELDS[name].metadata["env"]
+            values[name] = _convert(value, hints[name], env) if isinstance(value, str) else value
         settings = cls(**values)
         settings.validate()
         return settings
@@ -392,6 +404,13 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def settings_summary(settings: Settings) -> dict[str, Any]:
+    """For the start-up log line: the settings that differ from the defaults (secrets masked),
+    plus the engine, which every reader of the log wants to see; not all 70 settings."""
+    changed = {k: v for k, v in settings.redacted().items() if v != _FIELDS[k].default}
+    return {"engine": settings.engine, **changed}
 
 
 def _convert(raw: Any, hint: Any, source: str) -> Any:

@@ -78,3 +78,91 @@ async def test_user_password_and_token_credentials() -> None:
                 assert worker.connected
             finally:
                 await worker.shutdown()
+
+
+# --- errors a user meets: one line, the variable and the flag, no traceback --------------------
+
+def one_line_error(out: subprocess.CompletedProcess[str]) -> str:
+    assert out.returncode != 0, out.stdout
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    return lines[0]
+
+
+def test_stream_says_in_one_line_what_is_wrong(tmp_path: Any) -> None:
+    line = one_line_error(stt("stream", str(tmp_path / "missing.flac")))
+    assert line == f"stt stream: {tmp_path / 'missing.flac'}: no such file"
+    text = tmp_path / "notes.wav"
+    text.write_text("not audio at all\n")
+    line = one_line_error(stt("stream", str(text)))
+    assert line.startswith(f"stt stream: {text}: not an audio file")
+    from stt.nats_server import free_port
+
+    nowhere = f"nats://127.0.0.1:{free_port()}"
+    out = stt("stream", str(SAMPLE), "--nats-url", nowhere, timeout=30)
+    line = one_line_error(out)
+    assert line.startswith("stt stream: cannot reach NATS at " + nowhere) and "NATS_URL" in line
+    line = one_line_error(stt("tail", "--nats-url", nowhere, timeout=30))
+    assert line.startswith("stt tail: cannot reach NATS")
+
+
+def test_configuration_errors_name_the_variable_and_the_flag() -> None:
+    for args, env in ((["--vad-aggressiveness", "9"], {}),
+                      (["--chunk-timeout-s", "abc"], {}),
+                      ([], {"STT_VAD_AGGRESSIVENESS": "9"}),
+                      ([], {"STT_CHUNK_TIMEOUT": "abc"})):
+        line = one_line_error(stt("worker", *args, timeout=30, **env))
+        assert line.startswith("configuration error: "), line
+        assert ("STT_VAD_AGGRESSIVENESS (--vad-aggressiveness)" in line
+                or "STT_CHUNK_TIMEOUT (--chunk-timeout-s)" in line), line
+
+
+def test_start_up_line_lists_only_what_differs_from_the_defaults() -> None:
+    import json
+
+    out = stt("worker", "--engine", "no.such.module:Engine", "--max-sessions", "7", timeout=30,
+              STT_LOG_FORMAT="json", NATS_PASSWORD="hunter2", NATS_USER="ann")
+    assert out.returncode == 2
+    first = json.loads(out.stderr.splitlines()[0])
+    assert first["msg"] == "starting worker"
+    assert first["settings"] == {"engine": "no.such.module:Engine", "max_sessions": 7,
+                                 "nats_user": "ann", "nats_password": "***",
+                                 "log_format": "json"}
+    assert len(out.stderr.splitlines()[0]) < 400
+
+
+async def test_http_engine_start_up_check_names_whisper_url(caplog: Any) -> None:
+    import http.server
+    import threading
+
+    import pytest
+
+    from stt.cli import check_http_engine
+    from stt.config import Settings
+    from stt.engines.base import EngineUnavailable
+    from stt.engines.http import HttpEngine
+    from stt.nats_server import free_port
+
+    def engine_for(**env: str) -> tuple[Settings, HttpEngine]:
+        settings = Settings.from_env(environ={"STT_ENGINE": "http", **env})
+        return settings, HttpEngine.from_settings(settings)
+
+    # a real HTTP server answers (404 is an answer): nothing to say
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        await check_http_engine(*engine_for(WHISPER_URL=f"http://127.0.0.1:{httpd.server_port}"))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    # a chosen URL where nothing listens: a warning naming the variable, the worker goes on
+    caplog.clear()
+    await check_http_engine(*engine_for(WHISPER_URL=f"http://127.0.0.1:{free_port()}"))
+    assert any("WHISPER_URL" in str(r.__dict__.get("hint")) for r in caplog.records)
+    # the loopback default where nothing listens: stop and say what to set
+    settings, engine = engine_for()
+    if await engine.probe() is None:
+        pytest.skip("something listens on 127.0.0.1:8000 here")
+    with pytest.raises(EngineUnavailable, match=r"set WHISPER_URL \(--whisper-url\)"):
+        await check_http_engine(settings, engine)

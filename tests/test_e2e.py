@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 import msgpack
@@ -19,7 +20,7 @@ from conftest import ROOT, SAMPLE, eventually
 from stt import protocol
 from stt.audio import load_16k_mono, to_pcm16
 from stt.client import Listener, send, stream_audio
-from stt.nats_server import NatsServer
+from stt.nats_server import NatsServer, free_port
 from stt.protocol import Subjects
 
 SR = 16000
@@ -272,3 +273,25 @@ def test_worker_refuses_bad_configuration_naming_the_variable() -> None:
     out = subprocess.run([sys.executable, "-m", "stt", "worker"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "STT_VAD_AGGRESSIVENESS" in out.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_a_worker_that_cannot_reach_nats_stops_at_once_on_a_signal(
+        sig: signal.Signals) -> None:
+    proc = _worker_process(f"nats://127.0.0.1:{free_port()}")  # nothing listens there
+    lines: list[bytes] = []
+    try:
+        assert proc.stdout is not None
+        loop = asyncio.get_running_loop()
+        while b"cannot reach NATS" not in b"".join(lines):
+            line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), 120)
+            assert line, b"worker exited:\n" + b"".join(lines)
+            lines.append(line)
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        code = await loop.run_in_executor(None, proc.wait, 10)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0 and took < 5.0, (code, took)

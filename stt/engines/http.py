@@ -244,6 +244,18 @@ class HttpEngine(Engine):
         log.info("whisper HTTP service", extra={"endpoint": self.endpoint, "model": self.model,
                                                 "concurrency": self.concurrency})
 
+    async def probe(self) -> str | None:
+        """None if something answers HTTP at the service's base URL (any status counts), else
+        why not. For the start-up check; requests themselves are never probed."""
+        try:
+            async with httpx.AsyncClient(timeout=self.connect_timeout_s) as client:
+                await client.get(self.url + "/")
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol) as exc:
+            return str(exc) or type(exc).__name__
+        except httpx.HTTPError:  # it answered, slowly or oddly: it is there
+            return None
+        return None
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()
