@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+# uvicorn adds ``color_message`` (its message with ANSI colours) to every record: the same text
+# as ``msg``, with escape codes that a collector shows as garbage.
+_DROPPED = {"color_message"}
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _clean(value: object) -> object:
+    return _ANSI.sub("", value) if isinstance(value, str) else value
 
 
 def _extras(record: logging.LogRecord) -> dict[str, object]:
-    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
+    return {k: _clean(v) for k, v in record.__dict__.items()
+            if k not in _STANDARD and k not in _DROPPED and not k.startswith("_")}
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,7 +34,7 @@ class JsonFormatter(logging.Formatter):
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": _clean(record.getMessage()),
         }
         out.update(_extras(record))
         if record.exc_info:
@@ -36,7 +46,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%H:%M:%S", time.localtime(record.created))
         fields = " ".join(f"{k}={v}" for k, v in _extras(record).items())
-        line = f"{ts}.{int(record.msecs):03d} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        line = f"{ts}.{int(record.msecs):03d} {record.levelname:<7} {record.name}: {_clean(record.getMessage())}"
         if fields:
             line += "  " + fields
         if record.exc_info:

@@ -177,7 +177,7 @@ def create_app(engine: Engine, settings: Settings) -> Any:
         except ApiError as err:
             state["errors"] += 1
             if err.status >= 500:
-                log.warning("transcription failed: %s", err.message)
+                log.warning("%s", err.message, extra={"code": err.code})
             return err.response()
 
     async def _transcribe(request: Request, body: bytes) -> Response:
@@ -328,8 +328,8 @@ async def serve(settings: Settings) -> int:
 
     from .engines import create_engine
 
-    engine = create_engine(settings)
     try:
+        engine = create_engine(settings)
         await engine.start()
     except EngineUnavailable as exc:
         log.error("engine unavailable: %s", exc)
@@ -358,9 +358,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = config.overrides_from_args(args)
     settings = Settings.from_env(overrides=overrides)
     logs.setup(settings.log_level, settings.log_format)
-    log.info("starting stt serve", extra={"settings": {
-        k: v for k, v in settings.redacted().items()
-        if k.startswith(("engine", "whisper", "serve", "language", "log"))}})
+    log.info("starting stt serve", extra={"settings": config.settings_summary(settings)})
     try:
         return asyncio.run(serve(settings))
     except KeyboardInterrupt:

@@ -270,3 +270,58 @@ def test_silence_is_an_empty_text_and_a_bad_language_is_a_client_error(server: S
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == "language"
     assert "English-only" in error["message"]
+
+
+# --- help, STT_ENGINE, logs ---------------------------------------------------------------------
+
+
+def test_help_names_the_real_default_engine_and_stt_engine_is_read() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STT_", "WHISPER_"))}
+    helped = subprocess.run([sys.executable, "-m", "stt", "serve", "--help"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0
+    text = " ".join(helped.stdout.split())
+    assert "[env STT_ENGINE, default 'faster-whisper']" in text and "sphinx" not in text
+    chosen = subprocess.run([sys.executable, "-m", "stt", "serve"], cwd=ROOT,
+                            env={**env, "STT_ENGINE": "no.such.module:Engine"},
+                            capture_output=True, text=True, timeout=60)
+    assert chosen.returncode == 2 and "STT_ENGINE='no.such.module:Engine'" in chosen.stderr
+
+
+def test_logs_carry_no_colour_codes_and_no_doubled_prefix(caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    import json
+
+    from starlette.testclient import TestClient
+
+    from stt.config import Settings
+    from stt.engines.base import EngineError
+    from stt.serve import create_app
+
+    with ServeProcess("--whisper-cpu-threads", "1",
+                      env={"STT_LOG_LEVEL": "INFO", "STT_LOG_FORMAT": "json"}) as served:
+        pass
+    lines = [json.loads(line) for line in served.output().splitlines() if line.startswith("{")]
+    assert any(line["logger"].startswith("uvicorn") for line in lines), served.output()
+    assert "\x1b" not in served.output() and "color_message" not in served.output()
+    start = next(line for line in lines if line["msg"] == "starting stt serve")
+    assert set(start["settings"]) <= {"engine", "serve_host", "serve_port", "whisper_cpu_threads",
+                                      "log_format"}, start
+
+    class Broken:
+        name = "broken"
+
+        def describe(self) -> dict[str, str]:
+            return {"name": self.name}
+
+        async def transcribe(self, audio: object, options: object) -> None:
+            raise EngineError("the GPU fell off")
+
+    client = TestClient(create_app(Broken(), Settings.from_env({})))  # type: ignore[arg-type]
+    with caplog.at_level("WARNING", logger="stt.serve"):
+        response = client.post("/v1/audio/transcriptions",
+                               files={"file": ("a.wav", wav_bytes(np.ones(8000, np.float32) / 4))})
+    assert response.status_code == 500
+    assert response.json()["error"]["message"] == "Transcription failed: the GPU fell off"
+    messages = [r.getMessage() for r in caplog.records if r.name == "stt.serve"]
+    assert messages == ["Transcription failed: the GPU fell off"], messages
