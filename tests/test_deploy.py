@@ -33,6 +33,7 @@ import pytest
 from conftest import ROOT
 
 from stt.config import ConfigError, Settings
+from stt.engines.base import Engine
 
 yaml = pytest.importorskip("yaml")
 
@@ -255,13 +256,13 @@ def test_probes_ports_and_settings_match_the_code(
                     assert ports.get(p["targetPort"], p["targetPort"]) in ports.values()
 
 
-class Idle:
+class Idle(Engine):
     """An engine that is never asked to transcribe (the apps only need one to exist)."""
 
     name = "idle"
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name}
+    async def transcribe(self, audio: Any, options: Any) -> Any:
+        raise AssertionError("not used")
 
 
 def worker_paths() -> set[str]:
@@ -270,7 +271,7 @@ def worker_paths() -> set[str]:
     from stt.metrics import MetricsTelemetry
     from stt.worker import Worker
 
-    worker = Worker(Settings.from_env({}), Idle())  # type: ignore[arg-type]
+    worker = Worker(Settings.from_env({}), Idle())
     server = HealthServer(worker.status, MetricsTelemetry(worker.status), "127.0.0.1", 0)
     return {p for p in ("/livez", "/readyz", "/metrics", "/healthz", "/health")
             if server.respond("GET", p)[0] != 404}
