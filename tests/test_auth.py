@@ -335,3 +335,49 @@ def test_stream_flags_override_the_environment(cases: dict[str, Case]) -> None:
                       env={"NATS_TOKEN": "wrong"})
         # connected (the flag won): no worker answers, so it waits for `end` and says so
         assert out.returncode == 1 and "is a worker running" in out.stderr, out.stderr
+
+
+# --- the worker ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["nkey", "user-password", "mtls"])
+async def test_the_worker_with_the_documented_variables_transcribes_a_session(
+        cases: dict[str, Case], name: str) -> None:
+    """``stt worker`` and ``stt stream``, both real processes, both from the documented
+    variables: a session of real speech comes back with words; wrong credentials stop the
+    worker with one line naming the variable."""
+    if name not in cases:
+        pytest.skip(f"no {name} case")
+    case = cases[name]
+    with NatsServer(extra_args=case.server_args) as server:
+        env = {"NATS_URL": url_of(case, server), **case.good, "STT_PARTIAL_INTERVAL": "0",
+               "STT_LOG_FORMAT": "json"}
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "STT_"))}
+        worker = subprocess.Popen([sys.executable, "-m", "stt", "worker"], cwd=ROOT,  # noqa: ASYNC220
+                                  env={**clean, **env}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT)
+        try:
+            assert worker.stdout is not None
+            lines: list[bytes] = []
+            while not any(b'"listening"' in line for line in lines):
+                line = await asyncio.wait_for(asyncio.to_thread(worker.stdout.readline), 120)
+                assert line, b"".join(lines)
+                lines.append(line)
+            out = await asyncio.to_thread(run_stt, "stream", str(SAMPLE), "--speed", "0",
+                                          "--print-text", "--timeout", "60", env=env,
+                                          timeout=120)
+        finally:
+            worker.terminate()
+            worker.wait(30)
+        assert out.returncode == 0, out.stderr
+        assert "Dashwood" in out.stdout or "dashwood" in out.stdout.lower(), out.stdout
+
+        bad = {**clean, "NATS_URL": env["NATS_URL"], **case.bad}
+        refused = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "stt", "worker"], cwd=ROOT, env=bad,
+            capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 1
+        errors = [line for line in (refused.stdout + refused.stderr).splitlines()
+                  if "cannot connect to NATS" in line]
+        assert len(errors) == 1 and case.variable in errors[0], refused.stdout + refused.stderr
+        assert "Traceback" not in refused.stdout + refused.stderr
