@@ -30,17 +30,13 @@ from stt.config import Settings
 from stt.nats_server import NatsServer
 
 from .common import DEFAULT_CORPUS, ROOT, CorpusUnavailable, load_corpus, machine
-from .load import LATENCY_PARTS, RunConfig, code_revision, run_once
+from .load import LATENCY_PARTS, RunConfig, _f, code_revision, run_once
 
 CONFIGS: dict[str, dict[str, str]] = {
     "speculative": {},
     "at endpoint": {"STT_SPECULATIVE_MS": "0"},
     "no partials": {"STT_PARTIAL_INTERVAL": "0"},
 }
-
-
-def _f(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
 
 
 def row(name: str, r: dict[str, Any]) -> str:
