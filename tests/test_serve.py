@@ -272,6 +272,23 @@ def test_silence_is_an_empty_text_and_a_bad_language_is_a_client_error(server: S
     assert "English-only" in error["message"]
 
 
+def test_a_proxy_in_front_passes_the_language_error_on_as_400(server: ServeProcess,
+                                                               clip: bytes) -> None:
+    """``stt serve --engine http`` in front of another service: the upstream's 400 about the
+    language stays a 400 naming ``language``, not a 500 that clients would retry."""
+    with ServeProcess("--engine", "http", env={"WHISPER_URL": server.url,
+                                               "WHISPER_API_KEY": API_KEY}) as proxy:
+        response = httpx.post(proxy.url + "/v1/audio/transcriptions", timeout=60,
+                              files={"file": ("a.wav", clip)}, data={"language": "de"})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == "language"
+        assert "English-only" in error["message"]
+        response = httpx.post(proxy.url + "/v1/audio/transcriptions", timeout=60,
+                              files={"file": ("a.wav", clip)}, data={"language": "en"})
+        assert response.status_code == 200 and response.json()["text"], response.text
+
+
 # --- help, STT_ENGINE, logs ---------------------------------------------------------------------
 
 

@@ -41,7 +41,7 @@ from ..audio import SAMPLE_RATE, to_pcm16
 from ..config import Settings
 from ..languages import LANGUAGE_CODES
 from .base import Engine, EngineError, Segment, TranscribeOptions, Transcription, Word
-from .decoding import Guards
+from .decoding import Guards, UnsupportedLanguage
 
 log = logging.getLogger("stt.engines.http")
 
@@ -161,6 +161,17 @@ def error_message(response: httpx.Response) -> str:
         if body.get("detail"):
             return str(body["detail"])[:300]
     return str(body)[:300]
+
+
+def error_param(response: httpx.Response) -> str | None:
+    """The request field an OpenAI-style error names (``{"error": {"param": "language"}}``)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    err = body.get("error") if isinstance(body, dict) else None
+    param = err.get("param") if isinstance(err, dict) else None
+    return param if isinstance(param, str) else None
 
 
 class _Retryable(Exception):
@@ -364,6 +375,8 @@ class HttpEngine(Engine):
             message += " (check WHISPER_API_KEY)"
         elif status == 404:
             message += " (check WHISPER_URL and WHISPER_PATH)"
+        elif error_param(response) == "language":  # the client's mistake, not the service's
+            raise UnsupportedLanguage(message)
         raise EngineError(message)
 
     def _parse(self, response: httpx.Response, options: TranscribeOptions,
