@@ -7,7 +7,7 @@ the ITU-T G.711 definition.
 
 from __future__ import annotations
 
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import soxr
@@ -43,6 +43,15 @@ def _alaw_table() -> np.ndarray:
 _MULAW = _mulaw_table()
 _ALAW = _alaw_table()
 
+# The hot path (every chunk, every 30 ms frame) calls the ufuncs themselves: np.clip and
+# ndarray.astype(...) * k go through Python-level wrappers and an extra temporary that cost
+# more than the arithmetic on arrays this small. The results are bit-identical.
+_F32 = np.dtype(np.float32)
+_I16 = np.dtype("<i2")
+_S16_SCALE = np.float32(1.0 / 32768.0)  # a power of two: exact, as the float64 scalar was
+_clip: Any = getattr(getattr(np, "_core", None), "umath", np).clip  # the ufunc (NumPy 2)
+_multiply = np.multiply
+
 
 def frame_bytes(encoding: str, channels: int) -> int:
     """Bytes in one sample frame (all channels)."""
@@ -57,7 +66,7 @@ def decode(raw: bytes, encoding: str, channels: int) -> np.ndarray:
                             f"chunk of {len(raw)} bytes is not a whole number of {encoding} frames "
                             f"({width} bytes for {channels} channel(s))")
     if encoding == "pcm_s16le":
-        samples = np.frombuffer(raw, dtype="<i2").astype(np.float32) * (1.0 / 32768.0)
+        samples = _multiply(np.frombuffer(raw, dtype=_I16), _S16_SCALE, dtype=_F32)
     elif encoding == "pcm_f32le":
         samples = np.frombuffer(raw, dtype="<f4").astype(np.float32)
         if not np.isfinite(samples).all():
@@ -84,6 +93,10 @@ class Converter:
         self._resampler = (None if sample_rate == SAMPLE_RATE else
                            soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32",
                                                quality="HQ"))
+        # ResampleStream.resample_chunk checks the type and reshapes around the C call; decode()
+        # always hands it float32 mono, so the C call is made directly where soxr has one
+        process = getattr(self._resampler, "_process", None)
+        self._process: Any = process if callable(process) else None
 
     @property
     def bytes_per_second(self) -> int:
@@ -93,6 +106,9 @@ class Converter:
         samples = decode(raw, self.encoding, self.channels)
         if self._resampler is None:
             return samples
+        if self._process is not None:
+            out: np.ndarray = self._process(samples.reshape(-1, 1), False)
+            return out.reshape(-1)
         return self._resampler.resample_chunk(samples)
 
     def flush(self) -> np.ndarray:
@@ -104,6 +120,10 @@ class Converter:
 
 def to_pcm16(samples: np.ndarray) -> bytes:
     """float32 (frames,) or (frames, channels) -> interleaved little-endian int16 bytes."""
+    if samples.dtype is _F32:  # the hot path: one temporary, written in place
+        scaled = _clip(samples, -1.0, 1.0)
+        _multiply(scaled, 32767.0, out=scaled)
+        return scaled.astype(_I16).tobytes()
     return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
 
