@@ -100,13 +100,16 @@ class Segment:
     pitch_checked: int = 0            # frames examined for pitch so far
 
     def append(self, frame: np.ndarray, voiced: bool, energy: float) -> None:
-        at = self.n_frames * FRAME_SAMPLES
-        if at + FRAME_SAMPLES > self.audio.size:  # grow geometrically; memory follows speech
-            grown = np.empty(self.audio.size * 2, dtype=np.float32)
-            grown[:at] = self.audio[:at]
-            self.audio = grown  # slices handed to jobs keep the old buffer, which stays valid
-        self.audio[at:at + FRAME_SAMPLES] = frame
-        self.n_frames += 1
+        n = self.n_frames
+        at = n * FRAME_SAMPLES
+        end = at + FRAME_SAMPLES
+        audio = self.audio
+        if end > audio.size:  # grow geometrically; memory follows speech
+            grown = np.empty(audio.size * 2, dtype=np.float32)
+            grown[:at] = audio[:at]
+            self.audio = audio = grown  # slices handed to jobs keep the old buffer, still valid
+        audio[at:end] = frame
+        self.n_frames = n + 1
         self.voiced.append(voiced)
         self.energy.append(energy)
         if voiced:
@@ -173,8 +176,15 @@ class Segmenter:
         self.segment: Segment | None = None
         self._next_segment_id = 1
         self._vad = FrameVAD(params.vad_enabled, params.vad_aggressiveness)
+        self._is_speech = self._vad.is_speech_pcm
+        # the rules push() reads on every frame, as plain attributes
+        self._onset_frames = params.onset_frames
+        self._endpoint_frames = params.endpoint_frames
+        self._max_frames = params.max_frames
         self._window: collections.deque[bool] = collections.deque(maxlen=ONSET_WINDOW_FRAMES)
-        self._preroll: collections.deque[tuple[np.ndarray, bool, float]] = collections.deque()
+        # the last preroll_frames frames (appending beyond that drops the oldest)
+        self._preroll: collections.deque[tuple[np.ndarray, bool, float]] = collections.deque(
+            maxlen=params.preroll_frames)
 
     @property
     def state(self) -> VoiceState:
@@ -190,24 +200,23 @@ class Segmenter:
     def push(self, frame: np.ndarray, pcm: bytes, energy: float) -> Boundary | None:
         """One frame (float samples, its 16-bit PCM and mean energy)."""
         index = self.frames
-        self.frames += 1
-        voiced = self._vad.is_speech_pcm(pcm)
+        self.frames = index + 1
+        voiced = self._is_speech(pcm)
         seg = self.segment
-        p = self.params
         if seg is None:
-            self._preroll.append((frame, voiced, energy))
-            if len(self._preroll) > p.preroll_frames:
-                self._preroll.popleft()
-            self._window.append(voiced)
-            if voiced and sum(self._window) >= p.onset_frames:
+            self._preroll.append((frame, voiced, energy))  # a bounded deque: drops the oldest
+            window = self._window
+            window.append(voiced)
+            if voiced and sum(window) >= self._onset_frames:
                 return Opened(self._open(index))
             return None
         seg.append(frame, voiced, energy)
         seg.frames_since_onset += 1
-        seg.voiced_since_onset += voiced
-        if seg.trailing_silence >= p.endpoint_frames:
+        if voiced:
+            seg.voiced_since_onset += 1
+        if seg.trailing_silence >= self._endpoint_frames:
             return self.close()
-        if len(seg) >= p.max_frames:
+        if seg.n_frames >= self._max_frames:
             return self._cut()
         return None
 

@@ -7,14 +7,22 @@ end only on a gap in arriving audio, size, state change, ``end`` or idle timeout
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import webrtcvad
+
+try:
+    import _webrtcvad  # the C extension webrtcvad.Vad wraps
+except ImportError:  # pragma: no cover - another build of webrtcvad
+    _webrtcvad = None
 
 from .audio import SAMPLE_RATE
 
 FRAME_MS = 30
 FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000  # 480
 FRAME_S = FRAME_MS / 1000.0
+_concatenate = np.concatenate
 
 
 class Framer:
@@ -27,10 +35,14 @@ class Framer:
 
     def push(self, samples: np.ndarray) -> np.ndarray:
         """The whole frames now available, as an (n, 480) array (n may be 0)."""
-        if self._rest.size:
-            samples = np.concatenate((self._rest, samples))
-        whole = samples.size - samples.size % FRAME_SAMPLES
-        self._rest = samples[whole:].copy()
+        rest = self._rest
+        if rest.size:
+            samples = _concatenate((rest, samples))
+        n = samples.size
+        whole = n - n % FRAME_SAMPLES
+        # the remainder may stay a view: neither the chunk's samples nor the joined array are
+        # ever written again, and the next push copies it out
+        self._rest = samples[whole:]
         return samples[:whole].reshape(-1, FRAME_SAMPLES)
 
     def flush(self) -> np.ndarray | None:
@@ -44,16 +56,33 @@ class Framer:
 
 
 class FrameVAD:
-    __slots__ = ("_vad",)
+    __slots__ = ("_vad", "is_speech_pcm")
 
     def __init__(self, enabled: bool, aggressiveness: int) -> None:
         self._vad = webrtcvad.Vad(aggressiveness) if enabled else None
+        # one call per 30 ms frame of every session: bound once, straight to the C function
+        # where the wheel has one (webrtcvad.Vad.is_speech only checks the length first)
+        self.is_speech_pcm: Callable[[bytes], bool] = (
+            _always_speech if self._vad is None else _speech_check(self._vad))
 
-    def is_speech_pcm(self, pcm: bytes) -> bool:
-        """One 30 ms frame of 16 kHz int16 little-endian audio."""
-        if self._vad is None:
-            return True
-        return bool(self._vad.is_speech(pcm, SAMPLE_RATE))
+
+def _always_speech(pcm: bytes) -> bool:
+    """VAD disabled: every frame counts as speech."""
+    return True
+
+
+def _speech_check(vad: webrtcvad.Vad) -> Callable[[bytes], bool]:
+    """One 30 ms frame of 16 kHz int16 little-endian audio -> is it speech?"""
+    process = getattr(_webrtcvad, "process", None) if _webrtcvad is not None else None
+    handle = getattr(vad, "_vad", None)
+    if process is None or handle is None:
+        def check(pcm: bytes) -> bool:
+            return bool(vad.is_speech(pcm, SAMPLE_RATE))
+        return check
+
+    def check_c(pcm: bytes) -> bool:
+        return bool(process(handle, SAMPLE_RATE, pcm, len(pcm) >> 1))
+    return check_c
 
 
 # --- periodicity: is there a pitch? ------------------------------------------------------------
