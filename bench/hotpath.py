@@ -323,7 +323,7 @@ async def _floor_serve(stats_out: Path) -> None:
         if m.get("type") == "end":  # so the generator's pings and sessions finish
             sid = msg.subject.rsplit(".", 1)[-1]
             await nc.publish(subjects.output(sid), pack({"type": "end", "session_id": sid}))
-        else:
+        elif m.get("type") == "chunk":
             count[1] += 1
 
     from stt.worker import SUBSCRIPTION_LIMITS

@@ -419,6 +419,7 @@ class RunConfig:
     seed: int
     profile: Path | None
     worker_env: dict[str, str]
+    floor: bool = False      # a bare nats-py subscriber that only unpacks, instead of the worker
 
 
 class Sampler:
@@ -498,6 +499,9 @@ def run_once(cfg: RunConfig, server: NatsServer, clips: list[Clip]) -> dict[str,
     stats_path = tmp / "worker-stats.json"
     log_path = tmp / "worker.log"
     cmd = [sys.executable, "-m", "bench.probe", "--stats-out", str(stats_path)]
+    if cfg.floor:
+        cmd = [sys.executable, "-m", "bench.hotpath", "floor-subscriber", "--stats-out",
+               str(stats_path)]
     if cfg.profile is not None:
         cmd += ["--profile", str(cfg.profile)]
     ctx = multiprocessing.get_context("spawn")  # no inherited sockets, loops or threads
@@ -844,6 +848,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--profile", type=Path, default=None,
                         help="cProfile the worker's event loop into this file (slows it down)")
+    parser.add_argument("--floor", action="store_true",
+                        help="instead of the worker, a bare nats-py subscriber that only "
+                             "msgpack-unpacks each message (and answers 'end'): its CPU per "
+                             "message is the floor any worker in Python pays for NATS")
     args = parser.parse_args(argv)
     if args.chunk_ms % SLOT_MS or not 10 <= args.chunk_ms <= 200:
         parser.error(f"--chunk-ms must be a multiple of {SLOT_MS} between 10 and 200")
@@ -893,7 +901,8 @@ def main(argv: list[str] | None = None) -> int:
             for n in steps:
                 cfg = RunConfig(args.engine, n, args.duration_s, args.chunk_ms, args.corpus,
                                 args.raw_audio, args.gen_procs, args.end_timeout_s, args.seed,
-                                args.profile and args.profile.resolve(), worker_env)
+                                args.profile and args.profile.resolve(), worker_env,
+                                floor=args.floor)
                 r = run_once(cfg, server, clips)
                 runs.append(r)
                 print()
