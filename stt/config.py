@@ -46,6 +46,10 @@ def flag_of(variable: str) -> str | None:
     return None
 
 
+def _token_ok(token: str) -> bool:
+    return bool(token) and all(c.isalnum() or c in "-_" for c in token)
+
+
 def setting(default: Any, env: str, help: str, *, choices: tuple[str, ...] | None = None,
             secret: bool = False, group: str = "worker") -> Any:
     return field(default=default, metadata={"env": env, "help": help, "choices": choices,
@@ -197,6 +201,25 @@ class Settings:
     queue_group: str = setting("", "STT_QUEUE_GROUP",
                                "NATS queue group ('' = none). Only safe when each session's "
                                "messages reach one worker (see README, scaling).", group="nats")
+
+    # --- scale-out (see README, "Many replicas") -----------------------------------------
+    partitions: int = setting(0, "STT_PARTITIONS",
+                              "Partitions of the input subject that replicas share (0 = one "
+                              "worker takes every session). Must equal N in the server's "
+                              "mapping partition(N,1) (k8s/nats/nats-server.conf: 32).")
+    partition_subject: str = setting("stt.in", "STT_PARTITION_SUBJECT",
+                                     "Where the server's mapping sends session messages: "
+                                     "PREFIX.{partition}.{session_id}.")
+    cluster_bucket: str = setting("stt", "STT_CLUSTER_BUCKET",
+                                  "Prefix of the JetStream key-value buckets for partition "
+                                  "leases (PREFIX-leases) and session formats (PREFIX-sessions).")
+    lease_ttl_s: float = setting(2.0, "STT_LEASE_TTL_S",
+                                 "A partition's lease lapses this long after its replica stops "
+                                 "renewing it (a crash); another replica then takes it over.")
+    handover_wait_s: float = setting(3.0, "STT_HANDOVER_WAIT_S",
+                                     "A partition handed to another replica (SIGTERM, "
+                                     "rebalancing) waits up to this long for its sessions to "
+                                     "be between utterances, then finishes the ones in progress.")
 
     # --- segmentation -------------------------------------------------------------------
     buffer_size_bytes: int = setting(480_000, "STT_BUFFER_SIZE_BYTES",
@@ -390,6 +413,15 @@ class Settings:
         need(not (self.hyperdx_enabled and not self.hyperdx_api_key), "hyperdx_api_key",
              "HYPERDX_ENABLED is set but HYPERDX_API_KEY is empty")
         need(self.drain_timeout_s >= 0, "drain_timeout_s", "must be >= 0")
+        need(0 <= self.partitions <= 1024, "partitions", "must be between 0 and 1024")
+        need(not (self.partitions and self.queue_group), "queue_group",
+             "must be empty with STT_PARTITIONS: partitions already give each session one worker")
+        need(0.5 <= self.lease_ttl_s <= 60, "lease_ttl_s", "must be between 0.5 and 60 s")
+        need(0 <= self.handover_wait_s <= 60, "handover_wait_s", "must be between 0 and 60 s")
+        need(_token_ok(self.cluster_bucket), "cluster_bucket",
+             "letters, digits, '-' and '_' only")
+        need(all(_token_ok(t) for t in self.partition_subject.split(".")), "partition_subject",
+             "a subject prefix of plain tokens (no wildcards, no trailing dot)")
         for name in ("nats_creds", "nats_nkey_seed", "nats_tls_ca", "nats_tls_cert", "nats_tls_key"):
             path = getattr(self, name)
             need(not path or os.path.isfile(path), name, f"file not found: {path}")

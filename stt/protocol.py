@@ -45,6 +45,7 @@ class EndReason(str, enum.Enum):
     END = "end"
     IDLE_TIMEOUT = "idle_timeout"
     SHUTDOWN = "shutdown"
+    HANDOVER = "handover"  # carried on by another replica (never sent: no `end` is published)
 
 
 class ProtocolError(Exception):

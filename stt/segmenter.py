@@ -193,6 +193,15 @@ class Segmenter:
             return VoiceState.STARTING if any(self._window) else VoiceState.QUIET
         return VoiceState.STOPPING if seg.trailing_silence else VoiceState.SPEAKING
 
+    @property
+    def next_segment_id(self) -> int:
+        return self._next_segment_id
+
+    def resume(self, frames: int, next_segment_id: int) -> None:
+        """Carry on a session's timeline and utterance numbers (a session from another replica)."""
+        self.frames = frames
+        self._next_segment_id = next_segment_id
+
     def skip(self) -> None:
         """A frame that is not listened to (half duplex): time passes, nothing is kept."""
         self.frames += 1

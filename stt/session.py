@@ -168,6 +168,27 @@ class Close:
 Action = Publish | Transcribe | Cancel | Close
 
 
+@dataclass(frozen=True)
+class SessionSnapshot:
+    """What another replica needs to carry the session on (stt.cluster keeps it in a bucket).
+
+    ``exact`` snapshots are taken at a handover, after the session's last message: the next
+    replica continues ``sequence`` and ``segment_id`` without a gap and drops the chunks up to
+    ``last_seq`` that it received while the handover ran. The others are written ahead while
+    the session runs (at its start, on a state change, when the numbers it reserved run low):
+    after a crash, the next replica starts at the reserved numbers, above anything published,
+    so ``sequence`` shows a gap where messages were lost and a ``segment_id`` is never reused.
+    """
+
+    start: Start           # the session's format, with its current state
+    next_sequence: int
+    next_segment_id: int
+    last_seq: int | None
+    frames: int            # the audio timeline, in frames
+    finals: int
+    exact: bool = False
+
+
 @dataclass
 class Counters:
     """Per-session tallies the worker turns into metrics (never labelled by session)."""
@@ -235,12 +256,48 @@ class Session:
         self._closing: EndReason | None = None
         self._last_seq: int | None = None
         self._seen_seq: collections.deque[int] = collections.deque(maxlen=SEEN_SEQ_WINDOW)
+        self._handled_seq: int | None = None  # chunks up to here were handled by another replica
         self._last_final_text = ""
         self._finals_published = 0
         self._interrupt_segment: int | None = None  # utterance that took the turn, until final
         self._state = State.LISTENING
         self.speaker_id: str | None = None
         self._configure(start or Start())
+
+    @classmethod
+    def resume(cls, session_id: str, settings: Settings, now: float, snap: SessionSnapshot,
+               frames: int | None = None) -> Session:
+        """A session carried on from ``snap`` (a handover, or a crashed replica's reservation);
+        ``frames`` overrides the snapshot's timeline (the worker estimates it after a crash)."""
+        session = cls(session_id, settings, now, snap.start)
+        session._sequence = snap.next_sequence
+        session._segmenter.resume(snap.frames if frames is None else frames,
+                                  snap.next_segment_id)
+        session._last_seq = snap.last_seq
+        session._handled_seq = snap.last_seq if snap.exact else None
+        session._finals_published = snap.finals
+        return session
+
+    def snapshot(self, *, exact: bool = False, sequence_ahead: int = 0,
+                 segments_ahead: int = 0) -> SessionSnapshot:
+        """The session now; ``*_ahead`` reserves numbers for what it may publish after."""
+        return SessionSnapshot(
+            start=replace(self._start, state=self._state, claimed_session_id=None),
+            next_sequence=self._sequence + sequence_ahead,
+            next_segment_id=self._segmenter.next_segment_id + segments_ahead,
+            last_seq=self._last_seq, frames=self._segmenter.frames,
+            finals=self._finals_published, exact=exact)
+
+    @property
+    def quiet(self) -> bool:
+        """Between utterances, nothing asked of the engine: a handover now cuts nothing."""
+        return (self._utt is None and not self._queue and self._final_job is None
+                and self._partial_job is None and self._spec_job is None)
+
+    def hand_over(self, now: float) -> list[Action]:
+        """Another replica carries the session on: finish the utterance in progress (its
+        final is published here), then close without an ``end``."""
+        return self.finish(EndReason.HANDOVER, now)
 
     # --- public API ----------------------------------------------------------------------
 
@@ -491,6 +548,9 @@ class Session:
     def _check_seq(self, seq: int) -> str | None:
         """None for a chunk to use; 'duplicate' or 'late' for one to drop."""
         last = self._last_seq
+        if self._handled_seq is not None and seq <= self._handled_seq:
+            self.counters.chunks_duplicate += 1  # the previous replica handled it
+            return "duplicate"
         if last is not None and seq <= last:
             if seq in self._seen_seq:
                 self.counters.chunks_duplicate += 1
@@ -737,6 +797,9 @@ class Session:
         if self._queue:
             self._final_job = self._queue.popleft()
             return [Transcribe(self._final_job)]
+        if self._closing is EndReason.HANDOVER:  # the next replica publishes from here
+            self.closed = True
+            return [Close(self._closing)]
         if self._closing is not None:  # a partial still decoding no longer matters
             self.closed = True
             return [self._emit(SessionEnd(self.session_id, self._closing,

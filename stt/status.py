@@ -63,6 +63,7 @@ class Status:
     slow_consumers: int = 0
     pending_inbound: int = 0
     pending_outbound: int = 0
+    cluster: Mapping[str, Any] | None = None  # STT_PARTITIONS: replica id, partitions held, ...
 
     @property
     def not_ready(self) -> list[str]:

@@ -21,7 +21,7 @@ import ctypes.util
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import nats
@@ -29,18 +29,29 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from . import connection, protocol
+from .cluster import (
+    PROBE_PREFIX,
+    REPLICA_HEADER,
+    SEGMENTS_AHEAD,
+    SEQUENCE_AHEAD,
+    Cluster,
+    poll_until,
+)
 from .config import Settings
 from .engines.base import Engine
 from .protocol import EndReason, ErrorCode, ProtocolError, Subjects
 from .scheduler import Scheduler
-from .session import Action, Cancel, Close, Job, Publish, Session, Transcribe
+from .session import Action, Cancel, Close, Job, Publish, Session, SessionSnapshot, Transcribe
 from .status import CHUNK_RESULTS, Status, not_ready_reasons, package_version
 from .telemetry import CANCELLED, Telemetry
+from .vad import FRAME_S
 
 log = logging.getLogger("stt.worker")
 
 TICK_S = 0.1  # idle and audio-gap timeouts are checked this often
 TRIM_INTERVAL_S = 5.0  # after sessions close, hand freed heap back to the OS at most this often
+REFRESH_INTERVAL_S = 60.0  # STT_PARTITIONS: how often snapshots about to expire are rewritten
+HELD_LIMIT = 100_000  # messages held per partition while it is being taken over
 
 
 def _malloc_trim() -> Callable[[], object] | None:
@@ -59,6 +70,8 @@ SESSION_TOTALS = ("chunks_ok", "chunks_duplicate", "chunks_late", "chunks_droppe
                   "partials", "interrupts")  # Session.Counters summed over sessions
 FIRST_RETRY_S, LAST_RETRY_S = 0.5, 4.0  # backoff between tries of a failed final
 OUTBOX_LIMIT = 200_000  # messages held while NATS is unreachable; oldest dropped beyond
+SUBSCRIPTION_LIMITS: dict[str, Any] = {"pending_msgs_limit": 1_000_000,
+                                       "pending_bytes_limit": 1024 * 1024 * 1024}
 
 
 class Stats:
@@ -70,6 +83,7 @@ class Stats:
         self.published = 0
         self.publish_failures = 0
         self.sessions_started = 0
+        self.sessions_resumed = 0  # carried on from another replica (STT_PARTITIONS)
         self.sessions_ended: dict[str, int] = {}
         self.errors: dict[str, int] = {}
         self.engine_jobs = 0
@@ -114,6 +128,14 @@ class Worker:
         self._trim = _malloc_trim()
         self._closed_since_trim = 0
         self._last_trim = 0.0
+        # STT_PARTITIONS: the partitions this replica holds (stt.cluster decides which)
+        self.cluster: Cluster | None = None
+        self._partition: dict[str, int] = {}       # session id -> its partition
+        self._psubs: dict[int, Any] = {}           # partition -> subscription
+        self._held: dict[int, list[tuple[str, bytes, dict[str, str] | None]]] = {}
+        self._saved: dict[str, SessionSnapshot] = {}  # last snapshot written, per session
+        self._handed: dict[str, SessionSnapshot] = {}  # sessions closed for a handover
+        self._last_refresh = 0.0
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -141,9 +163,13 @@ class Worker:
         self.nc = nc
         self._spawn(self._publisher())
         self._spawn(self._ticker())
-        self._sub = await self.nc.subscribe(
-            self.settings.input_subject, queue=self.settings.queue_group, cb=self._on_msg,
-            pending_msgs_limit=1_000_000, pending_bytes_limit=1024 * 1024 * 1024)
+        if self.settings.partitions:  # the cluster subscribes to the partitions it takes
+            self.cluster = Cluster(self.settings, self)
+            await self.cluster.start(self.nc)
+        else:
+            self._sub = await self.nc.subscribe(
+                self.settings.input_subject, queue=self.settings.queue_group, cb=self._on_msg,
+                **SUBSCRIPTION_LIMITS)
         await self.nc.flush()
         log.info("listening", extra={"subject": self.settings.input_subject,
                                      "output": self.subjects.output_wildcard,
@@ -161,8 +187,12 @@ class Worker:
     async def shutdown(self) -> None:
         if self._stopped.is_set():
             return
-        self.draining = True
         log.info("shutting down", extra={"sessions": len(self.sessions)})
+        if self.cluster is not None:  # hand the partitions to the other replicas first
+            await self.cluster.leave(self.settings.drain_timeout_s)
+        self.draining = True
+        for p in list(self._psubs):
+            await self.unsubscribe_partition(p)
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()
@@ -192,6 +222,8 @@ class Worker:
             except Exception as exc:
                 log.warning("NATS drain failed: %s", exc)
                 await self.nc.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         await self.engine.close()
         await self.telemetry.shutdown()
         self._stopped.set()
@@ -233,17 +265,25 @@ class Worker:
 
     # --- input ---------------------------------------------------------------------------------
 
-    async def _on_msg(self, msg: Msg) -> None:
+    async def _on_msg(self, msg: Msg, partition: int | None = None) -> None:
         started = time.perf_counter() if self.stats.sample_chunk_handling else 0.0
         self.stats.messages_in += 1
         try:
-            self.handle(msg.subject, msg.data, msg.headers)
+            self.handle(msg.subject, msg.data, msg.headers, partition)
         except Exception:  # a bug must not take the subscription down
             log.exception("unexpected error handling a message", extra={"subject": msg.subject})
         if started:
             self.stats.chunk_handling_s.append(time.perf_counter() - started)
 
-    def handle(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+    async def _on_partition_msg(self, partition: int, msg: Msg) -> None:
+        held = self._held.get(partition)
+        if held is None:
+            await self._on_msg(msg, partition)
+        elif len(held) < HELD_LIMIT:  # being taken over: handled once the sessions are resumed
+            held.append((msg.subject, msg.data, msg.headers))
+
+    def handle(self, subject: str, data: bytes, headers: dict[str, str] | None = None,
+               partition: int | None = None) -> None:
         """One input message (synchronous: nothing here waits)."""
         now = self.clock()
         try:
@@ -252,6 +292,8 @@ class Worker:
             self.stats.bad_messages += 1
             log.warning("message on a bad subject dropped: %s", err.message)
             return
+        if session_id.startswith(PROBE_PREFIX):
+            return  # a replica checking the server's partition mapping
         session = self.sessions.get(session_id)
         try:
             event = protocol.parse(protocol.unpack(data))
@@ -268,7 +310,11 @@ class Worker:
             session = self._open(session_id, event, now)
             if session is None:
                 return
+            if partition is not None:
+                self._partition[session_id] = partition
         self._execute(session, session.handle(event, now))
+        if self.cluster is not None and not isinstance(event, protocol.Chunk):
+            self._save(session)
 
     def _open(self, session_id: str, event: protocol.Event, now: float) -> Session | None:
         if isinstance(event, protocol.End):
@@ -300,8 +346,10 @@ class Worker:
     # --- actions -------------------------------------------------------------------------------
 
     def _execute(self, session: Session, actions: list[Action]) -> None:
+        published = False
         for action in actions:
             if isinstance(action, Publish):
+                published = True
                 message = action.message
                 if isinstance(message, protocol.Error):
                     self.stats.count_error(message.code.value)
@@ -319,6 +367,7 @@ class Worker:
             elif isinstance(action, Close):
                 self.sessions.pop(session.session_id, None)
                 self.scheduler.forget(session.session_id)
+                self._closed_in_cluster(session, action.reason)
                 self._closed_since_trim += 1
                 if not self.sessions:
                     self._all_closed.set()
@@ -335,6 +384,130 @@ class Worker:
                     self._session_totals[key] = self._session_totals.get(key, 0) + getattr(c, key)
                 self.stats.audio_ended_s += c.audio_in_s
                 self.telemetry.session_closed(session.session_id, action.reason.value)
+        if published and self.cluster is not None and not session.closed:
+            self._save(session)
+
+    # --- partitions (STT_PARTITIONS; stt.cluster calls these) -----------------------------------
+
+    def _save(self, session: Session, force: bool = False) -> None:
+        """Write the session's snapshot when its format or state changed or the numbers it
+        reserved run low: a replica that takes over after a crash starts above them."""
+        assert self.cluster is not None
+        p = self._partition.get(session.session_id)
+        if p is None:
+            return
+        now = session.snapshot()
+        saved = self._saved.get(session.session_id)
+        if (not force and saved is not None and saved.start == now.start
+                and now.next_sequence < saved.next_sequence - SEQUENCE_AHEAD // 2
+                and now.next_segment_id < saved.next_segment_id - SEGMENTS_AHEAD // 2):
+            return
+        ahead = session.snapshot(sequence_ahead=SEQUENCE_AHEAD, segments_ahead=SEGMENTS_AHEAD)
+        self._saved[session.session_id] = ahead
+        self.cluster.save(p, session.session_id, ahead)
+
+    def _closed_in_cluster(self, session: Session, reason: EndReason) -> None:
+        sid = session.session_id
+        p = self._partition.pop(sid, None)
+        self._saved.pop(sid, None)
+        if reason is EndReason.HANDOVER:
+            self._handed[sid] = session.snapshot(exact=True)
+        elif self.cluster is not None and p is not None:
+            self.cluster.forget(p, sid)
+
+    def _sessions_in(self, partition: int) -> list[Session]:
+        return [s for sid, s in list(self.sessions.items())
+                if self._partition.get(sid) == partition]
+
+    async def subscribe_partition(self, partition: int) -> None:
+        if partition in self._psubs or self.nc is None:
+            return
+        self._held[partition] = []
+        self._psubs[partition] = await self.nc.subscribe(
+            f"{self.settings.partition_subject}.{partition}.*",
+            cb=functools.partial(self._on_partition_msg, partition), **SUBSCRIPTION_LIMITS)
+        await self.nc.flush()  # the server has it: what is published from now on reaches us
+
+    async def unsubscribe_partition(self, partition: int) -> None:
+        sub = self._psubs.pop(partition, None)
+        self._held.pop(partition, None)
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:  # connection already gone
+                log.debug("unsubscribe failed: %s", exc)
+
+    def adopt_partition(self, partition: int, snapshots: Mapping[str, SessionSnapshot],
+                        written_at: Mapping[str, float]) -> None:
+        """Resume the partition's sessions, then handle what arrived meanwhile, then go live."""
+        now, wall = self.clock(), time.time()
+        for sid, snap in snapshots.items():
+            if sid in self.sessions:
+                continue
+            frames = None  # after a crash: the timeline ran on in real time since it was written
+            if not snap.exact:
+                frames = snap.frames + int(max(0.0, wall - written_at.get(sid, wall)) / FRAME_S)
+            session = Session.resume(sid, self.settings, now, snap, frames)
+            self.sessions[sid] = session
+            self._partition[sid] = partition
+            self._saved[sid] = snap
+            self.stats.sessions_resumed += 1
+            log.info("session resumed from another replica", extra={
+                "session_id": sid, "partition": partition, "handover": snap.exact,
+                "sample_rate": snap.start.sample_rate, "encoding": snap.start.encoding,
+                "state": snap.start.state.value})
+        held = self._held.pop(partition, [])
+        for subject, data, headers in held:
+            self.stats.messages_in += 1
+            try:
+                self.handle(subject, data, headers, partition)
+            except Exception:  # a bug must not take the partition down
+                log.exception("unexpected error handling a message", extra={"subject": subject})
+
+    async def give_partition(self, partition: int, wait_s: float) -> dict[str, SessionSnapshot]:
+        """Hand the partition's sessions over: wait for them to be between utterances (at most
+        ``wait_s``), stop taking their messages, publish the finals of what is still open."""
+        await poll_until(lambda: all(s.quiet for s in self._sessions_in(partition)), wait_s)
+        await self.unsubscribe_partition(partition)
+        sessions = self._sessions_in(partition)
+        now = self.clock()
+        for session in sessions:
+            self._execute(session, session.hand_over(now))
+        await poll_until(lambda: all(s.closed for s in sessions), self.settings.drain_timeout_s)
+        snaps: dict[str, SessionSnapshot] = {}
+        for session in sessions:
+            sid = session.session_id
+            if not session.closed:  # its final never came: the next replica starts after it
+                log.warning("final not published before the handover",
+                            extra={"session_id": sid, "partition": partition})
+                snaps[sid] = session.snapshot(exact=True, sequence_ahead=2)
+                self._forget_session(session)
+            else:
+                snaps[sid] = self._handed.pop(sid, session.snapshot(exact=True))
+        return snaps
+
+    def drop_partition(self, partition: int) -> None:
+        """The lease went to another replica: this one says nothing more for these sessions."""
+        self._spawn(self.unsubscribe_partition(partition))
+        for session in self._sessions_in(partition):
+            self._forget_session(session)
+
+    def _forget_session(self, session: Session) -> None:
+        session.closed = True
+        self.sessions.pop(session.session_id, None)
+        self.scheduler.forget(session.session_id)
+        self._partition.pop(session.session_id, None)
+        self._saved.pop(session.session_id, None)
+        if not self.sessions:
+            self._all_closed.set()
+
+    def partition_loads(self) -> dict[int, int]:
+        """Sessions per partition held (0 for the empty ones)."""
+        loads = dict.fromkeys(self.cluster.owned if self.cluster else (), 0)
+        for p in self._partition.values():
+            if p in loads:
+                loads[p] += 1
+        return loads
 
     async def _run_job(self, session: Session, job: Job) -> None:
         """One engine job; a final that fails is retried with backoff for STT_FINAL_RETRY_S
@@ -401,6 +574,8 @@ class Worker:
             self.stats.publish_failures += 1
         session_id = message.session_id
         headers = self.telemetry.publish_headers(message, sequence)
+        if self.cluster is not None:  # which replica spoke (a session moves between them)
+            headers = {**(headers or {}), REPLICA_HEADER: self.cluster.replica_id}
         payload = protocol.pack(protocol.encode(message, sequence, time.time()))
         self._outbox.put_nowait((self.subjects.output(session_id), payload, headers))
 
@@ -432,6 +607,12 @@ class Worker:
             for session in list(self.sessions.values()):
                 if now >= session.deadline:
                     self._execute(session, session.tick(now))
+            if self.cluster is not None and now - self._last_refresh >= REFRESH_INTERVAL_S:
+                self._last_refresh = now
+                for session in list(self.sessions.values()):
+                    p = self._partition.get(session.session_id)
+                    if p is not None and self.cluster.stale(p, session.session_id):
+                        self._save(session, force=True)
             if (self._trim is not None and self._closed_since_trim
                     and now - self._last_trim >= TRIM_INTERVAL_S):
                 self._closed_since_trim, self._last_trim = 0, now
@@ -477,7 +658,8 @@ class Worker:
             publish_failures=s.publish_failures, errors=dict(s.errors), engine_jobs=s.engine_jobs,
             engine_failures=s.engine_failures, engine_seconds=s.engine_seconds,
             reconnects=s.reconnects, disconnects=s.disconnects, slow_consumers=s.slow_consumers,
-            pending_inbound=self.pending_inbound, pending_outbound=self.pending_outbound)
+            pending_inbound=self.pending_inbound, pending_outbound=self.pending_outbound,
+            cluster=self.cluster.status() if self.cluster is not None else None)
 
     def audio_received_s(self) -> float:
         return self.stats.audio_ended_s + sum(s.counters.audio_in_s
@@ -490,4 +672,5 @@ class Worker:
     @property
     def pending_inbound(self) -> int:
         """Messages received from NATS and not yet handled (the event loop is behind)."""
-        return int(getattr(self._sub, "pending_msgs", 0) or 0)
+        subs = [self._sub, *self._psubs.values()]
+        return sum(int(getattr(sub, "pending_msgs", 0) or 0) for sub in subs)
