@@ -96,6 +96,12 @@ class Replica:
         return self.proc.returncode
 
 
+async def stop_all(replicas: list[Replica], nc: Any) -> None:
+    for r in replicas:
+        r.stop()
+    await nc.close()
+
+
 async def heartbeats(nc: Any) -> dict[str, dict[str, Any]]:
     out = {}
     try:  # the first replica creates the bucket
@@ -234,6 +240,11 @@ class Load:
             await self.nc.publish(f"ai.voice.stream.{sid}", protocol.pack({"type": "end"}))
         await poll_until(lambda: all(self.ended(s) for s in self.streams), timeout_s)
 
+    async def finish(self) -> None:
+        """Stop streaming, send every session its ``end``, wait for the answers."""
+        await self.stop()
+        await self.end_all()
+
     def ended(self, sid: str) -> bool:
         return any(m.get("type") == "end" for _, m, _ in self.received[sid])
 
@@ -334,12 +345,9 @@ async def test_three_replicas_sixty_sessions_kill_stop_join(tmp_path: Path) -> N
                 stream.build(speech)
                 await load.add(stream)
             await asyncio.sleep(14)
-            await load.stop()
-            await load.end_all()
+            await load.finish()
         finally:
-            for r in replicas:
-                r.stop()
-            await nc.close()
+            await stop_all(replicas, nc)
 
     # every session got its end, from one replica at a time
     assert all(load.ended(s) for s in load.streams), [s for s in load.streams if not load.ended(s)]
@@ -431,12 +439,9 @@ async def test_failover_keeps_the_format_with_real_whisper(tmp_path: Path) -> No
             owner.proc.wait()
             kill_at = time.monotonic()
             await asyncio.sleep(18)
-            await load.stop()
-            await load.end_all()
+            await load.finish()
         finally:
-            for r in replicas:
-                r.stop()
-            await nc.close()
+            await stop_all(replicas, nc)
     other = replicas[1].id
     for sid in ids:
         stream = load.streams[sid]
