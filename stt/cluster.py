@@ -20,20 +20,26 @@ Leases (bucket ``{STT_CLUSTER_BUCKET}-leases``, max age ``STT_LEASE_TTL_S``)
   handing over and to whom), rewritten every tick. The heartbeats are every replica's view of
   the others; a replica that stops writing drops out of it after the TTL.
 
-Balancing (:func:`next_move`, one move at a time per replica): free partitions go to the
-replicas below ``ceil(N / replicas)``; a replica holding more partitions than its share hands the
-emptiest one to the replica with the fewest; a replica with clearly more sessions than the least
-loaded hands that one a partition with a few sessions. Hash placement alone leaves 60 sessions on
-3 replicas more than 1.5x apart 4 times in 10; this is what keeps them even.
+Balancing (:func:`next_moves`): free partitions go to the replicas below
+``ceil(N / replicas)``; a replica holding more partitions than its share hands its excess,
+emptiest first, to the replica with the fewest; a replica with clearly more sessions than the
+least loaded hands that one a partition with a few sessions. Hash placement alone leaves 60
+sessions on 3 replicas more than 1.5x apart 4 times in 10; this is what keeps them even. Damped
+so that it settles instead of churning: moves by sessions one at a time across the cluster (none
+while a heartbeat shows another), ``MOVE_SETTLE_S`` after a replica's moves for the heartbeats
+to show them, and a partition received by a handover stays ``MOVE_COOLDOWN_S`` (it moves on by
+sessions only after that), so no session is sent back to where it came from.
 
 Handover (SIGTERM, a replica joining, load)
 -------------------------------------------
 1. The giver names the taker in its heartbeat.
 2. The taker subscribes to the partition, holding what arrives, then writes ``p.{n}`` =
    ``taking`` (an update on the revision it read).
-3. The giver's next renewal fails and reads why. It waits up to ``STT_HANDOVER_WAIT_S`` for the
-   partition's sessions to be between utterances, unsubscribes, publishes the finals of any
-   utterance still open, and writes ``h.{n}``: every session's exact snapshot.
+3. The giver's next renewal fails and reads why. It hands each session over as it reaches a
+   pause between utterances (its later messages are the taker's, held there), for up to
+   ``STT_HANDOVER_WAIT_S`` on SIGTERM or ``REBALANCE_WAIT_S`` for a rebalancing move; then it
+   unsubscribes, publishes the finals of any utterance still open, and writes ``h.{n}``:
+   every session's exact snapshot.
 4. The taker resumes those sessions (format, state, ``sequence``, ``segment_id``, timeline) and
    handles the held messages, dropping the chunks the giver had handled (their ``seq``).
 Nothing is lost and no utterance is cut unless one was still open after the wait. A taker that
@@ -84,6 +90,9 @@ SESSION_REFRESH_S = 900.0
 HANDOVER_TIMEOUT_S = 30.0      # a taker that hears nothing from the giver carries on without it
 LOAD_SLACK = 2                 # sessions a replica may have above the least loaded one ...
 LOAD_RATIO = 1.2               # ... and this ratio, before it hands one of its partitions over
+MOVE_COOLDOWN_S = 60.0         # a partition received by a handover stays this long
+REBALANCE_WAIT_S = 10.0        # a move not forced by SIGTERM waits this long for pauses
+MOVE_SETTLE_S = 2.0            # after a handover, heartbeats are this long catching up
 _KEY_SAFE = re.compile(r"[-_=A-Za-z0-9]+")
 
 
@@ -170,30 +179,43 @@ class Move:
     to: str
 
 
-def next_move(me: str, view: Mapping[str, Heartbeat], loads: Mapping[int, int],
-              partitions: int) -> Move | None:
-    """The one partition this replica should hand over now, if any (``loads``: its sessions
-    per partition). Only replicas that are not leaving count and receive."""
+def next_moves(me: str, view: Mapping[str, Heartbeat], loads: Mapping[int, int],
+               partitions: int, frozen: Iterable[int] = ()) -> list[Move]:
+    """The partitions this replica should hand over now (``loads``: its sessions per
+    partition; ``frozen``: partitions it received lately). Only replicas that are not leaving
+    count and receive.
+
+    By partitions, when it holds more than its share: the replica with the fewest takes up to
+    the excess, emptiest first, as long as it then holds fewer partitions, and no more
+    sessions, than this one; frozen ones go last. Exact on any view: each giver gives only
+    its own excess, so a joining replica fills up from every giver at once.
+    By sessions, one move at a time across the cluster (none while a heartbeat shows another,
+    as the loads in it are about to change): the least loaded replica takes a partition of at
+    most half the difference, never a frozen one, so no session is sent back where it was."""
     peers = {r: hb for r, hb in view.items() if r != me and not hb.leaving}
     if not peers or not loads:
-        return None
+        return []
     share = fair_share(partitions, len(peers) + 1)
     mine = sum(loads.values())
-    # by partitions: the replica with the fewest takes my emptiest, if that does not leave it
-    # busier than me
+    stay = set(frozen)
     fewest = min(peers.values(), key=lambda hb: (len(hb.partitions), hb.sessions, hb.replica))
-    if len(loads) > share and len(fewest.partitions) < share - 1 + (len(loads) > share + 1):
-        p = min(loads, key=lambda q: (loads[q], q))
-        if fewest.sessions + loads[p] <= mine - loads[p] or loads[p] == 0:
-            return Move(p, fewest.replica)
-    # by sessions: the least loaded replica takes a partition of at most half the difference
+    room = min(len(loads) - share, (len(loads) - len(fewest.partitions)) // 2)
+    moves: list[Move] = []
+    moved = 0  # sessions
+    for q in sorted(loads, key=lambda q: (q in stay, loads[q], q))[:max(0, room)]:
+        moved += loads[q]
+        if loads[q] and fewest.sessions + moved > mine - moved:
+            break
+        moves.append(Move(q, fewest.replica))
+    if moves or any(hb.giving for hb in peers.values()):
+        return moves
     least = min(peers.values(), key=lambda hb: (hb.sessions, len(hb.partitions), hb.replica))
     gap = mine - least.sessions
     if gap >= LOAD_SLACK and mine > LOAD_RATIO * least.sessions:
-        fits = [q for q in loads if 0 < loads[q] <= gap // 2]
+        fits = [q for q in loads if q not in stay and 0 < loads[q] <= gap // 2]
         if fits:
-            return Move(max(fits, key=lambda q: (loads[q], -q)), least.replica)
-    return None
+            return [Move(max(fits, key=lambda q: (loads[q], -q)), least.replica)]
+    return []
 
 
 # --- the replica's side ------------------------------------------------------------------------
@@ -208,8 +230,9 @@ class PartitionHost(Protocol):
     async def unsubscribe_partition(self, partition: int) -> None: ...
 
     def adopt_partition(self, partition: int, snapshots: Mapping[str, SessionSnapshot],
-                        written_at: Mapping[str, float]) -> None:
-        """Resume these sessions, then handle the held messages and go live."""
+                        written_at: Mapping[str, float], handed_over: bool = False) -> None:
+        """Resume these sessions, then handle the held messages and go live (``handed_over``:
+        the snapshots are all the giver's live sessions)."""
 
     async def give_partition(self, partition: int, wait_s: float) -> dict[str, SessionSnapshot]:
         """Wait for quiet (at most ``wait_s``), stop taking messages, finish what is open;
@@ -244,6 +267,9 @@ class Cluster:
         self._nc: Client | None = None
         self._task: asyncio.Task[None] | None = None
         self._busy: set[int] = set()             # partitions with a handover step running
+        self._received: dict[int, float] = {}    # partition -> when a handover brought it
+        self._offered: dict[int, float] = {}     # partition -> when we named its taker
+        self._settle_until = 0.0                 # no move of ours before this (monotonic)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._saves: dict[str, tuple[int, dict[str, Any] | None]] = {}  # key -> (partition, value)
         self._saved: dict[str, float] = {}       # key -> monotonic time of the last write
@@ -318,7 +344,7 @@ class Cluster:
             loads = self.host.partition_loads()
             for i, p in enumerate(sorted(set(self.owned) - set(self.giving),
                                          key=lambda q: -loads.get(q, 0))):
-                self.giving[p] = peers[i % len(peers)].replica
+                self._offer(p, peers[i % len(peers)].replica)
             await asyncio.sleep(self.period_s)
         if self._task is not None:
             self._task.cancel()
@@ -432,6 +458,7 @@ class Cluster:
             view[hb.replica] = hb
         self.view = view
         self.joined.set()
+        self._withdraw_stale_offers(view)
         await self._take_offered(view)
         await self._finish_takeovers(keys, view)
         if self.leaving:
@@ -442,17 +469,38 @@ class Cluster:
         want = fair_share(self.partitions, len(live)) - len(self.owned) - len(self.taking)
         for p in preferred(self.replica_id, free)[:max(0, want)]:
             await self._claim(p)
-        if not self.giving and not self.taking and not self._busy:
-            move = next_move(self.replica_id, view, self.host.partition_loads(), self.partitions)
-            if move is not None:
+        now = time.monotonic()
+        if not self.giving and not self.taking and not self._busy and now >= self._settle_until:
+            frozen = [p for p, at in self._received.items() if now - at < MOVE_COOLDOWN_S]
+            for move in next_moves(self.replica_id, view, self.host.partition_loads(),
+                                   self.partitions, frozen):
                 log.info("handing a partition over", extra={"partition": move.partition,
                                                             "to": move.to})
-                self.giving[move.partition] = move.to
+                self._offer(move.partition, move.to)
+
+    def _offer(self, p: int, to: str) -> None:
+        """Step 1: name the taker (in the next heartbeat)."""
+        self.giving[p] = to
+        self._offered[p] = time.monotonic()
+
+    def _withdraw_stale_offers(self, view: Mapping[str, Heartbeat]) -> None:
+        """An offer whose taker went away (or never answered) is withdrawn: the partition stays
+        here, and balancing (or leave) offers it again, to someone who is there."""
+        now = time.monotonic()
+        for p, to in list(self.giving.items()):
+            if p in self._busy:
+                continue  # the taker answered: step 3 runs
+            gone = to not in view or view[to].leaving
+            if gone or now - self._offered.get(p, now) > HANDOVER_TIMEOUT_S:
+                log.warning("handover offer withdrawn: the taker %s", "went away" if gone
+                            else "did not answer", extra={"partition": p, "to": to})
+                del self.giving[p]
+                self._offered.pop(p, None)
 
     async def _renew(self) -> None:
         for p, rev in list(self.owned.items()):
-            if p in self._busy:
-                continue
+            if p in self._busy or p not in self.owned:
+                continue  # handing over, or handed over while this loop awaited another write
             lease_value: dict[str, Any] = {"owner": self.replica_id, "state": "owned"}
             if p in self.taking:  # the giver reads this until it has handed the partition over
                 lease_value.update(state="taking", **{"from": self.taking[p][0]})
@@ -474,12 +522,17 @@ class Cluster:
                             extra={"partition": p, "owner": lease.get("owner")})
                 del self.owned[p]
                 self.giving.pop(p, None)
+                self._offered.pop(p, None)
+                self._received.pop(p, None)
                 self.host.drop_partition(p)
 
     async def _give(self, p: int, to: str) -> None:
         """Step 3 of a handover: finish here, then tell the taker."""
         try:
-            snaps = await self.host.give_partition(p, self.settings.handover_wait_s)
+            wait_s = self.settings.handover_wait_s
+            if not self.leaving:  # nothing hurries a rebalancing move: no utterance is cut
+                wait_s = max(wait_s, REBALANCE_WAIT_S)
+            snaps = await self.host.give_partition(p, wait_s)
             wall = time.time()
             sessions = {sid: encode_snapshot(sid, snap, wall) for sid, snap in snaps.items()}
             await self._leases.put(f"h.{p}", json.dumps({"from": self.replica_id, "to": to,
@@ -492,7 +545,10 @@ class Cluster:
         finally:
             self.owned.pop(p, None)
             self.giving.pop(p, None)
+            self._offered.pop(p, None)
+            self._received.pop(p, None)
             self._busy.discard(p)
+            self._settle_until = time.monotonic() + MOVE_SETTLE_S
 
     async def _take_offered(self, view: Mapping[str, Heartbeat]) -> None:
         """Step 2: partitions another replica offers this one."""
@@ -525,7 +581,8 @@ class Cluster:
         for p, (giver, since) in list(self.taking.items()):
             snaps: dict[str, SessionSnapshot] = {}
             written: dict[str, float] = {}
-            if f"h.{p}" in keys:
+            handed = f"h.{p}" in keys
+            if handed:
                 try:
                     note = json.loads((await self._leases.get(f"h.{p}")).value)
                 except (KeyNotFoundError, ValueError):
@@ -545,8 +602,10 @@ class Cluster:
                             "kept snapshots", extra={"partition": p, "from": giver})
                 snaps, written = await self._load(p)
             del self.taking[p]
-            self.host.adopt_partition(p, snaps, written)
+            self.host.adopt_partition(p, snaps, written, handed)
             self.takeovers += 1
+            self._received[p] = self._settle_until = time.monotonic()
+            self._settle_until += MOVE_SETTLE_S
             for sid, snap in snaps.items():  # the giver's exact numbers become our reservation
                 self.save(p, sid, snap)
 

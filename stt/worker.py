@@ -102,6 +102,15 @@ class Stats:
         self.errors[code] = self.errors.get(code, 0) + 1
 
 
+def _starts(data: bytes) -> bool:
+    """Whether a raw input message is a ``start``."""
+    try:
+        msg = protocol.unpack(data)
+    except ProtocolError:
+        return False
+    return isinstance(msg, dict) and msg.get("type") == "start"
+
+
 class Worker:
     def __init__(self, settings: Settings, engine: Engine,
                  clock: Callable[[], float] = time.monotonic,
@@ -135,6 +144,7 @@ class Worker:
         self._held: dict[int, list[tuple[str, bytes, dict[str, str] | None]]] = {}
         self._saved: dict[str, SessionSnapshot] = {}  # last snapshot written, per session
         self._handed: dict[str, SessionSnapshot] = {}  # sessions closed for a handover
+        self._given: dict[int, dict[str, Session]] = {}  # partition -> its sessions handed so far
         self._last_refresh = 0.0
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -277,6 +287,9 @@ class Worker:
 
     async def _on_partition_msg(self, partition: int, msg: Msg) -> None:
         held = self._held.get(partition)
+        given = self._given.get(partition)
+        if given and msg.subject.rsplit(".", 1)[-1] in given:
+            return  # handed over already: the taker holds this one
         if held is None:
             await self._on_msg(msg, partition)
         elif len(held) < HELD_LIMIT:  # being taken over: handled once the sessions are resumed
@@ -438,8 +451,10 @@ class Worker:
                 log.debug("unsubscribe failed: %s", exc)
 
     def adopt_partition(self, partition: int, snapshots: Mapping[str, SessionSnapshot],
-                        written_at: Mapping[str, float]) -> None:
-        """Resume the partition's sessions, then handle what arrived meanwhile, then go live."""
+                        written_at: Mapping[str, float], handed_over: bool = False) -> None:
+        """Resume the partition's sessions, then handle what arrived meanwhile, then go live.
+        After a handover, the giver had every live session: a held message of any other
+        ended there (it sent its ``end`` meanwhile) and is dropped, unless it starts anew."""
         now, wall = self.clock(), time.time()
         for sid, snap in snapshots.items():
             if sid in self.sessions:
@@ -458,6 +473,9 @@ class Worker:
                 "state": snap.start.state.value})
         held = self._held.pop(partition, [])
         for subject, data, headers in held:
+            if handed_over and subject.rsplit(".", 1)[-1] not in self.sessions \
+                    and not _starts(data):
+                continue
             self.stats.messages_in += 1
             try:
                 self.handle(subject, data, headers, partition)
@@ -465,17 +483,33 @@ class Worker:
                 log.exception("unexpected error handling a message", extra={"subject": subject})
 
     async def give_partition(self, partition: int, wait_s: float) -> dict[str, SessionSnapshot]:
-        """Hand the partition's sessions over: wait for them to be between utterances (at most
-        ``wait_s``), stop taking their messages, publish the finals of what is still open."""
-        await poll_until(lambda: all(s.quiet for s in self._sessions_in(partition)), wait_s)
-        await self.unsubscribe_partition(partition)
+        """Hand the partition's sessions over, each as it reaches a pause between utterances;
+        after ``wait_s``, stop taking their messages and publish the finals of what is still
+        open. A session handed early is silent until the taker resumes the partition."""
+        given: dict[str, Session] = {}
+        self._given[partition] = given
+
+        def hand_over_the_quiet() -> bool:
+            # one by one as each reaches a pause, so no utterance is cut even when the sessions
+            # never pause together; the taker holds what they send meanwhile
+            for session in self._sessions_in(partition):
+                if session.quiet:
+                    given[session.session_id] = session
+                    self._execute(session, session.hand_over(self.clock()))
+            return not self._sessions_in(partition)
+
+        try:
+            await poll_until(hand_over_the_quiet, wait_s)
+            await self.unsubscribe_partition(partition)
+        finally:
+            self._given.pop(partition, None)
         sessions = self._sessions_in(partition)
         now = self.clock()
         for session in sessions:
             self._execute(session, session.hand_over(now))
         await poll_until(lambda: all(s.closed for s in sessions), self.settings.drain_timeout_s)
         snaps: dict[str, SessionSnapshot] = {}
-        for session in sessions:
+        for session in [*given.values(), *sessions]:
             sid = session.session_id
             if not session.closed:  # its final never came: the next replica starts after it
                 log.warning("final not published before the handover",

@@ -1,0 +1,121 @@
+"""The pure parts of stt.cluster: the partition function, snapshots on the wire, the
+balancing plan. The NATS side is exercised by tests/test_replicas.py against a real server."""
+
+from __future__ import annotations
+
+import pytest
+
+from stt.cluster import (
+    Heartbeat,
+    Move,
+    decode_snapshot,
+    encode_snapshot,
+    fair_share,
+    next_moves,
+    partition_of,
+    preferred,
+    session_key,
+)
+from stt.protocol import Start, State
+from stt.session import SessionSnapshot
+
+
+def test_partition_of_is_fnv1a_modulo_n() -> None:
+    # FNV-1a 32 of "" is the offset basis; of "a" the published test vector 0xe40c292c
+    assert partition_of("", 1 << 32) == 0x811C9DC5
+    assert partition_of("a", 1 << 32) == 0xE40C292C
+    assert all(0 <= partition_of(f"s{i}", 32) < 32 for i in range(200))
+    assert len({partition_of(f"s{i}", 32) for i in range(200)}) == 32
+
+
+def test_session_keys_are_safe_for_the_bucket() -> None:
+    assert session_key(3, "abc-1_2") == "3.abc-1_2"
+    assert session_key(3, "a.b c") == "3.x" + b"a.b c".hex()
+
+
+def test_a_snapshot_survives_the_wire() -> None:
+    start = Start(sample_rate=8000, channels=1, encoding="mulaw", state=State.RESPONDING,
+                  speaker_id="spk", language="de", prompt="names", word_timestamps=True)
+    snap = SessionSnapshot(start=start, next_sequence=12, next_segment_id=3, last_seq=41,
+                           frames=900, finals=2, exact=True)
+    sid, back, at = decode_snapshot(encode_snapshot("s1", snap, 123.5))
+    assert (sid, back, at) == ("s1", snap, 123.5)
+    with pytest.raises(KeyError):
+        decode_snapshot({"session_id": "s1"})
+
+
+def test_heartbeats_survive_the_wire() -> None:
+    hb = Heartbeat("r1", [3, 1], 7, {1: "r2"}, leaving=True)
+    back = Heartbeat.decode(hb.encode())
+    assert (back.replica, back.partitions, back.sessions, back.giving, back.leaving) == \
+        ("r1", [1, 3], 7, {1: "r2"}, True)
+
+
+def test_replicas_prefer_different_partitions() -> None:
+    assert fair_share(32, 3) == 11 and fair_share(32, 0) == 32
+    firsts = {preferred(f"r{i}", range(32))[0] for i in range(8)}
+    assert len(firsts) > 4
+
+
+def hb(replica: str, partitions: int, sessions: int, **kw: object) -> Heartbeat:
+    return Heartbeat(replica, list(range(100, 100 + partitions)), sessions, **kw)  # type: ignore[arg-type]
+
+
+def test_a_replica_over_its_share_hands_its_emptiest_partition_to_the_newcomer() -> None:
+    loads = {p: (1 if p % 2 else 0) for p in range(16)}
+    view = {"me": hb("me", 16, 8), "other": hb("other", 16, 8), "new": hb("new", 0, 0)}
+    assert next_moves("me", view, loads, 32) == [Move(q, "new") for q in (0, 2, 4, 6, 8)]  # 16-11
+
+
+def test_two_partitions_above_the_fewest_is_one_too_many() -> None:
+    loads = dict.fromkeys(range(12), 0)
+    view = {"me": hb("me", 12, 0), "a": hb("a", 10, 0), "b": hb("b", 10, 0)}
+    assert next_moves("me", view, loads, 32) == [Move(0, "a")]  # 12/10/10 -> 11/11/10
+    view = {"me": hb("me", 11, 0), "a": hb("a", 11, 0), "b": hb("b", 10, 0)}
+    assert next_moves("me", view, dict.fromkeys(range(11), 0), 32) == []
+
+
+def test_a_busier_replica_hands_a_partition_of_half_the_gap_to_the_least_loaded() -> None:
+    loads = {0: 1, 1: 3, 2: 5, 3: 2}
+    view = {"me": hb("me", 4, 11), "low": hb("low", 4, 4)}
+    assert next_moves("me", view, loads, 8) == [Move(1, "low")]  # gap 7: at most 3 moves
+
+
+def test_balanced_enough_means_no_move() -> None:
+    loads = {0: 5, 1: 5}
+    assert next_moves("me", {"me": hb("me", 2, 10), "o": hb("o", 2, 9)}, loads, 4) == []
+    assert next_moves("me", {"me": hb("me", 2, 10)}, loads, 4) == []  # alone
+
+
+def test_partitions_received_lately_stay() -> None:
+    loads = {0: 1, 1: 3, 2: 5, 3: 2}
+    view = {"me": hb("me", 4, 11), "low": hb("low", 4, 4)}
+    assert next_moves("me", view, loads, 8, frozen=[1]) == [Move(3, "low")]
+    assert next_moves("me", view, loads, 8, frozen=[0, 1, 3]) == []
+
+
+def test_no_move_by_sessions_while_another_replica_is_handing_over() -> None:
+    loads = {0: 1, 1: 3, 2: 5, 3: 2}
+    view = {"me": hb("me", 4, 11), "low": hb("low", 4, 4), "busy": hb("busy", 4, 9, giving={7: "low"})}
+    assert next_moves("me", view, loads, 12) == []
+
+
+def test_leaving_replicas_neither_count_nor_receive() -> None:
+    loads = {0: 1, 1: 3, 2: 5, 3: 2}
+    view = {"me": hb("me", 4, 11), "gone": hb("gone", 0, 0, leaving=True)}
+    assert next_moves("me", view, loads, 8) == []
+
+
+def test_a_newcomer_fills_up_from_givers_at_once_frozen_partitions_last() -> None:
+    loads = dict.fromkeys(range(16), 0)
+    view = {"me": hb("me", 16, 0), "o": hb("o", 16, 0, giving={20: "new"}), "new": hb("new", 1, 0)}
+    moves = next_moves("me", view, loads, 32, frozen=range(8))
+    assert moves == [Move(q, "new") for q in (8, 9, 10, 11, 12)]
+    assert next_moves("me", view, loads, 32, frozen=range(14))[-3:] == [
+        Move(q, "new") for q in (0, 1, 2)]
+
+
+def test_a_move_by_partitions_never_leaves_the_taker_busier() -> None:
+    loads = {p: 3 for p in range(14)}  # 42 sessions here, the newcomer has 36 already
+    view = {"me": hb("me", 14, 42), "new": hb("new", 2, 36)}
+    assert next_moves("me", view, loads, 16) == [Move(0, "new")]  # 39 vs 39, then no more
