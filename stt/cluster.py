@@ -189,9 +189,10 @@ def next_moves(me: str, view: Mapping[str, Heartbeat], loads: Mapping[int, int],
     the excess, emptiest first, as long as it then holds fewer partitions, and no more
     sessions, than this one; frozen ones go last. Exact on any view: each giver gives only
     its own excess, so a joining replica fills up from every giver at once.
-    By sessions, one move at a time across the cluster (none while a heartbeat shows another,
-    as the loads in it are about to change): the least loaded replica takes a partition of at
-    most half the difference, never a frozen one, so no session is sent back where it was."""
+    By sessions, one replica at a time across the cluster (none while a heartbeat shows another
+    giving, as the loads in it are about to change): the least loaded replica takes partitions
+    of at most half the difference in all, fullest first, never a frozen one, so no session is
+    sent back where it was."""
     peers = {r: hb for r, hb in view.items() if r != me and not hb.leaving}
     if not peers or not loads:
         return []
@@ -212,10 +213,12 @@ def next_moves(me: str, view: Mapping[str, Heartbeat], loads: Mapping[int, int],
     least = min(peers.values(), key=lambda hb: (hb.sessions, len(hb.partitions), hb.replica))
     gap = mine - least.sessions
     if gap >= LOAD_SLACK and mine > LOAD_RATIO * least.sessions:
-        fits = [q for q in loads if q not in stay and 0 < loads[q] <= gap // 2]
-        if fits:
-            return [Move(max(fits, key=lambda q: (loads[q], -q)), least.replica)]
-    return []
+        budget = gap // 2
+        for q in sorted(loads, key=lambda q: (-loads[q], q)):  # the fullest that fit, at once
+            if q not in stay and 0 < loads[q] <= budget:
+                moves.append(Move(q, least.replica))
+                budget -= loads[q]
+    return moves
 
 
 # --- the replica's side ------------------------------------------------------------------------

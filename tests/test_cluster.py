@@ -90,7 +90,7 @@ def test_balanced_enough_means_no_move() -> None:
 def test_partitions_received_lately_stay() -> None:
     loads = {0: 1, 1: 3, 2: 5, 3: 2}
     view = {"me": hb("me", 4, 11), "low": hb("low", 4, 4)}
-    assert next_moves("me", view, loads, 8, frozen=[1]) == [Move(3, "low")]
+    assert next_moves("me", view, loads, 8, frozen=[1]) == [Move(3, "low"), Move(0, "low")]
     assert next_moves("me", view, loads, 8, frozen=[0, 1, 3]) == []
 
 
