@@ -338,11 +338,13 @@ class Cluster:
         here (its sessions then end as on a single worker's shutdown)."""
         self.leaving = True
         deadline = time.monotonic() + timeout_s
+        alone = False
         while time.monotonic() < deadline and (self.owned or self._busy):
             peers = sorted((hb for r, hb in self.view.items()
                             if r != self.replica_id and not hb.leaving),
                            key=lambda hb: (hb.sessions, hb.replica))
             if not peers:
+                alone = True
                 break
             loads = self.host.partition_loads()
             for i, p in enumerate(sorted(set(self.owned) - set(self.giving),
@@ -354,7 +356,10 @@ class Cluster:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         left = dict(self.owned)
-        if left:
+        if left and alone:  # the last replica (or the others are leaving too)
+            log.info("no other replica to hand the partitions to; their sessions end here",
+                     extra={"partitions": sorted(left)})
+        elif left:
             log.warning("partitions not handed over; their sessions end here",
                         extra={"partitions": sorted(left)})
         await self._flush_saves()
@@ -642,6 +647,37 @@ async def poll_until(done: Callable[[], bool], timeout_s: float, step_s: float =
             return False
         await asyncio.sleep(step_s)
     return True
+
+
+async def heartbeats(nc: Client, bucket: str = "stt") -> dict[str, Heartbeat]:
+    """The replicas' live heartbeats, by replica id, as an onlooker reads them (the tests, the
+    benchmarks, ``stt demo``); empty before the first replica has created the bucket."""
+    try:
+        kv = await nc.jetstream().key_value(f"{bucket}-leases")
+    except NotFoundError:
+        return {}
+    out = {}
+    for key in await _keys(kv, "r.*"):
+        with contextlib.suppress(KeyNotFoundError, ValueError, KeyError):
+            out[key[2:]] = Heartbeat.decode((await kv.get(key)).value or b"")
+    return out
+
+
+async def wait_balanced(nc: Client, replicas: int, partitions: int, timeout_s: float = 90.0,
+                        bucket: str = "stt") -> dict[str, Heartbeat]:
+    """Until ``replicas`` replicas (not leaving) hold every partition, each its fair share."""
+    share = fair_share(partitions, replicas)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        hbs = {r: hb for r, hb in (await heartbeats(nc, bucket)).items() if not hb.leaving}
+        held = [p for hb in hbs.values() for p in hb.partitions]
+        if (len(hbs) == replicas and len(held) == partitions
+                and all(share - 1 <= len(hb.partitions) <= share for hb in hbs.values())):
+            return hbs
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"replicas not balanced in {timeout_s:g} s: "
+                               f"{ {r: hb.partitions for r, hb in hbs.items()} }")
+        await asyncio.sleep(0.25)
 
 
 class ClusterConfigError(RuntimeError):

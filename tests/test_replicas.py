@@ -31,9 +31,9 @@ import pytest
 from audio_util import encode
 from conftest import ROOT, SAMPLE
 
-from stt import protocol
+from stt import cluster, protocol
 from stt.audio import SAMPLE_RATE, load_16k_mono
-from stt.cluster import REPLICA_HEADER, poll_until
+from stt.cluster import REPLICA_HEADER, Heartbeat, heartbeats, partition_of, poll_until
 from stt.nats_server import REPLICAS_CONFIG, REPLICAS_PARTITIONS, NatsServer
 from stt.textnorm import normalize
 
@@ -50,6 +50,22 @@ def test_the_shipped_server_configuration_is_the_packaged_one() -> None:
     shipped = (ROOT / "k8s" / "nats" / "nats-server.conf").read_text()
     assert shipped == REPLICAS_CONFIG.read_text()
     assert f"partition({REPLICAS_PARTITIONS},1)" in shipped
+    # and the Helm values carry the same mapping (the chart does not template plain strings)
+    yaml = pytest.importorskip("yaml")
+    values = yaml.safe_load((ROOT / "k8s" / "nats" / "values.yaml").read_text())
+    ((subject, target),) = values["config"]["merge"]["mappings"].items()
+    assert f'"{subject}": "{target}"' in shipped
+    assert values["config"]["jetstream"]["enabled"] is True
+
+
+def test_a_server_without_the_mapping_is_one_clear_error(tmp_path: Path) -> None:
+    with NatsServer(extra_args=["-js", "-sd", str(tmp_path / "js")]) as server:
+        worker = Replica(server.url, "w", INSTANT, tmp_path)
+        assert worker.proc.wait(60) == 1
+    text = worker.log_path.read_text()
+    errors = [r for r in worker.logs() if r.get("level") == "error"]
+    assert len(errors) == 1 and "cannot join the replicas" in errors[0]["msg"], text
+    assert "nats-server.conf" in errors[0]["msg"] and "Traceback" not in text, text
 
 
 # --- harness ---------------------------------------------------------------------------------
@@ -80,6 +96,19 @@ class Replica:
                 out.append({"msg": line})
         return out
 
+    def sessions_held(self, until_wall: float) -> set[str]:
+        """Sessions this replica had started or taken, and not ended or handed on, at a time
+        (``time.time()``): from its log, which is written line by line."""
+        held: set[str] = set()
+        for rec in self.logs():
+            if rec.get("ts", 0.0) > until_wall:
+                break
+            if rec.get("msg") in ("session started", "session resumed from another replica"):
+                held.add(rec["session_id"])
+            elif rec.get("msg") == "session ended":
+                held.discard(rec["session_id"])
+        return held
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -97,36 +126,8 @@ async def stop_all(replicas: list[Replica], nc: Any) -> None:
     await nc.close()
 
 
-async def heartbeats(nc: Any) -> dict[str, dict[str, Any]]:
-    out = {}
-    try:  # the first replica creates the bucket
-        kv = await nc.jetstream().key_value("stt-leases")
-        keys = await kv.keys()
-    except Exception:  # no keys yet
-        return {}
-    for key in keys:
-        if key.startswith("r."):
-            try:
-                out[key[2:]] = json.loads((await kv.get(key)).value)
-            except Exception:
-                continue
-    return out
-
-
-async def wait_balanced(nc: Any, replicas: int, timeout_s: float = 90.0) -> dict[str, Any]:
-    """Until ``replicas`` live heartbeats hold every partition, each its share."""
-    share = -(-REPLICAS_PARTITIONS // replicas)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        hbs = {r: hb for r, hb in (await heartbeats(nc)).items() if not hb.get("leaving")}
-        held = [p for hb in hbs.values() for p in hb["partitions"]]
-        if (len(hbs) == replicas and len(held) == REPLICAS_PARTITIONS
-                and all(share - 1 <= len(hb["partitions"]) <= share for hb in hbs.values())):
-            return hbs
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not balanced in {timeout_s} s: "
-                                 f"{ {r: hb['partitions'] for r, hb in hbs.items()} }")
-        await asyncio.sleep(0.25)
+async def wait_balanced(nc: Any, replicas: int) -> dict[str, Heartbeat]:
+    return await cluster.wait_balanced(nc, replicas, REPLICAS_PARTITIONS)
 
 
 def replica_ids(replicas: list[Replica], hbs: dict[str, Any]) -> None:
@@ -270,6 +271,22 @@ def runs(replicas: list[str | None]) -> list[str | None]:
     return out
 
 
+async def partitions_held(nc: Any, replica: Replica) -> set[int]:
+    hb = (await heartbeats(nc)).get(replica.id or "")
+    return set(hb.partitions) if hb else set()
+
+
+def on_replica(load: Load, replica: Replica, at: float, at_wall: float,
+               partitions: set[int]) -> set[str]:
+    """The sessions a replica served at a moment: those it last spoke for, those its log says it
+    held, those in the partitions its heartbeat listed (a session moved by balancing may not
+    have spoken from its new replica yet; one in the middle of a handover is in neither log)."""
+    held = replica.sessions_held(at_wall)
+    return {sid for sid in load.streams
+            if [r for t, _, r in load.received[sid] if t < at][-1:] == [replica.id]
+            or sid in held or partition_of(sid, REPLICAS_PARTITIONS) in partitions}
+
+
 def check_sequences(load: Load, sid: str, crash_at: float | None = None) -> None:
     """``sequence`` +1 for every message; across a crash strictly increasing (a gap)."""
     msgs = load.received[sid]
@@ -323,15 +340,17 @@ async def test_three_replicas_sixty_sessions_kill_stop_join(tmp_path: Path) -> N
 
             # --- 2. SIGKILL the replica with the most sessions
             killed = max(replicas, key=lambda r: per_replica.get(r.id, 0))
-            victims = {sid for sid, spoke in first.items() if spoke[-1] == killed.id}
+            held_by_killed = await partitions_held(nc, killed)
             killed.proc.kill()
             killed.proc.wait()
             kill_at, kill_wall = time.monotonic(), time.time()
+            victims = on_replica(load, killed, kill_at, kill_wall, held_by_killed)
             await asyncio.sleep(20)  # an utterance starts 3 s after the kill and ends
 
             # --- 3. SIGTERM another
             stopped = next(r for r in replicas if r is not killed)
-            term_at = time.monotonic()
+            held_by_stopped = await partitions_held(nc, stopped)
+            term_at, term_wall = time.monotonic(), time.time()
             stopped.proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(4)
             assert stopped.proc.wait(30) == 0
@@ -370,8 +389,7 @@ async def test_three_replicas_sixty_sessions_kill_stop_join(tmp_path: Path) -> N
               and kill_wall < rec["ts"] < kill_wall + 15]
     takeover_s = max([*claims, 3.0])
     # every utterance has its final, except the killed replica's in flight at the kill
-    stopped_sessions = {sid for sid in load.streams
-                        if [r for t, _, r in load.received[sid] if t < term_at][-1:] == [stopped.id]}
+    stopped_sessions = on_replica(load, stopped, term_at, term_wall, held_by_stopped)
     lost, cut = [], 0
     for sid, stream in load.streams.items():
         for u in stream.utterances:
@@ -423,8 +441,6 @@ async def test_failover_keeps_the_format_with_real_whisper(tmp_path: Path) -> No
     """Two replicas with the default engine; 4 sessions (two 8 kHz mu-law) all on one of them
     (each replica holds its share of partitions; the sessions' ids are chosen in its share).
     The owner is SIGKILLed mid-session: the next utterances come from the other, in words."""
-    from stt.cluster import partition_of
-
     speech = load_16k_mono(str(SAMPLE))
     reference = normalize(" ".join((ROOT / "stt" / "data" / "sample.txt").read_text().split()))
     with NatsServer.for_replicas() as server:
@@ -434,7 +450,7 @@ async def test_failover_keeps_the_format_with_real_whisper(tmp_path: Path) -> No
             hbs = await wait_balanced(nc, 2)
             replica_ids(replicas, hbs)
             owner = replicas[0]
-            mine = set(hbs[owner.id]["partitions"])
+            mine = set(hbs[owner.id].partitions)
             ids = []
             n = 0
             while len(ids) < 4:
@@ -451,20 +467,26 @@ async def test_failover_keeps_the_format_with_real_whisper(tmp_path: Path) -> No
                 stream.build(speech)
                 await load.add(stream)
             load.run()
-            await asyncio.sleep(6)
+            # every session's first final, from the owner (a slow machine takes its time)
+            assert await poll_until(lambda: all(load.finals(s) for s in ids), 60), \
+                {s: len(load.finals(s)) for s in ids}
             assert all({r for _, _, r in load.received[s]} == {owner.id} for s in ids), \
                 {s: runs([r for _, _, r in load.received[s]]) for s in ids}
             owner.proc.kill()
             owner.proc.wait()
-            kill_at = time.monotonic()
-            await asyncio.sleep(18)
+            kill_at, kill_wall = time.monotonic(), time.time()
+            await asyncio.sleep(20)
             await load.finish()
         finally:
             await stop_all(replicas, nc)
     other = replicas[1].id
+    claims = [rec["ts"] - kill_wall for rec in replicas[1].logs()
+              if rec.get("msg") == "partition taken over after its replica stopped renewing it"
+              and rec["ts"] > kill_wall]
+    assert claims and max(claims) < 6.0, claims
     for sid in ids:
         stream = load.streams[sid]
-        later = [u for u in stream.utterances if u.start_wall >= kill_at + 3.0]
+        later = [u for u in stream.utterances if u.start_wall >= kill_at + max(3.0, *claims)]
         assert later, sid
         for u in later[:2]:
             f = load.final_for(sid, u, within_s=8)
