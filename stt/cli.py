@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config, logs
+from .cluster import ClusterConfigError
 from .config import ConfigError, Settings
 from .connection import ConnectError
 from .engines.base import Engine, EngineUnavailable
@@ -140,6 +141,9 @@ def cmd_worker(args: argparse.Namespace, engine: str | None = None) -> int:
         return 2
     except ConnectError as exc:  # what retrying cannot fix (see stt.connection)
         log.error("cannot connect to NATS: %s", exc, extra={"variable": exc.variable})
+        return 1
+    except ClusterConfigError as exc:  # STT_PARTITIONS against a server not set up for it
+        log.error("cannot join the replicas: %s", exc)
         return 1
 
 
@@ -297,28 +301,41 @@ def cmd_tail(args: argparse.Namespace) -> int:
 async def _demo(args: argparse.Namespace) -> int:
     from .audio import load_file
     from .client import stream_audio
+    from .cluster import partition_of, wait_balanced
     from .engines import create_engine
-    from .nats_server import NatsServer
+    from .nats_server import REPLICAS_PARTITIONS, NatsServer
     from .worker import Worker
 
     path = args.file or str(SAMPLE)
-    with NatsServer() as server:
-        settings = Settings.from_env(overrides={"nats_url": server.url, "engine": args.engine,
-                                                "log_level": args.log_level})
+    many = args.replicas > 1
+    with NatsServer.for_replicas() if many else NatsServer() as server:
+        settings = Settings.from_env(overrides={
+            "nats_url": server.url, "engine": args.engine, "log_level": args.log_level,
+            **({"partitions": REPLICAS_PARTITIONS} if many else {})})
         print(f"nats-server {server.url} · engine {settings.engine} · streaming {path} "
               f"at {args.speed:g}x real time", flush=True)
-        worker = Worker(settings, create_engine(settings))
-        await worker.start()
+        workers = [Worker(settings, create_engine(settings)) for _ in range(args.replicas)]
+        for worker in workers:
+            await worker.start()
+        sid = "demo-" + uuid.uuid4().hex[:6]
         nc = await _connect(settings)
+        if many:  # every replica holds its share of the partitions before the session starts
+            await wait_balanced(nc, args.replicas, REPLICAS_PARTITIONS, 60)
+            p = partition_of(sid, REPLICAS_PARTITIONS)
+            for w in workers:
+                assert w.cluster is not None
+                print(f"replica {w.cluster.replica_id}: {len(w.cluster.owned)} partitions"
+                      f"{f' (with {sid}, partition {p})' if p in w.cluster.owned else ''}")
         try:
             samples, rate = load_file(path)
             t0 = time.monotonic()
-            result = await stream_audio(nc, samples, rate, session_id="demo-" + uuid.uuid4().hex[:6],
+            result = await stream_audio(nc, samples, rate, session_id=sid,
                                         speed=args.speed, on_message=_printer())
             took = time.monotonic() - t0
         finally:
             await nc.close()
-            await worker.shutdown()
+            for worker in workers:
+                await worker.shutdown()
     print(f"\n{len(result.finals)} finals, {len(result.partials)} partials, "
           f"{len(samples) / rate:.1f} s of audio in {took:.1f} s")
     print("transcript:", result.text)
@@ -326,6 +343,9 @@ async def _demo(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if not 1 <= args.replicas <= 8:
+        print("stt demo: --replicas must be between 1 and 8", file=sys.stderr)
+        return 2
     logs.setup(args.log_level, "text")
     return asyncio.run(_demo(args))
 
@@ -424,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine (default: $STT_ENGINE, else faster-whisper with the embedded "
                         "tiny.en)")
     p.add_argument("--speed", type=float, default=1.0, help="multiple of real time")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="workers sharing the sessions (STT_PARTITIONS with the server "
+                        "configuration k8s/nats/nats-server.conf)")
     p.add_argument("--log-level", default="WARNING")
     p.set_defaults(func=cmd_demo)
 

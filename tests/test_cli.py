@@ -57,6 +57,18 @@ def test_demo_runs_offline_with_embedded_server() -> None:
     assert 3 <= finals <= 5
 
 
+def test_demo_with_replicas_shares_the_partitions_and_serves_the_session_once() -> None:
+    out = stt("demo", "--replicas", "3", "--speed", "0", "--engine",
+              "bench.null_engine:InstantEngine", timeout=300)
+    assert out.returncode == 0, out.stderr
+    shares = [(int(m.group(1)), bool(m.group(2)))
+              for m in re.finditer(r"^replica \w+: (\d+) partitions( \(with demo-)?", out.stdout, re.M)]
+    assert len(shares) == 3 and sum(n for n, _ in shares) == 32, out.stdout
+    assert all(10 <= n <= 11 for n, _ in shares) and sum(w for _, w in shares) == 1, out.stdout
+    assert "END reason=end" in out.stdout and "Traceback" not in out.stderr
+    assert stt("demo", "--replicas", "9").returncode == 2
+
+
 def test_entry_scripts_say_what_is_missing_when_the_engine_cannot_start() -> None:
     out = subprocess.run([sys.executable, "stt_streaming_local.py"], cwd=ROOT,
                          env={**ENV, "WHISPER_MODEL_SIZE": "/nonexistent/model.pt",
