@@ -65,10 +65,12 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import nats
 import psutil
 
+from stt.cluster import wait_balanced
 from stt.config import Settings
-from stt.nats_server import NatsServer
+from stt.nats_server import REPLICAS_PARTITIONS, NatsServer
 from stt.protocol import Subjects
 
 from .common import DEFAULT_CORPUS, ROOT, Clip, CorpusUnavailable, load_corpus, machine, percentile
@@ -240,8 +242,6 @@ def _expand(plan: SessionPlan, per_clip: dict[int, list[Any]], silence: dict[int
 
 async def _generate(conn: Connection, url: str, plans: list[SessionPlan], clips: list[Clip],
                     chunk_ms: int, raw: bool, end_timeout_s: float, gen_index: int) -> GenResult:
-    import nats
-
     subjects = Subjects.of(Settings.from_env())
     per_clip, silence = _payload_tables(clips, {p.sample_rate for p in plans}, chunk_ms, raw)
     streams = [_expand(p, per_clip, silence) for p in plans]
@@ -420,47 +420,79 @@ class RunConfig:
     profile: Path | None
     worker_env: dict[str, str]
     floor: bool = False      # a bare nats-py subscriber that only unpacks, instead of the worker
+    workers: int = 1         # worker processes sharing the sessions (STT_PARTITIONS) when > 1
 
 
 class Sampler:
-    """CPU time and RSS of a process tree, sampled from outside with psutil."""
+    """CPU time and RSS of process trees (the worker processes), sampled from outside with
+    psutil; "main" is the worker processes themselves, summed."""
 
-    def __init__(self, pid: int) -> None:
-        self.proc = psutil.Process(pid)
+    def __init__(self, *pids: int) -> None:
+        self.procs = [psutil.Process(pid) for pid in pids]
         self.peak_rss_tree = 0
         self.peak_rss_main = 0
 
-    def _tree(self) -> list[psutil.Process]:
-        try:
-            return [self.proc, *self.proc.children(recursive=True)]
-        except psutil.Error:
-            return []
+    def _tree(self) -> list[tuple[bool, psutil.Process]]:
+        out: list[tuple[bool, psutil.Process]] = []
+        for proc in self.procs:
+            with contextlib.suppress(psutil.Error):
+                out += [(True, proc), *((False, c) for c in proc.children(recursive=True))]
+        return out
 
     def sample(self) -> None:
-        total = 0
-        for i, p in enumerate(self._tree()):
+        total = main = 0
+        for is_main, p in self._tree():
             try:
                 rss = p.memory_info().rss
             except psutil.Error:
                 continue
             total += rss
-            if i == 0:
-                self.peak_rss_main = max(self.peak_rss_main, rss)
+            main += rss if is_main else 0
+        self.peak_rss_main = max(self.peak_rss_main, main)
         self.peak_rss_tree = max(self.peak_rss_tree, total)
 
     def cpu(self) -> tuple[float, float]:
-        """(main process, whole tree) CPU seconds so far."""
+        """(main processes, whole trees) CPU seconds so far."""
         main = tree = 0.0
-        for i, p in enumerate(self._tree()):
+        for is_main, p in self._tree():
             try:
                 t = p.cpu_times()
             except psutil.Error:
                 continue
-            s = t.user + t.system
-            tree += s
-            if i == 0:
-                main = s
+            tree += t.user + t.system
+            main += t.user + t.system if is_main else 0.0
         return main, tree
+
+
+def merge_stats(all_stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures of several worker processes as one worker's (sums, concatenations, maxima)."""
+    if len(all_stats) == 1:
+        return all_stats[0]
+    out: dict[str, Any] = {"scheduler": all_stats[0].get("scheduler")}
+    for st in all_stats:
+        for key, value in st.items():
+            if key == "scheduler":
+                continue
+            if key == "ru_maxrss_bytes":
+                out[key] = max(out.get(key, 0), value)
+            elif isinstance(value, list):
+                out[key] = out.get(key, []) + value
+            elif isinstance(value, dict):
+                merged = out.setdefault(key, {})
+                for k, v in value.items():
+                    if isinstance(v, (int, float)):
+                        merged[k] = merged.get(k, 0) + v
+            elif isinstance(value, (int, float)):
+                out[key] = out.get(key, 0) + value
+    return out
+
+
+async def _balanced(url: str, workers: int) -> None:
+    nc = await nats.connect(url)
+    try:
+        await wait_balanced(nc, workers, REPLICAS_PARTITIONS, READY_TIMEOUT_S)
+    finally:
+        await nc.close()
 
 
 def _system_busy_s() -> float:
@@ -495,26 +527,34 @@ def run_once(cfg: RunConfig, server: NatsServer, clips: list[Clip]) -> dict[str,
     settings = Settings.from_env(environ=env)
     plans = make_plans(clips, cfg.sessions, cfg.duration_s, cfg.chunk_ms, settings.chunk_timeout_s,
                        cfg.seed)
+    if cfg.workers > 1:
+        env["STT_PARTITIONS"] = str(REPLICAS_PARTITIONS)
     tmp = Path(tempfile.mkdtemp(prefix="stt-bench-"))
-    stats_path = tmp / "worker-stats.json"
-    log_path = tmp / "worker.log"
-    cmd = [sys.executable, "-m", "bench.probe", "--stats-out", str(stats_path)]
-    if cfg.floor:
-        cmd = [sys.executable, "-m", "bench.hotpath", "floor-subscriber", "--stats-out",
-               str(stats_path)]
-    if cfg.profile is not None:
-        cmd += ["--profile", str(cfg.profile)]
+    stats_paths = [tmp / f"worker{i}-stats.json" for i in range(cfg.workers)]
+    log_paths = [tmp / f"worker{i}.log" for i in range(cfg.workers)]
     ctx = multiprocessing.get_context("spawn")  # no inherited sockets, loops or threads
     gens: list[tuple[Any, Connection]] = []
-    worker: subprocess.Popen[bytes] | None = None
-    with open(log_path, "wb") as log_file:
+    workers: list[subprocess.Popen[bytes]] = []
+    with contextlib.ExitStack() as files:
         try:
-            # own session: Ctrl-C in the terminal reaches only this process, which then stops
-            # the worker in order (SIGTERM -> stats written -> graceful shutdown)
-            worker = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=log_file, start_new_session=True)
-            ready = _wait_ready(worker, log_path)
-            sampler = Sampler(worker.pid)
+            for i, (stats_path, log_path) in enumerate(zip(stats_paths, log_paths, strict=True)):
+                cmd = [sys.executable, "-m", "bench.probe", "--stats-out", str(stats_path)]
+                if cfg.floor:
+                    cmd = [sys.executable, "-m", "bench.hotpath", "floor-subscriber",
+                           "--stats-out", str(stats_path)]
+                if cfg.profile is not None:
+                    cmd += ["--profile", str(cfg.profile.with_suffix(f".{i}{cfg.profile.suffix}")
+                                             if cfg.workers > 1 else cfg.profile)]
+                # own session: Ctrl-C in the terminal reaches only this process, which then
+                # stops the worker in order (SIGTERM -> stats written -> graceful shutdown)
+                workers.append(subprocess.Popen(
+                    cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                    stderr=files.enter_context(open(log_path, "wb")), start_new_session=True))
+            readies = [_wait_ready(w, lp) for w, lp in zip(workers, log_paths, strict=True)]
+            if cfg.workers > 1:  # every worker holds its share of the partitions
+                asyncio.run(_balanced(server.url, cfg.workers))
+            ready = {**readies[0], "cpu_s": sum(float(r.get("cpu_s", 0.0)) for r in readies)}
+            sampler = Sampler(*(w.pid for w in workers))
             procs = min(cfg.gen_procs, len(plans))
             shares = [plans[i::procs] for i in range(procs)]
             for gi, share in enumerate(shares):
@@ -554,27 +594,32 @@ def run_once(cfg: RunConfig, server: NatsServer, clips: list[Clip]) -> dict[str,
                     if time.monotonic() > deadline or not p.is_alive():
                         raise RuntimeError("load generator did not report back")
                 results.append(c.recv())
-            _stop_process(worker, 30)
-            stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
-            stats_path.unlink(missing_ok=True)  # megabytes of samples; the log stays for reading
+            for w in workers:  # all at once: none hands its sessions to another
+                with contextlib.suppress(ProcessLookupError):
+                    w.send_signal(signal.SIGTERM)
+            for w in workers:
+                _stop_process(w, 30)
+            stats = merge_stats([json.loads(sp.read_text()) for sp in stats_paths if sp.exists()])
+            for sp in stats_paths:
+                sp.unlink(missing_ok=True)  # megabytes of samples; the logs stay for reading
         finally:
             for p, _ in gens:
                 if p.is_alive():
                     p.terminate()
                     p.join(5)
-            if worker is not None:
-                _stop_process(worker, 10)
+            for w in workers:
+                _stop_process(w, 10)
     failures = [r.error for r in results if r.error]
     if failures:
         raise RuntimeError("load generator failed: " + "; ".join(f for f in failures if f))
     if not stats:
-        raise RuntimeError(f"worker wrote no stats; log: {log_path}")
+        raise RuntimeError(f"worker wrote no stats; logs: {' '.join(map(str, log_paths))}")
     return report(cfg, clips, plans, results, stats, ready, {
         "window_s": window_s,
         "worker_cpu_main_s": cpu1[0] - cpu0[0], "worker_cpu_tree_s": cpu1[1] - cpu0[1],
         "nats_cpu_s": nats_cpu, "gen_cpu_s": gen_cpu, "others_cpu_s": max(0.0, others),
         "peak_rss_tree": sampler.peak_rss_tree, "peak_rss_main_sampled": sampler.peak_rss_main,
-        "worker_log": str(log_path)})
+        "worker_log": " ".join(map(str, log_paths))})
 
 
 def _wait_ready(worker: subprocess.Popen[bytes], log_path: Path) -> dict[str, Any]:
@@ -848,6 +893,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--profile", type=Path, default=None,
                         help="cProfile the worker's event loop into this file (slows it down)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes sharing the sessions through the partition mapping "
+                             "(STT_PARTITIONS, the server with k8s/nats/nats-server.conf); the "
+                             "figures are their sums")
     parser.add_argument("--floor", action="store_true",
                         help="instead of the worker, a bare nats-py subscriber that only "
                              "msgpack-unpacks each message (and answers 'end'): its CPU per "
@@ -897,12 +946,12 @@ def main(argv: list[str] | None = None) -> int:
     best: int | None = None
     failed = 0
     try:
-        with NatsServer() as server:
+        with NatsServer.for_replicas() if args.workers > 1 else NatsServer() as server:
             for n in steps:
                 cfg = RunConfig(args.engine, n, args.duration_s, args.chunk_ms, args.corpus,
                                 args.raw_audio, args.gen_procs, args.end_timeout_s, args.seed,
                                 args.profile and args.profile.resolve(), worker_env,
-                                floor=args.floor)
+                                floor=args.floor, workers=args.workers)
                 r = run_once(cfg, server, clips)
                 runs.append(r)
                 print()

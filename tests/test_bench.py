@@ -14,7 +14,7 @@ from stt.audio import load_16k_mono
 
 
 @pytest.mark.parametrize("module", ["bench.load", "bench.evaluate", "bench.bench_engines",
-                                    "bench.abandon"])
+                                    "bench.abandon", "bench.replicas"])
 def test_benchmark_commands_start(module: str) -> None:
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)

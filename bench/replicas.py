@@ -1,0 +1,263 @@
+"""Many replicas: what the partition mapping adds per message, and failover over repeated SIGKILLs.
+
+    python -m bench.replicas mapping                 # 20,000 messages each way, side by side
+    python -m bench.replicas failover --kills 20     # two workers, 12 live sessions, 20 SIGKILLs
+
+Everything is a real process on loopback: nats-server with ``k8s/nats/nats-server.conf``
+(:meth:`stt.nats_server.NatsServer.for_replicas`) and, for ``failover``, ``stt worker`` processes
+with ``STT_PARTITIONS=32`` and the benchmark-only instant engine (``bench/null_engine.py``), so
+what is measured is the handover machinery, not recognition.
+
+``mapping``: one client publishes a 1.3 kB chunk-sized message and a subscriber in the same
+process receives it, alternately on a plain subject and on ``ai.voice.stream.{id}``, which the
+server rewrites to ``stt.in.{partition}.{id}``; printed: one-way latency p50/p99 of each and the
+difference (what the mapping adds to every chunk).
+
+``failover``: this process streams the sample clip in a loop (its pauses end utterances) as live
+sessions, 40 ms chunks at real-time pace. Each round SIGKILLs the replica with more sessions,
+then measures
+
+* claim: kill → the last of its partitions claimed by the survivor (from the survivor's log):
+  from then on that replica receives the sessions' audio again, so this is the window whose
+  audio is lost;
+* next final: kill → the first final of each of its sessions from the survivor (the utterance
+  then in progress included: its remaining speech and the silence that ends it);
+
+and starts a fresh replica, waiting until the two hold 16 partitions each before the next round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import nats
+
+from stt import protocol
+from stt.audio import load_16k_mono, to_pcm16
+from stt.cluster import REPLICA_HEADER, heartbeats, partition_of, wait_balanced
+from stt.nats_server import REPLICAS_PARTITIONS, NatsServer
+
+from .common import ROOT, machine, percentile
+from .load import code_revision
+
+INSTANT = "bench.null_engine:InstantEngine"
+SAMPLE = ROOT / "stt" / "data" / "sample.flac"
+CHUNK_S = 0.04
+CLAIMED = "partition taken over after its replica stopped renewing it"
+
+
+def header(argv: list[str]) -> None:
+    m = machine()
+    print("command: python -m bench.replicas " + " ".join(argv))
+    print(f"code: {code_revision()}")
+    print(f"machine: {m['nproc']} CPUs, {m['cpu_model']}, Python {m['python']}, "
+          f"load average at start {m['loadavg']}", flush=True)
+
+
+def spread(values: list[float], unit: str = "s", scale: float = 1.0) -> str:
+    if not values:
+        return "none"
+    p = [percentile(values, q) for q in (50, 95)]
+    return (f"n={len(values)} min {min(values) * scale:.2f} p50 {p[0] * scale:.2f} "  # type: ignore[operator]
+            f"p95 {p[1] * scale:.2f} max {max(values) * scale:.2f} {unit}")  # type: ignore[operator]
+
+
+# --- mapping ---------------------------------------------------------------------------------
+
+
+async def mapping(messages: int) -> None:
+    payload = protocol.pack({"type": "chunk", "audio": b"\0" * 1280, "seq": 1})
+    with NatsServer.for_replicas() as server:
+        nc = await nats.connect(server.url)
+        got: dict[str, list[float]] = defaultdict(list)
+        sent: dict[str, float] = {}
+        arrived = asyncio.Event()
+
+        async def on(msg: Any) -> None:
+            kind = "mapped" if msg.subject.startswith("stt.in.") else "plain"
+            got[kind].append(time.perf_counter() - sent[kind])
+            arrived.set()
+
+        await nc.subscribe("stt.in.*.bench", cb=on)
+        await nc.subscribe("plain.bench", cb=on)
+        await nc.flush()
+        for i in range(2 * messages):
+            kind, subject = (("plain", "plain.bench") if i % 2 else
+                             ("mapped", "ai.voice.stream.bench"))
+            arrived.clear()
+            sent[kind] = time.perf_counter()
+            await nc.publish(subject, payload)
+            await asyncio.wait_for(arrived.wait(), 5)
+        await nc.close()
+    for kind in ("plain", "mapped"):
+        print(f"{kind:>7}: one-way {spread(got[kind], 'µs', 1e6)}")
+    d50 = percentile(got["mapped"], 50) - percentile(got["plain"], 50)  # type: ignore[operator]
+    d99 = percentile(got["mapped"], 99) - percentile(got["plain"], 99)  # type: ignore[operator]
+    print(f"the mapping adds {d50 * 1e6:+.1f} µs at p50, {d99 * 1e6:+.1f} µs at p99 per message")
+
+
+# --- failover --------------------------------------------------------------------------------
+
+
+class Worker:
+    def __init__(self, url: str, tmp: Path, n: int) -> None:
+        self.log_path = tmp / f"worker{n}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("STT_", "WHISPER_"))}
+        env.update({"NATS_URL": url, "STT_ENGINE": INSTANT, "STT_LOG_FORMAT": "json",
+                    "STT_PARTITIONS": str(REPLICAS_PARTITIONS), "STT_PARTIAL_INTERVAL": "0",
+                    "PYTHONPATH": str(ROOT)})
+        self.proc = subprocess.Popen([sys.executable, "-m", "stt", "worker"], cwd=ROOT, env=env,
+                                     stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT)
+        self.id: str | None = None
+
+    def logs(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def learn_id(self) -> str | None:
+        for rec in self.logs():
+            if rec.get("msg") == "joined the replicas":
+                self.id = rec["replica"]
+        return self.id
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+async def failover(kills: int, sessions: int) -> int:
+    pcm = to_pcm16(load_16k_mono(str(SAMPLE)))
+    step = int(CHUNK_S * 16000) * 2
+    tmp = Path(tempfile.mkdtemp(prefix="stt-replicas-"))
+    claims: list[float] = []
+    finals: list[float] = []
+    missing = 0
+    with NatsServer.for_replicas() as server:
+        nc = await nats.connect(server.url)
+        workers = [Worker(server.url, tmp, n) for n in range(2)]
+        started = 2
+        finals_from: dict[str, list[tuple[float, str | None]]] = defaultdict(list)
+
+        async def on_out(msg: Any) -> None:
+            m = msgpack.unpackb(msg.data)
+            if m.get("type") == "transcript" and m.get("is_final"):
+                finals_from[msg.subject.rsplit(".", 1)[-1]].append(
+                    (time.monotonic(), (msg.headers or {}).get(REPLICA_HEADER)))
+
+        await nc.subscribe("ai.voice.transcription.*", cb=on_out)
+        sids = [f"fo{i}-{os.urandom(2).hex()}" for i in range(sessions)]
+        stop = asyncio.Event()
+
+        async def pump() -> None:
+            for sid in sids:
+                await nc.publish(f"ai.voice.stream.{sid}", protocol.pack(
+                    {"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le"}))
+            pos, t0, tick = [i * len(pcm) // sessions for i in range(sessions)], time.monotonic(), 0
+            while not stop.is_set():
+                tick += 1
+                for i, sid in enumerate(sids):
+                    if pos[i] + step > len(pcm):
+                        pos[i] = 0
+                    await nc.publish(f"ai.voice.stream.{sid}", protocol.pack(
+                        {"type": "chunk", "audio": pcm[pos[i]:pos[i] + step]}))
+                    pos[i] += step
+                await asyncio.sleep(max(0.0, t0 + tick * CHUNK_S - time.monotonic()))
+
+        pumping = asyncio.create_task(pump())
+        try:
+            await wait_balanced(nc, 2, REPLICAS_PARTITIONS)
+            await asyncio.sleep(8)  # every session has spoken and been saved
+            for k in range(kills):
+                hbs = await heartbeats(nc)
+                for w in workers:
+                    w.learn_id()
+                counts = {w.id: sum(partition_of(s, REPLICAS_PARTITIONS) in hbs[w.id].partitions
+                                    for s in sids) for w in workers if w.id in hbs}
+                victim = max(workers, key=lambda w: counts.get(w.id, 0))
+                survivor = next(w for w in workers if w is not victim)
+                theirs = {s for s in sids
+                          if partition_of(s, REPLICAS_PARTITIONS) in hbs[victim.id or ""].partitions}
+                victim.proc.kill()
+                victim.proc.wait()
+                kill_at, kill_wall = time.monotonic(), time.time()
+                deadline = kill_at + 20
+                claim = None
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)
+                    got = [r["ts"] - kill_wall for r in survivor.logs()
+                           if r.get("msg") == CLAIMED and r["ts"] > kill_wall]
+                    done = {s: [t for t, r in finals_from[s] if t > kill_at and r == survivor.id]
+                            for s in theirs}
+                    if len(got) >= len(hbs[victim.id or ""].partitions) and all(done.values()):
+                        claim = max(got)
+                        break
+                if claim is None:
+                    missing += 1
+                    print(f"round {k + 1}: not every partition claimed and session answered "
+                          "within 20 s", flush=True)
+                else:
+                    claims.append(claim)
+                    per = [min(ts) - kill_at for ts in done.values()]
+                    finals.extend(per)
+                    print(f"round {k + 1}: {len(theirs)} sessions on the killed replica; partitions "
+                          f"claimed {claim:.2f} s after the kill; first final of each "
+                          f"{min(per, default=0):.1f}-{max(per, default=0):.1f} s after",
+                          flush=True)
+                workers = [survivor, Worker(server.url, tmp, started)]
+                started += 1
+                await wait_balanced(nc, 2, REPLICAS_PARTITIONS)
+                await asyncio.sleep(4)  # the newcomer's sessions have spoken and been saved
+        finally:
+            stop.set()
+            await asyncio.gather(pumping, return_exceptions=True)
+            for w in workers:
+                w.stop()
+            await nc.close()
+    print()
+    print(f"SIGKILL → partitions claimed: {spread(claims)}")
+    print(f"SIGKILL → each session's first final from the survivor: {spread(finals)}")
+    print(f"rounds without a full takeover within 20 s: {missing}; logs in {tmp}")
+    return 1 if missing else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m bench.replicas", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("mapping", help="what the partition mapping adds per message")
+    p.add_argument("--messages", type=int, default=20_000)
+    p = sub.add_parser("failover", help="repeated SIGKILLs of one of two replicas")
+    p.add_argument("--kills", type=int, default=20)
+    p.add_argument("--sessions", type=int, default=12)
+    args = parser.parse_args(argv)
+    header(argv)
+    if args.what == "mapping":
+        asyncio.run(mapping(args.messages))
+        return 0
+    return asyncio.run(failover(args.kills, args.sessions))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
