@@ -363,9 +363,11 @@ class Cluster:
             log.warning("partitions not handed over; their sessions end here",
                         extra={"partitions": sorted(left)})
         await self._flush_saves()
-        for p, rev in left.items():
-            with contextlib.suppress(Exception):
-                await self._leases.delete(f"p.{p}", last=rev)
+        for p in left:  # free them now rather than after the TTL (by the lease's own revision:
+            with contextlib.suppress(Exception):  # a renewal cut short left ours stale)
+                entry = await self._leases.get(f"p.{p}")
+                if json.loads(entry.value or b"{}").get("owner") == self.replica_id:
+                    await self._leases.delete(f"p.{p}", last=entry.revision)
         with contextlib.suppress(Exception):
             await self._leases.delete(f"r.{self.replica_id}")
 
@@ -610,12 +612,14 @@ class Cluster:
                             "kept snapshots", extra={"partition": p, "from": giver})
                 snaps, written = await self._load(p)
             del self.taking[p]
+            # the giver's exact numbers become our reservation; written before the held messages
+            # are replayed, so a session whose ``end`` was among them is forgotten, not kept
+            for sid, snap in snaps.items():
+                self.save(p, sid, snap)
             self.host.adopt_partition(p, snaps, written, handed)
             self.takeovers += 1
             self._received[p] = self._settle_until = time.monotonic()
             self._settle_until += MOVE_SETTLE_S
-            for sid, snap in snaps.items():  # the giver's exact numbers become our reservation
-                self.save(p, sid, snap)
 
     async def _claim(self, p: int) -> None:
         """A free partition (never held, or its replica died): subscribe, then take the lease."""

@@ -1,13 +1,24 @@
 """The pure parts of stt.cluster: the partition function, snapshots on the wire, the
-balancing plan. The NATS side is exercised by tests/test_replicas.py against a real server."""
+balancing plan; one handover step against a real server. The rest of the NATS side is
+exercised by tests/test_replicas.py."""
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Mapping
+
+import nats
 import pytest
+from conftest import make_settings
+from nats.js.errors import KeyNotFoundError
 
 from stt.cluster import (
+    SESSION_TTL_S,
+    Cluster,
     Heartbeat,
     Move,
+    _bucket,
     decode_snapshot,
     encode_snapshot,
     fair_share,
@@ -16,6 +27,7 @@ from stt.cluster import (
     preferred,
     session_key,
 )
+from stt.nats_server import REPLICAS_PARTITIONS, NatsServer
 from stt.protocol import Start, State
 from stt.session import SessionSnapshot
 
@@ -119,3 +131,64 @@ def test_a_move_by_partitions_never_leaves_the_taker_busier() -> None:
     loads = {p: 3 for p in range(14)}  # 42 sessions here, the newcomer has 36 already
     view = {"me": hb("me", 14, 42), "new": hb("new", 2, 36)}
     assert next_moves("me", view, loads, 16) == [Move(0, "new")]  # 39 vs 39, then no more
+
+
+# --- against a real server ---------------------------------------------------------------------
+
+
+class EndsWhatItAdopts:
+    """A replica whose adopted sessions all end among the held messages it replays (their
+    ``end`` came while the partition was being handed over)."""
+
+    def __init__(self) -> None:
+        self.cluster: Cluster | None = None
+        self.adopted: list[str] = []
+
+    async def subscribe_partition(self, partition: int) -> None:
+        return None
+
+    async def unsubscribe_partition(self, partition: int) -> None:
+        return None
+
+    def adopt_partition(self, partition: int, snapshots: Mapping[str, SessionSnapshot],
+                        written_at: Mapping[str, float], handed_over: bool = False) -> None:
+        assert self.cluster is not None
+        for sid in snapshots:
+            self.adopted.append(sid)
+            self.cluster.forget(partition, sid)
+
+    async def give_partition(self, partition: int, wait_s: float) -> dict[str, SessionSnapshot]:
+        return {}
+
+    def drop_partition(self, partition: int) -> None:
+        return None
+
+    def partition_loads(self) -> dict[int, int]:
+        return {}
+
+
+async def test_a_session_that_ended_during_its_handover_keeps_no_snapshot() -> None:
+    """Otherwise the next replica to claim the partition would resume a session long over."""
+    start = Start(sample_rate=16000, channels=1, encoding="pcm_s16le", state=State.LISTENING)
+    snap = SessionSnapshot(start=start, next_sequence=40, next_segment_id=3, last_seq=500,
+                           frames=900, finals=2, exact=True)
+    with NatsServer.for_replicas() as server:
+        nc = await nats.connect(server.url)
+        host = EndsWhatItAdopts()
+        cluster = Cluster(make_settings(server.url, partitions=REPLICAS_PARTITIONS), host)
+        host.cluster = cluster
+        try:  # the buckets without the lease loop: step 4 of a handover, on its own
+            js = nc.jetstream()
+            cluster._leases = await _bucket(js, "stt-leases", 2.0)
+            cluster._store = await _bucket(js, "stt-sessions", SESSION_TTL_S)
+            cluster.taking[5] = ("gone", time.monotonic())
+            note = {"from": "gone", "to": cluster.replica_id,
+                    "sessions": {"s1": encode_snapshot("s1", snap, time.time())}}
+            await cluster._leases.put("h.5", json.dumps(note).encode())
+            await cluster._finish_takeovers({"h.5"}, {})
+            await cluster._flush_saves()
+            assert host.adopted == ["s1"] and 5 not in cluster.taking
+            with pytest.raises(KeyNotFoundError):
+                await cluster._store.get(session_key(5, "s1"))
+        finally:
+            await nc.close()
