@@ -8,14 +8,16 @@ Everything is a real process on loopback: nats-server with ``k8s/nats/nats-serve
 with ``STT_PARTITIONS=32`` and the benchmark-only instant engine (``bench/null_engine.py``), so
 what is measured is the handover machinery, not recognition.
 
-``mapping``: one client publishes a 1.3 kB chunk-sized message and a subscriber in the same
-process receives it, alternately on a plain subject and on ``ai.voice.stream.{id}``, which the
-server rewrites to ``stt.in.{partition}.{id}``; printed: one-way latency p50/p99 of each and the
-difference (what the mapping adds to every chunk).
+``mapping``: one client publishes a 1.3 kB chunk-sized message and receives it itself, in turn
+on a plain subject, on ``ai.voice.stream.{id}`` (which the server rewrites to
+``stt.in.{partition}.{id}``: this design) and through a JetStream stream (file storage) and a
+waiting pull consumer that acknowledges it (the design with pinned consumers, or a durable mode);
+printed: one-way latency of each, what each adds to every chunk, and nats-server's CPU per
+message. psutil's CPU times tick in 10 ms, so the CPU figures are averages over many messages.
 
-``failover``: this process streams the sample clip in a loop (its pauses end utterances) as live
-sessions, 40 ms chunks at real-time pace. Each round SIGKILLs the replica with more sessions,
-then measures
+``failover``: this process streams the sample's sentences in a loop, each followed by 1.4 s of
+silence, as live sessions (40 ms chunks, real-time pace). Each round SIGKILLs the replica with more
+sessions, then measures
 
 * claim: kill → the last of its partitions claimed by the survivor (from the survivor's log):
   from then on that replica receives the sessions' audio again, so this is the window whose
@@ -44,6 +46,7 @@ from typing import Any
 
 import msgpack
 import nats
+import psutil
 
 from stt import protocol
 from stt.audio import load_16k_mono, to_pcm16
@@ -56,7 +59,12 @@ from .load import code_revision
 INSTANT = "bench.null_engine:InstantEngine"
 SAMPLE = ROOT / "stt" / "data" / "sample.flac"
 CHUNK_S = 0.04
-CLAIMED = "partition taken over after its replica stopped renewing it"
+# the sample's sentences (webrtcvad, 0.45 s pauses), seconds; streamed with GAP_S of silence after
+# each, so every one ends its utterance (some of the clip's own pauses are under STT_CHUNK_TIMEOUT)
+PHRASES = [(0.2, 7.5), (8.5, 12.0), (12.7, 18.2), (19.2, 25.5), (26.4, 30.2)]
+GAP_S = 1.4
+CLAIMED = ("partition taken over after its replica stopped renewing it",  # its lease lapsed
+           "the giving replica went away mid-handover; carrying on from the kept snapshots")
 
 
 def header(argv: list[str]) -> None:
@@ -81,8 +89,12 @@ def spread(values: list[float], unit: str = "s", scale: float = 1.0) -> str:
 async def mapping(messages: int) -> None:
     payload = protocol.pack({"type": "chunk", "audio": b"\0" * 1280, "seq": 1})
     with NatsServer.for_replicas() as server:
+        assert server.proc is not None
+        server_proc = psutil.Process(server.proc.pid)
         nc = await nats.connect(server.url)
+        js = nc.jetstream()
         got: dict[str, list[float]] = defaultdict(list)
+        server_cpu: dict[str, float] = defaultdict(float)
         sent: dict[str, float] = {}
         arrived = asyncio.Event()
 
@@ -93,20 +105,42 @@ async def mapping(messages: int) -> None:
 
         await nc.subscribe("stt.in.*.bench", cb=on)
         await nc.subscribe("plain.bench", cb=on)
+        # the alternative design: every chunk stored in a stream, delivered to a pull consumer
+        # and acknowledged (what pinned consumers or a durable mode need)
+        await js.add_stream(name="bench", subjects=["durable.>"], storage="file")
+        pull = await js.pull_subscribe("durable.bench", durable="bench")
         await nc.flush()
-        for i in range(2 * messages):
-            kind, subject = (("plain", "plain.bench") if i % 2 else
-                             ("mapped", "ai.voice.stream.bench"))
+
+        async def one(kind: str) -> None:
+            if kind == "jetstream":
+                fetch = asyncio.create_task(pull.fetch(1, timeout=5))
+                await asyncio.sleep(0)  # the pull request goes out first, as a waiting consumer's
+                sent[kind] = time.perf_counter()
+                await nc.publish("durable.bench", payload)
+                (msg,) = await fetch
+                got[kind].append(time.perf_counter() - sent[kind])
+                await msg.ack()
+                return
             arrived.clear()
             sent[kind] = time.perf_counter()
-            await nc.publish(subject, payload)
+            await nc.publish("plain.bench" if kind == "plain" else "ai.voice.stream.bench", payload)
             await asyncio.wait_for(arrived.wait(), 5)
+
+        kinds = ("plain", "mapped", "jetstream")
+        for i in range(len(kinds) * messages):
+            kind = kinds[i % len(kinds)]
+            t = server_proc.cpu_times()
+            await one(kind)
+            u = server_proc.cpu_times()
+            server_cpu[kind] += (u.user + u.system) - (t.user + t.system)
         await nc.close()
-    for kind in ("plain", "mapped"):
-        print(f"{kind:>7}: one-way {spread(got[kind], 'µs', 1e6)}")
-    d50 = percentile(got["mapped"], 50) - percentile(got["plain"], 50)  # type: ignore[operator]
-    d99 = percentile(got["mapped"], 99) - percentile(got["plain"], 99)  # type: ignore[operator]
-    print(f"the mapping adds {d50 * 1e6:+.1f} µs at p50, {d99 * 1e6:+.1f} µs at p99 per message")
+    for kind in kinds:
+        print(f"{kind:>9}: one-way {spread(got[kind], 'µs', 1e6)}; nats-server CPU "
+              f"{1e6 * server_cpu[kind] / messages:.0f} µs per message")
+    for kind in kinds[1:]:
+        d50 = percentile(got[kind], 50) - percentile(got["plain"], 50)  # type: ignore[operator]
+        d99 = percentile(got[kind], 99) - percentile(got["plain"], 99)  # type: ignore[operator]
+        print(f"{kind} adds {d50 * 1e6:+.1f} µs at p50, {d99 * 1e6:+.1f} µs at p99 per message")
 
 
 # --- failover --------------------------------------------------------------------------------
@@ -147,7 +181,9 @@ class Worker:
 
 
 async def failover(kills: int, sessions: int) -> int:
-    pcm = to_pcm16(load_16k_mono(str(SAMPLE)))
+    speech = load_16k_mono(str(SAMPLE))
+    pcm = b"".join(to_pcm16(speech[int(a * 16000):int(b * 16000)]) + bytes(int(GAP_S * 16000) * 2)
+                   for a, b in PHRASES)
     step = int(CHUNK_S * 16000) * 2
     tmp = Path(tempfile.mkdtemp(prefix="stt-replicas-"))
     claims: list[float] = []
@@ -173,7 +209,7 @@ async def failover(kills: int, sessions: int) -> int:
             for sid in sids:
                 await nc.publish(f"ai.voice.stream.{sid}", protocol.pack(
                     {"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le"}))
-            pos, t0, tick = [i * len(pcm) // sessions for i in range(sessions)], time.monotonic(), 0
+            pos, t0, tick = [i * len(pcm) // sessions // 2 * 2 for i in range(sessions)], time.monotonic(), 0
             while not stop.is_set():
                 tick += 1
                 for i, sid in enumerate(sids):
@@ -184,12 +220,18 @@ async def failover(kills: int, sessions: int) -> int:
                     pos[i] += step
                 await asyncio.sleep(max(0.0, t0 + tick * CHUNK_S - time.monotonic()))
 
-        pumping = asyncio.create_task(pump())
+        pumping: asyncio.Task[None] | None = None
         try:
-            await wait_balanced(nc, 2, REPLICAS_PARTITIONS)
+            await wait_balanced(nc, 2, REPLICAS_PARTITIONS)  # before any session starts
+            pumping = asyncio.create_task(pump())
             await asyncio.sleep(8)  # every session has spoken and been saved
             for k in range(kills):
-                hbs = await heartbeats(nc)
+                quiet_by = time.monotonic() + 30  # no handover under way: a crash, nothing else
+                while True:
+                    hbs = await heartbeats(nc)
+                    if not any(hb.giving for hb in hbs.values()) or time.monotonic() > quiet_by:
+                        break
+                    await asyncio.sleep(0.25)
                 for w in workers:
                     w.learn_id()
                 counts = {w.id: sum(partition_of(s, REPLICAS_PARTITIONS) in hbs[w.id].partitions
@@ -198,6 +240,8 @@ async def failover(kills: int, sessions: int) -> int:
                 survivor = next(w for w in workers if w is not victim)
                 theirs = {s for s in sids
                           if partition_of(s, REPLICAS_PARTITIONS) in hbs[victim.id or ""].partitions}
+                # the survivor logs the claim of each partition that had sessions
+                with_sessions = {partition_of(s, REPLICAS_PARTITIONS) for s in theirs}
                 victim.proc.kill()
                 victim.proc.wait()
                 kill_at, kill_wall = time.monotonic(), time.time()
@@ -205,17 +249,19 @@ async def failover(kills: int, sessions: int) -> int:
                 claim = None
                 while time.monotonic() < deadline:
                     await asyncio.sleep(0.2)
-                    got = [r["ts"] - kill_wall for r in survivor.logs()
-                           if r.get("msg") == CLAIMED and r["ts"] > kill_wall]
+                    got = {r["partition"]: r["ts"] - kill_wall for r in survivor.logs()
+                           if r.get("msg") in CLAIMED and r["ts"] > kill_wall}
                     done = {s: [t for t, r in finals_from[s] if t > kill_at and r == survivor.id]
                             for s in theirs}
-                    if len(got) >= len(hbs[victim.id or ""].partitions) and all(done.values()):
-                        claim = max(got)
+                    if with_sessions <= set(got) and all(done.values()):
+                        claim = max(got[q] for q in with_sessions)
                         break
                 if claim is None:
                     missing += 1
-                    print(f"round {k + 1}: not every partition claimed and session answered "
-                          "within 20 s", flush=True)
+                    print(f"round {k + 1}: within 20 s, partitions with sessions claimed: "
+                          f"{sorted(set(got) & with_sessions)} of {sorted(with_sessions)}; "
+                          f"sessions answered {sum(map(bool, done.values()))} of {len(done)}",
+                          flush=True)
                 else:
                     claims.append(claim)
                     per = [min(ts) - kill_at for ts in done.values()]
@@ -230,7 +276,8 @@ async def failover(kills: int, sessions: int) -> int:
                 await asyncio.sleep(4)  # the newcomer's sessions have spoken and been saved
         finally:
             stop.set()
-            await asyncio.gather(pumping, return_exceptions=True)
+            if pumping is not None:
+                await asyncio.gather(pumping, return_exceptions=True)
             for w in workers:
                 w.stop()
             await nc.close()
