@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -146,38 +145,45 @@ async def mapping(messages: int) -> None:
 # --- failover --------------------------------------------------------------------------------
 
 
-class Worker:
-    def __init__(self, url: str, tmp: Path, n: int) -> None:
-        self.log_path = tmp / f"worker{n}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("STT_", "WHISPER_"))}
-        env.update({"NATS_URL": url, "STT_ENGINE": INSTANT, "STT_LOG_FORMAT": "json",
-                    "STT_PARTITIONS": str(REPLICAS_PARTITIONS), "STT_PARTIAL_INTERVAL": "0",
-                    "PYTHONPATH": str(ROOT)})
-        self.proc = subprocess.Popen([sys.executable, "-m", "stt", "worker"], cwd=ROOT, env=env,
-                                     stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT)
+class Replica:
+    """``python -m stt worker`` with STT_PARTITIONS, its JSON log in a file (also the tests')."""
+
+    def __init__(self, url: str, log_path: Path, engine: str = INSTANT, **env: str) -> None:
+        self.log_path = log_path
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(("STT_", "WHISPER_"))}
+        environ.update({"NATS_URL": url, "STT_ENGINE": engine, "STT_LOG_FORMAT": "json",
+                        "STT_PARTITIONS": str(REPLICAS_PARTITIONS), "STT_PARTIAL_INTERVAL": "0",
+                        "PYTHONPATH": str(ROOT), **env})
+        self.proc = subprocess.Popen([sys.executable, "-m", "stt", "worker"], cwd=ROOT,
+                                     env=environ, stdout=log_path.open("wb"),
+                                     stderr=subprocess.STDOUT)
         self.id: str | None = None
 
     def logs(self) -> list[dict[str, Any]]:
         out = []
         for line in self.log_path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
+            try:
                 out.append(json.loads(line))
+            except ValueError:
+                out.append({"msg": line})  # a traceback, say
         return out
 
     def learn_id(self) -> str | None:
+        """The replica id it logged when it joined."""
         for rec in self.logs():
             if rec.get("msg") == "joined the replicas":
                 self.id = rec["replica"]
         return self.id
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 40.0) -> int | None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        return self.proc.returncode
 
 
 async def failover(kills: int, sessions: int) -> int:
@@ -191,7 +197,7 @@ async def failover(kills: int, sessions: int) -> int:
     missing = 0
     with NatsServer.for_replicas() as server:
         nc = await nats.connect(server.url)
-        workers = [Worker(server.url, tmp, n) for n in range(2)]
+        workers = [Replica(server.url, tmp / f"worker{n}.log") for n in range(2)]
         started = 2
         finals_from: dict[str, list[tuple[float, str | None]]] = defaultdict(list)
 
@@ -270,7 +276,7 @@ async def failover(kills: int, sessions: int) -> int:
                           f"claimed {claim:.2f} s after the kill; first final of each "
                           f"{min(per, default=0):.1f}-{max(per, default=0):.1f} s after",
                           flush=True)
-                workers = [survivor, Worker(server.url, tmp, started)]
+                workers = [survivor, Replica(server.url, tmp / f"worker{started}.log")]
                 started += 1
                 await wait_balanced(nc, 2, REPLICAS_PARTITIONS)
                 await asyncio.sleep(4)  # the newcomer's sessions have spoken and been saved

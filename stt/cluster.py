@@ -273,6 +273,7 @@ class Cluster:
         self._received: dict[int, float] = {}    # partition -> when a handover brought it
         self._offered: dict[int, float] = {}     # partition -> when we named its taker
         self._settle_until = 0.0                 # no move of ours before this (monotonic)
+        self._free_since: dict[int, float] = {}  # partition -> when this replica saw it free
         self._tasks: set[asyncio.Task[Any]] = set()
         self._saves: dict[str, tuple[int, dict[str, Any] | None]] = {}  # key -> (partition, value)
         self._saved: dict[str, float] = {}       # key -> monotonic time of the last write
@@ -477,9 +478,15 @@ class Cluster:
         free = [p for p in range(self.partitions) if p not in held and p not in self.owned]
         live = [hb for hb in view.values() if not hb.leaving]
         want = fair_share(self.partitions, len(live)) - len(self.owned) - len(self.taking)
-        for p in preferred(self.replica_id, free)[:max(0, want)]:
-            await self._claim(p)
+        picks = preferred(self.replica_id, free)[:max(0, want)]
+        # A partition nobody took within a lease round is taken whatever the shares (every
+        # replica may be at its share while handovers run): its sessions' audio goes nowhere
+        # meanwhile. Balancing moves it on later.
         now = time.monotonic()
+        self._free_since = {p: self._free_since.get(p, now) for p in free}
+        picks += [p for p in free if p not in picks and now - self._free_since[p] >= self.period_s]
+        for p in picks:
+            await self._claim(p)
         if not self.giving and not self.taking and not self._busy and now >= self._settle_until:
             frozen = [p for p, at in self._received.items() if now - at < MOVE_COOLDOWN_S]
             for move in next_moves(self.replica_id, view, self.host.partition_loads(),

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -31,6 +28,8 @@ import pytest
 from audio_util import encode
 from conftest import ROOT, SAMPLE
 
+from bench.replicas import INSTANT
+from bench.replicas import Replica as ReplicaProcess
 from stt import cluster, protocol
 from stt.audio import SAMPLE_RATE, load_16k_mono
 from stt.cluster import REPLICA_HEADER, Heartbeat, heartbeats, partition_of, poll_until
@@ -43,7 +42,6 @@ CHUNK_S = 0.04
 GAP_S = 1.4  # silence after each phrase (the endpoint needs STT_CHUNK_TIMEOUT of it)
 # phrases of the sample clip between its pauses (webrtcvad, 0.45 s of silence), seconds
 PHRASES = [(0.2, 7.5), (8.5, 12.0), (12.7, 18.2), (19.2, 25.5), (26.4, 30.2)]
-INSTANT = "bench.null_engine:InstantEngine"
 
 
 def test_the_shipped_server_configuration_is_the_packaged_one() -> None:
@@ -71,30 +69,13 @@ def test_a_server_without_the_mapping_is_one_clear_error(tmp_path: Path) -> None
 # --- harness ---------------------------------------------------------------------------------
 
 
-class Replica:
-    """``python -m stt worker`` with STT_PARTITIONS, its log in a file."""
+class Replica(ReplicaProcess):
+    """One replica of the tests: one engine thread, a 15 s drain."""
 
     def __init__(self, url: str, name: str, engine: str, tmp: Path, **env: str) -> None:
+        super().__init__(url, tmp / f"{name}.log", engine, WHISPER_CPU_THREADS="1",
+                         OMP_NUM_THREADS="1", STT_DRAIN_TIMEOUT_S="15", **env)
         self.name = name
-        self.log_path = tmp / f"{name}.log"
-        environ = {k: v for k, v in os.environ.items() if not k.startswith(("STT_", "WHISPER_"))}
-        environ.update({"NATS_URL": url, "STT_ENGINE": engine,
-                        "STT_PARTITIONS": str(REPLICAS_PARTITIONS), "STT_LOG_FORMAT": "json",
-                        "STT_PARTIAL_INTERVAL": "0", "WHISPER_CPU_THREADS": "1",
-                        "OMP_NUM_THREADS": "1", "STT_DRAIN_TIMEOUT_S": "15", **env})
-        self.proc = subprocess.Popen([sys.executable, "-m", "stt", "worker"], cwd=ROOT,
-                                     env=environ, stdout=self.log_path.open("wb"),
-                                     stderr=subprocess.STDOUT)
-        self.id: str | None = None
-
-    def logs(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                out.append({"msg": line})
-        return out
 
     def sessions_held(self, until_wall: float) -> set[str]:
         """Sessions this replica had started or taken, and not ended or handed on, at a time
@@ -108,16 +89,6 @@ class Replica:
             elif rec.get("msg") == "session ended":
                 held.discard(rec["session_id"])
         return held
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 async def stop_all(replicas: list[Replica], nc: Any) -> None:
@@ -133,9 +104,7 @@ async def wait_balanced(nc: Any, replicas: int) -> dict[str, Heartbeat]:
 def replica_ids(replicas: list[Replica], hbs: dict[str, Any]) -> None:
     """Which heartbeat is which process (from the id each logs when it joins)."""
     for r in replicas:
-        for rec in r.logs():
-            if rec.get("msg") == "joined the replicas":
-                r.id = rec["replica"]
+        r.learn_id()
     assert {r.id for r in replicas} <= set(hbs), (hbs, [r.id for r in replicas])
 
 
