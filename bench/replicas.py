@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import signal
 import subprocess
@@ -45,7 +46,6 @@ from typing import Any
 
 import msgpack
 import nats
-import psutil
 
 from stt import protocol
 from stt.audio import load_16k_mono, to_pcm16
@@ -53,7 +53,7 @@ from stt.cluster import REPLICA_HEADER, heartbeats, partition_of, wait_balanced
 from stt.nats_server import REPLICAS_PARTITIONS, NatsServer
 
 from .common import ROOT, machine, percentile
-from .load import code_revision
+from .load import _cpu_s, code_revision
 
 INSTANT = "bench.null_engine:InstantEngine"
 SAMPLE = ROOT / "stt" / "data" / "sample.flac"
@@ -62,8 +62,8 @@ CHUNK_S = 0.04
 # each, so every one ends its utterance (some of the clip's own pauses are under STT_CHUNK_TIMEOUT)
 PHRASES = [(0.2, 7.5), (8.5, 12.0), (12.7, 18.2), (19.2, 25.5), (26.4, 30.2)]
 GAP_S = 1.4
-CLAIMED = ("partition taken over after its replica stopped renewing it",  # its lease lapsed
-           "the giving replica went away mid-handover; carrying on from the kept snapshots")
+LAPSED = "partition taken over after its replica stopped renewing it"  # its lease ran out
+MID_HANDOVER = "the giving replica went away mid-handover; carrying on from the kept snapshots"
 
 
 def header(argv: list[str]) -> None:
@@ -89,7 +89,7 @@ async def mapping(messages: int) -> None:
     payload = protocol.pack({"type": "chunk", "audio": b"\0" * 1280, "seq": 1})
     with NatsServer.for_replicas() as server:
         assert server.proc is not None
-        server_proc = psutil.Process(server.proc.pid)
+        server_pid = server.proc.pid
         nc = await nats.connect(server.url)
         js = nc.jetstream()
         got: dict[str, list[float]] = defaultdict(list)
@@ -128,10 +128,9 @@ async def mapping(messages: int) -> None:
         kinds = ("plain", "mapped", "jetstream")
         for i in range(len(kinds) * messages):
             kind = kinds[i % len(kinds)]
-            t = server_proc.cpu_times()
+            before = _cpu_s(server_pid)
             await one(kind)
-            u = server_proc.cpu_times()
-            server_cpu[kind] += (u.user + u.system) - (t.user + t.system)
+            server_cpu[kind] += _cpu_s(server_pid) - before
         await nc.close()
     for kind in kinds:
         print(f"{kind:>9}: one-way {spread(got[kind], 'µs', 1e6)}; nats-server CPU "
@@ -174,6 +173,13 @@ class Replica:
             if rec.get("msg") == "joined the replicas":
                 self.id = rec["replica"]
         return self.id
+
+    def claims(self, since_wall: float, within_s: float = math.inf,
+               messages: tuple[str, ...] = (LAPSED,)) -> dict[int, float]:
+        """Partition -> seconds after ``since_wall`` (``time.time()``) that this replica took it
+        over, by the log line it wrote then."""
+        return {r["partition"]: r["ts"] - since_wall for r in self.logs()
+                if r.get("msg") in messages and since_wall < r["ts"] < since_wall + within_s}
 
     def stop(self, timeout_s: float = 40.0) -> int | None:
         if self.proc.poll() is None:
@@ -255,8 +261,7 @@ async def failover(kills: int, sessions: int) -> int:
                 claim = None
                 while time.monotonic() < deadline:
                     await asyncio.sleep(0.2)
-                    got = {r["partition"]: r["ts"] - kill_wall for r in survivor.logs()
-                           if r.get("msg") in CLAIMED and r["ts"] > kill_wall}
+                    got = survivor.claims(kill_wall, messages=(LAPSED, MID_HANDOVER))
                     done = {s: [t for t, r in finals_from[s] if t > kill_at and r == survivor.id]
                             for s in theirs}
                     if with_sessions <= set(got) and all(done.values()):

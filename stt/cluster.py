@@ -460,14 +460,7 @@ class Cluster:
         await self._beat()
         await self._renew()
         keys = set(await _keys(self._leases, ">"))
-        view: dict[str, Heartbeat] = {}
-        for key in sorted(k for k in keys if k.startswith("r.")):
-            try:
-                hb = Heartbeat.decode((await self._leases.get(key)).value)
-            except (KeyNotFoundError, KeyError, ValueError, TypeError):
-                continue
-            view[hb.replica] = hb
-        self.view = view
+        self.view = view = await _heartbeats_in(self._leases, keys)
         self.joined.set()
         self._withdraw_stale_offers(view)
         await self._take_offered(view)
@@ -660,22 +653,18 @@ async def poll_until(done: Callable[[], bool], timeout_s: float, step_s: float =
     return True
 
 
-async def heartbeats(nc: Client, bucket: str = "stt") -> dict[str, Heartbeat]:
+async def heartbeats(nc: Client, bucket: str = Settings.cluster_bucket) -> dict[str, Heartbeat]:
     """The replicas' live heartbeats, by replica id, as an onlooker reads them (the tests, the
     benchmarks, ``stt demo``); empty before the first replica has created the bucket."""
     try:
         kv = await nc.jetstream().key_value(f"{bucket}-leases")
     except NotFoundError:
         return {}
-    out = {}
-    for key in await _keys(kv, "r.*"):
-        with contextlib.suppress(KeyNotFoundError, ValueError, KeyError):
-            out[key[2:]] = Heartbeat.decode((await kv.get(key)).value or b"")
-    return out
+    return await _heartbeats_in(kv, await _keys(kv, "r.*"))
 
 
 async def wait_balanced(nc: Client, replicas: int, partitions: int, timeout_s: float = 90.0,
-                        bucket: str = "stt") -> dict[str, Heartbeat]:
+                        bucket: str = Settings.cluster_bucket) -> dict[str, Heartbeat]:
     """Until ``replicas`` replicas (not leaving) hold every partition, each its fair share."""
     share = fair_share(partitions, replicas)
     deadline = time.monotonic() + timeout_s
@@ -703,6 +692,18 @@ async def _bucket(js: Any, name: str, ttl_s: float) -> Any:
         return await js.create_key_value(KeyValueConfig(bucket=name, ttl=ttl_s, history=1))
     except BadRequestError:  # exists with another configuration (e.g. another TTL): use it
         return await js.key_value(name)
+
+
+async def _heartbeats_in(kv: Any, keys: Iterable[str]) -> dict[str, Heartbeat]:
+    """The heartbeats (``r.{replica}``) among ``keys``, by replica; one gone meanwhile is left out."""
+    view: dict[str, Heartbeat] = {}
+    for key in sorted(k for k in keys if k.startswith("r.")):
+        try:
+            hb = Heartbeat.decode((await kv.get(key)).value or b"")
+        except (KeyNotFoundError, KeyError, ValueError, TypeError):
+            continue
+        view[hb.replica] = hb
+    return view
 
 
 async def _keys(kv: Any, pattern: str) -> list[str]:

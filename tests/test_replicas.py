@@ -28,7 +28,7 @@ import pytest
 from audio_util import encode
 from conftest import ROOT, SAMPLE
 
-from bench.replicas import INSTANT
+from bench.replicas import CHUNK_S, GAP_S, INSTANT, PHRASES  # the sample's sentences, 1.4 s apart
 from bench.replicas import Replica as ReplicaProcess
 from stt import cluster, protocol
 from stt.audio import SAMPLE_RATE, load_16k_mono
@@ -37,11 +37,6 @@ from stt.nats_server import REPLICAS_CONFIG, REPLICAS_PARTITIONS, NatsServer
 from stt.textnorm import normalize
 
 pytestmark = pytest.mark.timeout(420)
-
-CHUNK_S = 0.04
-GAP_S = 1.4  # silence after each phrase (the endpoint needs STT_CHUNK_TIMEOUT of it)
-# phrases of the sample clip between its pauses (webrtcvad, 0.45 s of silence), seconds
-PHRASES = [(0.2, 7.5), (8.5, 12.0), (12.7, 18.2), (19.2, 25.5), (26.4, 30.2)]
 
 
 def test_the_shipped_server_configuration_is_the_packaged_one() -> None:
@@ -353,9 +348,7 @@ async def test_three_replicas_sixty_sessions_kill_stop_join(tmp_path: Path) -> N
 
     # its partitions were claimed by the others after the lease TTL (2 s) and a lease round: 1.6-2.5 s
     # measured, once 5 s on a loaded machine; utterances begun before that lose their start
-    claims = [rec["ts"] - kill_wall for r in replicas if r is not killed for rec in r.logs()
-              if rec.get("msg") == "partition taken over after its replica stopped renewing it"
-              and kill_wall < rec["ts"] < kill_wall + 15]
+    claims = [t for r in replicas if r is not killed for t in r.claims(kill_wall, 15).values()]
     takeover_s = max([*claims, 3.0])
     # every utterance has its final, except the killed replica's in flight at the kill
     stopped_sessions = on_replica(load, stopped, term_at, term_wall, held_by_stopped)
@@ -449,9 +442,7 @@ async def test_failover_keeps_the_format_with_real_whisper(tmp_path: Path) -> No
         finally:
             await stop_all(replicas, nc)
     other = replicas[1].id
-    claims = [rec["ts"] - kill_wall for rec in replicas[1].logs()
-              if rec.get("msg") == "partition taken over after its replica stopped renewing it"
-              and rec["ts"] > kill_wall]
+    claims = list(replicas[1].claims(kill_wall).values())
     assert claims and max(claims) < 6.0, claims
     for sid in ids:
         stream = load.streams[sid]
