@@ -266,6 +266,10 @@ class Settings:
                               "Audio kept before detected speech, so first syllables survive.")
     hangover_ms: int = setting(300, "STT_HANGOVER_MS",
                                "Silence kept after speech in a finalized segment.")
+    noise_gate_db: float = setting(10.0, "STT_NOISE_GATE_DB",
+                                   "A voiced frame less than this far above the noise floor "
+                                   "does not hold an utterance open (breath, room noise after "
+                                   "the last word); 0 = off.")
     partial_interval_s: float = setting(0.5, "STT_PARTIAL_INTERVAL",
                                         "Seconds of new speech between partial transcripts "
                                         "(0 = no partials).")
@@ -403,6 +407,7 @@ class Settings:
              f"must be between 0 and {VAD_START_WINDOW_MS} ms")
         need(0 <= self.preroll_ms <= 2000, "preroll_ms", "must be between 0 and 2000 ms")
         need(0 <= self.hangover_ms <= 2000, "hangover_ms", "must be between 0 and 2000 ms")
+        need(0 <= self.noise_gate_db <= 40, "noise_gate_db", "must be between 0 and 40 dB")
         need(0 <= self.health_port <= 65535, "health_port", "must be a TCP port or 0")
         need(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
              "must be DEBUG, INFO, WARNING or ERROR")

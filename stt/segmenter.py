@@ -7,11 +7,21 @@ answers with a :class:`Boundary` when a segment opened or ended. The states
 * ``QUIET``: no speech. The last ``preroll_frames`` are kept, so first syllables survive.
 * ``STARTING``: some frames of the onset window (``VAD_START_WINDOW_MS``) are voiced, not yet
   ``onset_frames`` of them. A cough or a click usually stays here and falls back to ``QUIET``.
-* ``SPEAKING``: a segment is open (it starts with the pre-roll) and its last frame is voiced.
+* ``SPEAKING``: a segment is open (it starts with the pre-roll) and its last frame is speech.
 * ``STOPPING``: a segment is open and silence trails it. ``endpoint_frames`` of trailing
   silence end it (:class:`Ended`); the last ``hangover_frames`` of that silence stay in the
   segment and the rest becomes the next segment's pre-roll. A voiced frame goes back to
   ``SPEAKING``.
+
+Inside a segment, a voiced frame counts as speech only if it is ``gate_db`` above the noise
+floor: webrtcvad hears breath, room noise and reverberation after the last word as voice,
+which would hold the endpoint back by 0.1-0.5 s. The floor is learned from the unvoiced
+frames between utterances (the quietest recent one, rising at most 10 dB/s, so it follows a
+room that got louder; known after ``FLOOR_LEARN_FRAMES`` of them) and held while a segment is
+open, so speech never sets its own bar. Digital silence (a muted or synthetic source) teaches
+no floor; without one, or when the segment is not ``GATE_RANGE_DB`` louder than it (a noisy
+room, where quiet speech is close to the noise), nothing is gated: a gated frame is always at
+least 25 dB below the segment's loudest. Onsets are never gated.
 
 A segment that reaches ``max_frames`` is cut at its quietest recent point (the middle of the
 longest unvoiced run in the last ``CUT_SEARCH_S``, else the lowest-energy frame): the part
@@ -41,6 +51,10 @@ ONSET_WINDOW_FRAMES = round(VAD_START_WINDOW_MS / 1000 / FRAME_S)
 CUT_SEARCH_S = 3.0               # how far back from the size limit to look for a quiet point
 PITCH_CHECK_FRAMES = 3           # periodicity is computed in batches of this many new frames
 BYTES_PER_SECOND_16K = SAMPLE_RATE * 2  # STT_BUFFER_SIZE_BYTES is counted in 16 kHz s16 mono
+FLOOR_RISE = 10 ** (10.0 / 10 * FRAME_S)  # between utterances the floor rises 10 dB/s at most
+FLOOR_MIN = 1e-10                # below -100 dBFS: digital silence, no noise floor to learn
+GATE_RANGE_DB = 35.0             # and only in a segment this much louder than the floor
+FLOOR_LEARN_FRAMES = 10          # unvoiced frames between utterances before the floor is known
 
 
 class VoiceState(enum.Enum):
@@ -60,6 +74,7 @@ class SegmenterParams:
     preroll_frames: int = 10     # kept before the onset
     endpoint_frames: int = 27    # trailing silence that ends a segment
     hangover_frames: int = 10    # of that silence, kept at the segment's end
+    gate_db: float = 10.0        # a voiced frame this close to the noise floor is not speech
     max_frames: int = 500        # longest segment before it is cut
     pitch_frames: int = 3        # voiced frames with a pitch that make a segment speech
 
@@ -77,6 +92,7 @@ class SegmenterParams:
             preroll_frames=max(ONSET_WINDOW_FRAMES, round(s.preroll_ms / 1000 / FRAME_S)),
             endpoint_frames=endpoint,
             hangover_frames=max(0, round(s.hangover_ms / 1000 / FRAME_S)),
+            gate_db=s.noise_gate_db if s.enable_vad else 0.0,
             max_frames=max(endpoint + 2, int(longest_s / FRAME_S)),
             pitch_frames=math.ceil(s.min_pitched_ms / 1000 / FRAME_S) if s.enable_vad else 0)
 
@@ -90,16 +106,19 @@ class Segment:
     # the audio, one growing buffer: a job takes a slice instead of joining a list of frames
     audio: np.ndarray = field(default_factory=lambda: np.empty(64 * FRAME_SAMPLES, np.float32))
     n_frames: int = 0
-    voiced: list[bool] = field(default_factory=list)
+    voiced: list[bool] = field(default_factory=list)   # webrtcvad's word, per frame
+    speech: list[bool] = field(default_factory=list)   # voiced and above the noise gate
     energy: list[float] = field(default_factory=list)
-    voiced_count: int = 0
+    voiced_count: int = 0             # frames that were speech: what resets trailing_silence
+    peak: float = 0.0                 # the loudest voiced frame's energy
     voiced_since_onset: int = 0
     frames_since_onset: int = 0
     trailing_silence: int = 0
     periodic: int = 0                 # voiced frames with a pitch, counted until there are enough
     pitch_checked: int = 0            # frames examined for pitch so far
 
-    def append(self, frame: np.ndarray, voiced: bool, energy: float) -> None:
+    def append(self, frame: np.ndarray, voiced: bool, energy: float,
+               speech: bool | None = None) -> None:
         n = self.n_frames
         at = n * FRAME_SAMPLES
         end = at + FRAME_SAMPLES
@@ -112,7 +131,12 @@ class Segment:
         self.n_frames = n + 1
         self.voiced.append(voiced)
         self.energy.append(energy)
-        if voiced:
+        if speech is None:
+            speech = voiced
+        self.speech.append(speech)
+        if voiced and energy > self.peak:
+            self.peak = energy
+        if speech:
             self.voiced_count += 1
             self.trailing_silence = 0
         else:
@@ -181,9 +205,14 @@ class Segmenter:
         self._onset_frames = params.onset_frames
         self._endpoint_frames = params.endpoint_frames
         self._max_frames = params.max_frames
+        self._gate = 10 ** (params.gate_db / 10) if params.gate_db > 0 else 0.0
+        self._gate_range = 10 ** (GATE_RANGE_DB / 10)
+        self._floor = 0.0               # the noise floor's energy (0 = not known yet)
+        self._heard = 0.0               # its candidate, and the frames it was learned from
+        self._heard_frames = 0
         self._window: collections.deque[bool] = collections.deque(maxlen=ONSET_WINDOW_FRAMES)
         # the last preroll_frames frames (appending beyond that drops the oldest)
-        self._preroll: collections.deque[tuple[np.ndarray, bool, float]] = collections.deque(
+        self._preroll: collections.deque[tuple[np.ndarray, bool, float, bool]] = collections.deque(
             maxlen=params.preroll_frames)
 
     @property
@@ -213,13 +242,19 @@ class Segmenter:
         voiced = self._is_speech(pcm)
         seg = self.segment
         if seg is None:
-            self._preroll.append((frame, voiced, energy))  # a bounded deque: drops the oldest
+            if not voiced and energy > FLOOR_MIN:
+                self._learn_floor(energy)
+            # a bounded deque: drops the oldest
+            self._preroll.append((frame, voiced, energy, voiced))
             window = self._window
             window.append(voiced)
             if voiced and sum(window) >= self._onset_frames:
                 return Opened(self._open(index))
             return None
-        seg.append(frame, voiced, energy)
+        floor = self._floor
+        speech = voiced and (energy >= floor * self._gate
+                             or seg.peak < floor * self._gate_range)
+        seg.append(frame, voiced, energy, speech)
         seg.frames_since_onset += 1
         if voiced:
             seg.voiced_since_onset += 1
@@ -228,6 +263,14 @@ class Segmenter:
         if seg.n_frames >= self._max_frames:
             return self._cut()
         return None
+
+    def _learn_floor(self, energy: float) -> None:
+        heard = self._heard
+        rose = heard * FLOOR_RISE
+        self._heard = heard = energy if heard == 0.0 or energy < rose else rose
+        self._heard_frames += 1
+        if self._gate and self._heard_frames >= FLOOR_LEARN_FRAMES:
+            self._floor = heard
 
     def close(self) -> Ended | None:
         """End the open segment now (endpoint, ``end``, a turn change, audio that stopped)."""
@@ -239,7 +282,8 @@ class Segmenter:
         keep = len(seg) - max(0, seg.trailing_silence - self.params.hangover_frames)
         # the dropped silence is the next segment's pre-roll
         for i in range(max(keep, len(seg) - self.params.preroll_frames), len(seg)):
-            self._preroll.append((seg.frame(i).copy(), seg.voiced[i], seg.energy[i]))
+            self._preroll.append((seg.frame(i).copy(), seg.voiced[i], seg.energy[i],
+                                  seg.speech[i]))
         while len(self._preroll) > self.params.preroll_frames:
             self._preroll.popleft()
         return Ended(seg, keep)
@@ -258,11 +302,11 @@ class Segmenter:
         self._preroll.clear()
         self._window.clear()
         seg = self._new_segment(index + 1 - len(frames))
-        for frame, voiced, energy in frames:
-            seg.append(frame, voiced, energy)
+        for frame, voiced, energy, speech in frames:
+            seg.append(frame, voiced, energy, speech)
         # onset counts from the voiced frames of the onset window, not the quiet pre-roll
         seg.frames_since_onset = ONSET_WINDOW_FRAMES
-        seg.voiced_since_onset = sum(v for _, v, _ in frames[-ONSET_WINDOW_FRAMES:])
+        seg.voiced_since_onset = sum(v for _, v, _, _ in frames[-ONSET_WINDOW_FRAMES:])
         self.segment = seg
         return seg
 
@@ -282,7 +326,7 @@ class Segmenter:
         cut = max(1, best)
         rest = self._new_segment(seg.first_frame + cut)
         for i in range(cut, n):
-            rest.append(seg.frame(i), seg.voiced[i], seg.energy[i])
+            rest.append(seg.frame(i), seg.voiced[i], seg.energy[i], seg.speech[i])
         rest.frames_since_onset = len(rest)
         rest.voiced_since_onset = rest.voiced_count
         self.segment = rest

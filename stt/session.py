@@ -380,6 +380,8 @@ class Session:
             utt = self._utt
             if utt is not None and utt.speculative is spec:
                 utt.spec_result = result  # published at the endpoint, if speech does not resume
+                if self.params.adaptive and self._adaptive_endpoint(utt):
+                    return self._end_segment(now)  # it reads finished: no need to wait a frame
             return self._pump(now)
         job = self._take_inflight(job_id)
         if job is None:

@@ -198,3 +198,71 @@ def test_a_notification_tone_opens_no_speech(freq_hz: float) -> None:
     for _, b, _ in steps:
         if isinstance(b, Ended):
             assert not b.segment.pitched(p.pitch_frames, upto=b.n_frames, final=True)
+
+
+# --- the noise gate ------------------------------------------------------------------------
+
+def noise(seconds: float, db: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(int(seconds * SR)) * 10 ** (db / 20)).astype(np.float32)
+
+
+def always_voiced(seg: Segmenter, *, between: bool = True) -> Segmenter:
+    """webrtcvad replaced by a detector that hears voice in everything inside an utterance
+    (and, unless ``between`` is False, only in sound louder than -40 dBFS between them): the
+    gate alone decides where an utterance ends."""
+    def is_speech(pcm: bytes) -> bool:
+        level = np.frombuffer(pcm, dtype=np.int16).astype(np.float64) / 32768
+        return between or seg.segment is not None or float(np.mean(level * level)) > 1e-4
+
+    seg._is_speech = is_speech
+    return seg
+
+
+def test_voiced_frames_near_the_noise_floor_do_not_hold_the_endpoint() -> None:
+    loud_end = int(2.0 / FRAME_S)  # its last frame: 1 s of room noise, 1 s of loud sound, room
+    audio = np.concatenate([noise(1.0, -60), noise(1.0, -20, seed=1), noise(2.0, -57, seed=2)])
+    gated = always_voiced(Segmenter(params(chunk_timeout_s=0.6)), between=False)
+    (end,) = [i for i, b, _ in push_all(gated, audio) if isinstance(b, Ended)]
+    assert end - loud_end == gated.params.endpoint_frames  # timed from the loud sound's end
+    ungated = always_voiced(Segmenter(params(chunk_timeout_s=0.6, noise_gate_db=0)), between=False)
+    assert not [b for _, b, _ in push_all(ungated, audio) if isinstance(b, Ended)]
+
+
+def test_no_gate_before_a_floor_was_heard_between_utterances() -> None:
+    # a session that starts in the middle of steady voice has no floor below it: never gated
+    seg = always_voiced(Segmenter(params(chunk_timeout_s=0.6)))
+    assert not [b for _, b, _ in push_all(seg, noise(3.0, -30)) if isinstance(b, Ended)]
+    assert seg.segment is not None and seg.segment.trailing_silence == 0
+
+
+def test_a_noisy_room_is_not_gated() -> None:
+    # speech only 30 dB above the room: its quiet syllables are near the noise, keep them all
+    audio = np.concatenate([noise(1.0, -50), noise(1.0, -20, seed=1), noise(2.0, -48, seed=2)])
+    seg = always_voiced(Segmenter(params(chunk_timeout_s=0.6)), between=False)
+    assert not [b for _, b, _ in push_all(seg, audio) if isinstance(b, Ended)]
+
+
+def test_real_speech_ends_sooner_with_the_gate_than_webrtcvad_alone_would() -> None:
+    """webrtcvad keeps calling a few frames of room noise after speech voiced."""
+    audio = np.concatenate([noise(1.0, -60), SPEECH + noise(len(SPEECH) / SR, -60, seed=1),
+                            noise(2.0, -60, seed=2)])
+
+    def end_frame(**overrides: object) -> int:
+        seg = Segmenter(params(chunk_timeout_s=0.6, **overrides))
+        return [i for i, b, _ in push_all(seg, audio) if isinstance(b, Ended)][-1]
+
+    speech_end = (SR + len(SPEECH)) // FRAME_SAMPLES
+    gated, ungated = end_frame(), end_frame(noise_gate_db=0)
+    assert gated < ungated
+    assert gated - speech_end <= params(chunk_timeout_s=0.6).endpoint_frames
+
+
+def test_digital_silence_teaches_no_floor() -> None:
+    audio = np.concatenate([silence(1.0), SPEECH, silence(1.0), SPEECH, silence(1.0)])
+
+    def ends(**overrides: object) -> list[int]:
+        seg = Segmenter(params(chunk_timeout_s=0.6, **overrides))
+        return [i for i, b, _ in push_all(seg, audio) if isinstance(b, Ended)]
+
+    assert ends() == ends(noise_gate_db=0)

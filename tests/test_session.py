@@ -813,7 +813,8 @@ def test_a_speculative_final_is_timed_from_the_endpoint_decision() -> None:
         h.now += 0.04
         actions += h.apply(h.session.handle(Chunk(to_pcm16(silence(0.04))), h.now))
     (publish,) = [a for a in actions if isinstance(a, Publish)]
-    assert publish.speech_ended_at is not None and publish.speech_ended_at > asked_at + 0.3
+    # the endpoint: 0.6 s of silence, 0.2 s after the speculation was answered
+    assert publish.speech_ended_at is not None and publish.speech_ended_at > asked_at + 0.15
 
 
 def test_no_partial_in_trailing_silence_and_the_running_one_is_withdrawn() -> None:
@@ -875,6 +876,16 @@ def test_adaptive_endpointing_reads_the_speculative_final(reply: str,
     assert h.finals and h.finals[0]["transcript"] == reply
     assert ends_after[0] <= fed <= ends_after[1], fed
     assert len(h.jobs) == 1  # the speculative decode was the final
+
+
+def test_a_finished_hypothesis_that_comes_after_the_minimum_ends_the_utterance_at_once() -> None:
+    h = adaptive_harness()
+    h.feed(SPEAKING)
+    h.feed(silence(0.6))  # past the 0.45 s minimum, the speculative decode still running
+    assert not h.finals and h.session.segmenter.segment is not None
+    h.answer("He was not there.")  # no more audio needed for the decision
+    assert [f["transcript"] for f in h.finals] == ["He was not there."]
+    assert h.session.segmenter.segment is None and len(h.jobs) == 1
 
 
 def test_adaptive_endpointing_without_a_hypothesis_falls_back_to_the_fixed_timeout() -> None:
