@@ -10,7 +10,7 @@ Usage (from the repository root)::
 
 Options: ``--corpus DIR`` (default ``../shared/corpus``; prints "corpus not available" and exits
 2 without it), ``--engine`` (default: the worker's, faster-whisper), ``--speed`` (1 = real time; faster runs are for checking the
-harness: every timing figure is then distorted), ``--scenarios single,multi,barge,noise``,
+harness: every timing figure is then distorted), ``--scenarios single,ptt,multi,barge,noise``,
 ``--limit N`` clips per scenario (0 = all 70), ``--concurrency K`` sessions at once, ``--json``,
 ``--png`` (needs matplotlib; skipped with a note without it), ``--set NAME=VALUE`` (any worker
 setting, by its field name in :class:`stt.config.Settings`), ``--sweep NAME=V1,V2,...`` (runs
@@ -24,7 +24,8 @@ chunks on an absolute real-time schedule, each sent when its capture interval en
 microphone would, then ``end``), ``K`` sessions at a time, and stops everything it started.
 Before that, the same clips are decoded offline, whole, by the same engine: the reference
 that the streaming finals are scored against. The scenarios are built in
-:mod:`bench.scenarios` (single clips, clips joined with pauses and hesitations, barge-in while
+:mod:`bench.scenarios` (single clips, push-to-talk clips ended by ``end`` 0.1 s after the
+speech, clips joined with pauses and hesitations, barge-in while
 ``responding`` with a ``listening`` twin, noise and corpus silence).
 
 Speed: segment boundaries (false cuts, merges) come from the worker's VAD on the audio alone,
@@ -121,10 +122,10 @@ from .scenarios import (
     select,
 )
 
-GROUPS = ("single", "multi", "barge", "noise", "synth")
-COLUMNS = ("single", "multi", "barge", "barge-listen", "noise", "synth")
+GROUPS = ("single", "multi", "barge", "noise", "synth", "ptt")
+COLUMNS = ("single", "ptt", "multi", "barge", "barge-listen", "noise", "synth")
 BARGE_GROUPS = ("barge", "synth")  # scored for interrupts
-SPEECH_COLUMNS = ("single", "multi", "barge", "barge-listen")
+SPEECH_COLUMNS = ("single", "ptt", "multi", "barge", "barge-listen")
 DEFAULT_LIMIT = 12
 DEFAULT_CONCURRENCY = 6
 CHUNK_MS = 40
@@ -892,7 +893,7 @@ async def run(args: argparse.Namespace) -> int:
         print("note: speed != 1: latency figures are not real-time figures")
 
     t = time.monotonic()
-    speech_clips = clips if any(g in groups for g in ("single", "multi", "barge")) else []
+    speech_clips = clips if any(g in groups for g in ("single", "ptt", "multi", "barge")) else []
     offline = await offline_decode(args.engine, base, speech_clips) if speech_clips else {}
     print(f"offline decode of {len(speech_clips)} clips: {time.monotonic() - t:.1f} s", flush=True)
 

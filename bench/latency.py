@@ -13,9 +13,11 @@ nats-server, the worker in its own process, the default engine), the same load r
 * ``no partials``: speculative finals and STT_PARTIAL_INTERVAL=0: the floor partials cost.
 
 Printed per run: final latency p50 / p95 from the end of speech (which includes the
-STT_CHUNK_TIMEOUT of silence the endpoint needs) and its parts (``bench.load.latency_parts``:
-silence, queue, engine, publish), then the most sessions whose final p95 stays within
-STT_CHUNK_TIMEOUT + ``--margin-s`` with the default configuration.
+STT_CHUNK_TIMEOUT of silence the endpoint needs), its parts (``bench.load.latency_parts``:
+silence, queue, engine, publish) and what came after the endpoint decision (queue + engine +
+publish, per final). Then the most sessions, with the default configuration, whose final p95
+stays within STT_CHUNK_TIMEOUT + ``--margin-s`` of the end of speech, and within ``--margin-s``
+of the endpoint decision (the end of speech as the worker's VAD heard it, plus the timeout).
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ def row(name: str, r: dict[str, Any]) -> str:
     parts = lat.get("parts") or {}
     cells = " | ".join(f"{_f(parts.get(k, {}).get('p50'))} / {_f(parts.get(k, {}).get('p95'))}"
                        for k in LATENCY_PARTS)
+    after = lat.get("after_endpoint") or {}
     return (f"| {r['sessions']} | {name} | {_f(lat['p50'])} / {_f(lat['p95'])} | {cells} | "
-            f"{lat['missed']} | {r['partials']} |")
+            f"{_f(after.get('p50'))} / {_f(after.get('p95'))} | {lat['missed']} | "
+            f"{r['partials']} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     table: list[str] = []
     within: dict[int, bool] = {}
+    within_endpoint: dict[int, bool] = {}
     with NatsServer() as server:
         for n in args.sessions:
             for name in args.configs:
@@ -88,17 +93,27 @@ def main(argv: list[str] | None = None) -> int:
                 table.append(row(name, r))
                 p95 = r["final_latency_s"]["p95"]
                 if name == "speculative":
-                    within[n] = p95 is not None and p95 <= target and not r["final_latency_s"]["missed"]
+                    missed = r["final_latency_s"]["missed"]
+                    within[n] = p95 is not None and p95 <= target and not missed
+                    after = (r["final_latency_s"].get("after_endpoint") or {}).get("p95")
+                    within_endpoint[n] = (after is not None and after <= args.margin_s
+                                          and not missed)
                 print(table[-1], flush=True)
     print("\nfinal latency after end of speech, s, p50 / p95 (parts: silence, queue, engine, "
           "publish)\n")
-    print("| sessions | final | latency | " + " | ".join(LATENCY_PARTS) + " | no final | partials |")
-    print("| --- | --- | --- | " + " | ".join("---" for _ in LATENCY_PARTS) + " | --- | --- |")
+    print("| sessions | final | latency | " + " | ".join(LATENCY_PARTS)
+          + " | after endpoint | no final | partials |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in LATENCY_PARTS)
+          + " | --- | --- | --- |")
     print("\n".join(table))
+    tried = ", ".join(map(str, sorted(within)))
     ok = [n for n, good in sorted(within.items()) if good]
-    print(f"\nmost sessions with final p95 <= {target:.2f} s (STT_CHUNK_TIMEOUT + "
-          f"{args.margin_s:g} s), default configuration: {max(ok) if ok else 'none'} "
-          f"(of {', '.join(map(str, sorted(within)))})")
+    print(f"\nmost sessions with final p95 <= {target:.2f} s after the end of speech "
+          f"(STT_CHUNK_TIMEOUT + {args.margin_s:g} s), default configuration: "
+          f"{max(ok) if ok else 'none'} (of {tried})")
+    ok = [n for n, good in sorted(within_endpoint.items()) if good]
+    print(f"most sessions with final p95 <= {args.margin_s:g} s after the endpoint decision, "
+          f"default configuration: {max(ok) if ok else 'none'} (of {tried})")
     return 0
 
 

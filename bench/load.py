@@ -673,6 +673,11 @@ def latency_parts(sent: float, arrival: float, timing: list[Any] | None) -> dict
             "publish": round(arrival - done, 4)}
 
 
+def after_endpoint(parts: dict[str, float]) -> float:
+    """Endpoint decision -> arrival: the latency left once the silence timeout has run out."""
+    return parts["queue"] + parts["engine"] + parts["publish"]
+
+
 def final_latencies(plan: SessionPlan, outcome: SessionOutcome, clips: list[Clip],
                     chunk_ms: int, timings: dict[tuple[str, int], list[Any]] | None = None
                     ) -> list[dict[str, Any]]:
@@ -755,7 +760,12 @@ def report(cfg: RunConfig, clips: list[Clip], plans: list[SessionPlan], results:
                             "max": max(latencies) if latencies else None,
                             "parts": {k: {"p50": percentile([p[k] for p in parts], 50),
                                           "p95": percentile([p[k] for p in parts], 95)}
-                                      for k in LATENCY_PARTS} if parts else None},
+                                      for k in LATENCY_PARTS} if parts else None,
+                            # what the final took once the endpoint was decided
+                            "after_endpoint": {
+                                "p50": percentile([after_endpoint(p) for p in parts], 50),
+                                "p95": percentile([after_endpoint(p) for p in parts], 95),
+                            } if parts else None},
         "scheduler": stats.get("scheduler"),
         "worker_backlog_ms": {"n": len(ping), "p50": percentile(ping, 50), "p99": ping_p99,
                               "max": max(ping) if ping else None,

@@ -37,6 +37,7 @@ HESITATION_S = (0.25, 0.5)                    # silence inserted inside a clip (
 MULTI_GROUP = 3                               # clips per multi session
 CLIP_PAD_S = 0.2                              # clip audio kept around its speech when trimmed
 SINGLE_LEAD_S = 0.5
+PTT_RELEASE_S = 0.1                           # push-to-talk: the button let go after the speech
 BARGE_LEAD_S = 1.0
 NOISE_GAP_S = 2.0                             # quiet after each burst (> any chunk timeout)
 NOISE_LEAD_S = 1.0
@@ -269,6 +270,21 @@ def single(clips: list[CorpusClip], tail_s: float, seed: int = 1) -> list[Scenar
         at = tape.add(clip.audio)
         tape.add(room_tone(tail_s, rng))
         out.append(Scenario(f"single-{i:02d}", "single", "single", tape.audio(),
+                            utterances=[Utterance(clip.name, clip.reference, at + clip.onset_s,
+                                                  at + clip.offset_s)]))
+    return out
+
+
+def ptt(clips: list[CorpusClip], seed: int = 6) -> list[Scenario]:
+    """Push-to-talk: each clip alone, its audio stopping ``PTT_RELEASE_S`` after the last
+    speech, and ``end`` sent at once: no silence for the endpoint to wait for."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, clip in enumerate(clips):
+        tape = _Tape()
+        tape.add(room_tone(SINGLE_LEAD_S, rng))
+        at = tape.add(clip.audio[:_secs(min(clip.duration_s, clip.offset_s + PTT_RELEASE_S))])
+        out.append(Scenario(f"ptt-{i:02d}", "ptt", "ptt", tape.audio(),
                             utterances=[Utterance(clip.name, clip.reference, at + clip.onset_s,
                                                   at + clip.offset_s)]))
     return out
@@ -514,10 +530,12 @@ def corpus_silence(clips: list[CorpusClip],
 
 def build(clips: list[CorpusClip], all_clips: list[CorpusClip], groups: list[str],
           tail_s: float) -> list[Scenario]:
-    """Every scenario of the requested groups (single, multi, barge, noise)."""
+    """Every scenario of the requested groups (single, ptt, multi, barge, noise, synth)."""
     out: list[Scenario] = []
     if "single" in groups:
         out += single(clips, tail_s)
+    if "ptt" in groups:
+        out += ptt(clips)
     if "multi" in groups:
         out += multi(clips, tail_s)
     if "barge" in groups:
