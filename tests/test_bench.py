@@ -14,7 +14,7 @@ from stt.audio import load_16k_mono
 
 
 @pytest.mark.parametrize("module", ["bench.load", "bench.evaluate", "bench.bench_engines",
-                                    "bench.abandon", "bench.replicas"])
+                                    "bench.abandon", "bench.replicas", "bench.endpoint"])
 def test_benchmark_commands_start(module: str) -> None:
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
@@ -26,6 +26,20 @@ def test_speech_bounds_find_the_sample_sentences() -> None:
     audio = load_16k_mono(str(ROOT / "stt" / "data" / "sample.flac"))
     onset, offset = speech_bounds(audio[: 16000 * 8])
     assert 0.3 < onset < 0.7 and 7.0 < offset < 7.8  # the first sentence, 0.4 s in
+
+
+def test_the_endpoint_bench_times_the_segmenter_from_the_end_of_speech() -> None:
+    import numpy as np
+
+    from bench.endpoint import measure
+    from stt.config import Settings
+
+    sentence = load_16k_mono(str(ROOT / "stt" / "data" / "sample.flac"))[: 16000 * 8]
+    _, end = speech_bounds(sentence)
+    audio = np.concatenate([sentence, np.zeros(16000 * 2, dtype=np.float32)])
+    m = measure(audio, [end], Settings.from_env(environ={}, overrides={"chunk_timeout_s": 0.8}))
+    assert m["segments"] == 1
+    assert m["p50"] is not None and 0.8 <= m["p50"] < 1.2
 
 
 def test_word_time_errors_match_words_in_order_on_the_session_timeline() -> None:
