@@ -25,7 +25,7 @@ from stt.config import Settings
 from stt.segmenter import Ended, Segmenter, SegmenterParams
 from stt.vad import FRAME_S, FRAME_SAMPLES
 
-from .common import DEFAULT_CORPUS, CorpusUnavailable, Clip, load_corpus, percentile
+from .common import DEFAULT_CORPUS, Clip, CorpusUnavailable, load_corpus, percentile
 from .evaluate import parse_assignment
 
 GAP_S = (1.3, 1.8)
