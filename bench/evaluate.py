@@ -861,6 +861,9 @@ async def run(args: argparse.Namespace) -> int:
     sweep: list[str] = []
     if args.sweep:
         sweep = [v.strip() for v in args.sweep[1].split(",") if v.strip()]
+        if groups != ["multi"] and args.scenarios != ",".join(GROUPS):
+            print(f"note: --sweep runs the multi scenario, not {args.scenarios}; for other "
+                  "scenarios run once per value with --set", file=sys.stderr)
         groups = ["multi"]   # the sweep is about segment boundaries
     configs = ([{**base, args.sweep[0]: v} for v in sweep] if sweep else [base])
     try:  # fail on a bad value now, not after the offline decode
