@@ -109,7 +109,7 @@ class Segment:
     voiced: list[bool] = field(default_factory=list)   # webrtcvad's word, per frame
     speech: list[bool] = field(default_factory=list)   # voiced and above the noise gate
     energy: list[float] = field(default_factory=list)
-    voiced_count: int = 0             # frames that were speech: what resets trailing_silence
+    speech_count: int = 0             # frames that were speech: what resets trailing_silence
     peak: float = 0.0                 # the loudest voiced frame's energy
     voiced_since_onset: int = 0
     frames_since_onset: int = 0
@@ -137,7 +137,7 @@ class Segment:
         if voiced and energy > self.peak:
             self.peak = energy
         if speech:
-            self.voiced_count += 1
+            self.speech_count += 1
             self.trailing_silence = 0
         else:
             self.trailing_silence += 1
@@ -328,6 +328,6 @@ class Segmenter:
         for i in range(cut, n):
             rest.append(seg.frame(i), seg.voiced[i], seg.energy[i], seg.speech[i])
         rest.frames_since_onset = len(rest)
-        rest.voiced_since_onset = rest.voiced_count
+        rest.voiced_since_onset = sum(rest.voiced)
         self.segment = rest
         return Ended(seg, cut, rest=rest)

@@ -602,7 +602,7 @@ class Session:
             actions.append(self._fire_interrupt(utt))
         if boundary is not None:
             return actions + self._segment_ended(boundary, now)
-        if utt.speculative is not None and utt.segment.voiced_count != utt.spec_voiced:
+        if utt.speculative is not None and utt.segment.speech_count != utt.spec_voiced:
             actions += self._drop_speculation(utt)  # speech resumed: that decode is moot
         if self.params.adaptive and self._adaptive_endpoint(utt):
             return actions + self._end_segment(now)
@@ -662,7 +662,7 @@ class Session:
         at = self.params.speculative_frames
         return (at > 0 and seg.trailing_silence == at and not utt.candidate
                 and utt.speculative is None and self._spec_job is None
-                and self._final_job is None and not self._queue and seg.voiced_count > 0
+                and self._final_job is None and not self._queue and seg.speech_count > 0
                 and self._pitched(seg, final=True))
 
     def _speculate(self, utt: _Utterance, now: float) -> list[Action]:
@@ -671,7 +671,7 @@ class Session:
         n_frames = len(seg) - max(0, seg.trailing_silence - self.params.segmenter.hangover_frames)
         job = replace(self._final_job_for(utt, n_frames, now), speculative=True)
         utt.speculative, utt.spec_result = job, None
-        utt.spec_voiced, utt.spec_stable = seg.voiced_count, len(utt.stable.words)
+        utt.spec_voiced, utt.spec_stable = seg.speech_count, len(utt.stable.words)
         self._spec_job = job
         actions: list[Action] = []
         if self._partial_job is not None:  # no partial once trailing silence has begun
@@ -701,7 +701,7 @@ class Session:
 
     def _speculation_holds(self, utt: _Utterance) -> bool:
         """No voiced audio since, and the words it was decoded with are still the stable ones."""
-        return (utt.speculative is not None and utt.segment.voiced_count == utt.spec_voiced
+        return (utt.speculative is not None and utt.segment.speech_count == utt.spec_voiced
                 and (self.settings.final_window == "full"
                      or len(utt.stable.words) == utt.spec_stable)
                 and self._final_job is None and not self._queue)
@@ -721,7 +721,7 @@ class Session:
             self._spec_job, self._final_job = None, job
             return []
         actions = self._drop_speculation(utt)
-        if seg.voiced_count == 0 or n_frames <= 0:
+        if seg.speech_count == 0 or n_frames <= 0:
             return actions
         if not self._pitched(seg, upto=n_frames, final=True):
             return actions  # noise the VAD took for speech (no pitch anywhere): nothing to say
@@ -744,8 +744,8 @@ class Session:
         every = self.params.partial_frames
         return (every > 0 and not utt.candidate and self._partial_job is None
                 and seg.trailing_silence == 0 and self._spec_job is None
-                and self._final_job is None and not self._queue and seg.voiced_count > 0
-                and seg.voiced_count > utt.partial_at_voiced
+                and self._final_job is None and not self._queue and seg.speech_count > 0
+                and seg.speech_count > utt.partial_at_voiced
                 and len(seg) - utt.partial_at_frames >= every
                 and self._pitched(seg))
 
@@ -755,7 +755,7 @@ class Session:
     def _request_partial(self, utt: _Utterance, now: float) -> list[Action]:
         seg = utt.segment
         utt.partial_at_frames = len(seg)
-        utt.partial_at_voiced = seg.voiced_count
+        utt.partial_at_voiced = seg.speech_count
         # Past the partial window, only the audio after the committed words is decoded again:
         # a long utterance then costs what its unsettled tail costs, not its whole length.
         first = utt.committed_frames if len(seg) > self.params.partial_window_frames else 0
