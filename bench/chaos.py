@@ -48,8 +48,7 @@ from stt.audio import SAMPLE_RATE, to_pcm16
 from stt.nats_server import NatsServer, free_port
 from stt.protocol import Subjects
 
-from .common import DEFAULT_CORPUS, ROOT, machine
-from .load import code_revision
+from .common import DEFAULT_CORPUS, ROOT, header
 from .scenarios import load_corpus, select
 
 CHUNK_S = 0.04
@@ -172,8 +171,7 @@ async def run(args: argparse.Namespace) -> int:
     clips = [c.audio[max(0, int(c.onset_s * SAMPLE_RATE) - margin):
                      int(c.offset_s * SAMPLE_RATE) + margin]
              for c in select(load_corpus(args.corpus), 12) if c.offset_s - c.onset_s < 7]
-    m = machine()
-    print(f"code: {code_revision()}\nmachine: {m['nproc']} CPUs, {m['cpu_model']}")
+    print(header())
     print(f"{args.sessions} sessions x {args.duration_s:g} s, {len(clips)} clips, flood "
           f"{FLOOD_PER_S}/s of malformed messages", flush=True)
     subjects = Subjects()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +121,28 @@ def machine() -> dict[str, object]:
         pass
     return {"nproc": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
             "platform": platform.platform(), "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def code_revision() -> str:
+    """The commit measured, and whether the worker's code differs from it (read-only git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "stt"], cwd=ROOT,
+                               capture_output=True, timeout=10).returncode != 0
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (no git)"
+    return f"{head or 'unknown'}" + (" + uncommitted changes in stt/" if dirty else "")
+
+
+def header(command: str | None = None, *, load: bool = False) -> str:
+    """What every benchmark prints first: the command, the commit, the machine."""
+    m = machine()
+    lines = [f"command: {command}"] if command else []
+    lines.append(f"code: {code_revision()}")
+    lines.append(f"machine: {m['nproc']} CPUs, {m['cpu_model']}, Python {m['python']}"
+                 + (f", {m['platform']}, load average at start {m['loadavg']}" if load else ""))
+    return "\n".join(lines)
 
 
 def percentile(values: list[float] | np.ndarray, q: float) -> float | None:

@@ -25,9 +25,8 @@ from stt.config import Settings
 from stt.segmenter import Ended, Segmenter, SegmenterParams
 from stt.vad import FRAME_S, FRAME_SAMPLES
 
-from .common import DEFAULT_CORPUS, Clip, CorpusUnavailable, load_corpus, percentile
+from .common import DEFAULT_CORPUS, Clip, CorpusUnavailable, header, load_corpus, percentile
 from .evaluate import parse_assignment
-from .load import code_revision
 
 GAP_S = (1.3, 1.8)
 
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     base = dict(args.sets)
     name, values = args.sweep if args.sweep else ("", "")
     configs = [{**base, name: v} for v in values.split(",")] if name else [base]
-    print(f"code: {code_revision()}")
+    print(header())
     print(f"{len(clips)} clips back to back, {audio.size / SAMPLE_RATE:.0f} s; end of speech -> "
           "endpoint decision, s")
     print("| settings | segments | p50 | p95 | max |\n| --- | ---: | ---: | ---: | ---: |")

@@ -31,8 +31,8 @@ from typing import Any
 from stt.config import Settings
 from stt.nats_server import NatsServer
 
-from .common import DEFAULT_CORPUS, ROOT, CorpusUnavailable, load_corpus, machine
-from .load import LATENCY_PARTS, RunConfig, _f, code_revision, run_once
+from .common import DEFAULT_CORPUS, ROOT, CorpusUnavailable, header, load_corpus
+from .load import LATENCY_PARTS, RunConfig, _f, run_once
 
 CONFIGS: dict[str, dict[str, str]] = {
     "speculative": {},
@@ -74,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     base.setdefault("STT_DRAIN_TIMEOUT_S", "5")
     settings = Settings.from_env(environ=base)
     target = settings.chunk_timeout_s + args.margin_s
-    m = machine()
-    print(f"code: {code_revision()}")
-    print(f"machine: {m['nproc']} CPUs, {m['cpu_model']}, Python {m['python']}")
+    print(header())
     print(f"engine: {settings.engine}, STT_CHUNK_TIMEOUT {settings.chunk_timeout_s:g} s, "
           f"{len(clips)} clips, {args.duration_s:g} s per run, {args.chunk_ms} ms chunks",
           flush=True)

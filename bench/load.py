@@ -73,7 +73,17 @@ from stt.config import Settings
 from stt.nats_server import REPLICAS_PARTITIONS, NatsServer
 from stt.protocol import Subjects
 
-from .common import DEFAULT_CORPUS, ROOT, Clip, CorpusUnavailable, load_corpus, machine, percentile
+from .common import (
+    DEFAULT_CORPUS,
+    ROOT,
+    Clip,
+    CorpusUnavailable,
+    code_revision,
+    header,
+    load_corpus,
+    machine,
+    percentile,
+)
 
 SLOT_MS = 5                 # the generator's clock tick; chunk_ms must be a multiple
 STAGGER_S = 1.0             # session starts spread over the first second
@@ -932,13 +942,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.latency_target_s is None:
         args.latency_target_s = worker_settings.chunk_timeout_s + LATENCY_MARGIN_S
 
-    m = machine()
     command = " ".join(shlex.quote(a) for a in [sys.executable.replace(str(ROOT) + "/", ""),
                                                  "-m", "bench.load", *(argv or sys.argv[1:])])
-    print(f"command: {command}")
-    print(f"code: {code_revision()}")
-    print(f"machine: {m['nproc']} CPUs, {m['cpu_model']}, Python {m['python']}, {m['platform']}, "
-          f"load average at start {m['loadavg']}")
+    print(header(command, load=True))
+    m = machine()
     stt_env = {k: v for k, v in worker_env.items() if k.startswith("STT_") and k != "STT_ENGINE"}
     print(f"worker: STT_ENGINE={worker_env['STT_ENGINE']} {stt_env or ''}".rstrip(), flush=True)
     try:
@@ -1028,18 +1035,6 @@ def _print_find_max(runs: list[dict[str, Any]], best: int | None, engine: str,
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
-
-
-def code_revision() -> str:
-    """The commit measured, and whether the worker's code differs from it (read-only git)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "stt"], cwd=ROOT,
-                               capture_output=True, timeout=10).returncode != 0
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown (no git)"
-    return f"{head or 'unknown'}" + (" + uncommitted changes in stt/" if dirty else "")
 
 
 def _json_default(o: Any) -> Any:

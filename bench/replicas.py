@@ -52,8 +52,8 @@ from stt.audio import load_16k_mono, to_pcm16
 from stt.cluster import REPLICA_HEADER, heartbeats, partition_of, wait_balanced
 from stt.nats_server import REPLICAS_PARTITIONS, NatsServer
 
-from .common import ROOT, machine, percentile
-from .load import _cpu_s, code_revision
+from .common import ROOT, header, percentile
+from .load import _cpu_s
 
 INSTANT = "bench.null_engine:InstantEngine"
 SAMPLE = ROOT / "stt" / "data" / "sample.flac"
@@ -66,12 +66,8 @@ LAPSED = "partition taken over after its replica stopped renewing it"  # its lea
 MID_HANDOVER = "the giving replica went away mid-handover; carrying on from the kept snapshots"
 
 
-def header(argv: list[str]) -> None:
-    m = machine()
-    print("command: python -m bench.replicas " + " ".join(argv))
-    print(f"code: {code_revision()}")
-    print(f"machine: {m['nproc']} CPUs, {m['cpu_model']}, Python {m['python']}, "
-          f"load average at start {m['loadavg']}", flush=True)
+def print_header(argv: list[str]) -> None:
+    print(header("python -m bench.replicas " + " ".join(argv), load=True), flush=True)
 
 
 def spread(values: list[float], unit: str = "s", scale: float = 1.0) -> str:
@@ -310,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--sessions", type=int, default=12)
     args = parser.parse_args(argv)
-    header(argv)
+    print_header(argv)
     if args.what == "mapping":
         asyncio.run(mapping(args.messages))
         return 0

@@ -37,9 +37,8 @@ from stt.protocol import Subjects
 from stt.textnorm import wer
 from stt.worker import Worker
 
-from .common import DEFAULT_CORPUS, machine
+from .common import DEFAULT_CORPUS, header
 from .evaluate import parse_assignment
-from .load import code_revision
 from .scenarios import CorpusClip, load_corpus, select
 
 CHUNK_MS = 40
@@ -81,8 +80,7 @@ async def stream(nc: Any, subjects: Subjects, sid: str, audio: np.ndarray,
 async def run(args: argparse.Namespace) -> int:
     clips = select(load_corpus(args.corpus), args.limit)
     settings = Settings.from_env(overrides=dict(args.set))
-    m = machine()
-    print(f"code: {code_revision()}\nmachine: {m['nproc']} CPUs, {m['cpu_model']}")
+    print(header())
     print(f"engine {settings.engine}; stall {args.stall_s:g} s mid-word; {len(clips)} clips; "
           f"STT_AUDIO_GAP_TIMEOUT {settings.audio_gap_timeout_s:g} s, STT_STALL_TIMEOUT_S "
           f"{settings.stall_timeout_s:g} s", flush=True)
