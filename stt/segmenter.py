@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .audio import SAMPLE_RATE
+from .audio import SAMPLE_RATE, to_pcm16
 from .config import VAD_START_WINDOW_MS, Settings
 from .vad import FRAME_S, FRAME_SAMPLES, PERIODIC_THRESHOLD, FrameVAD, periodicity
 
@@ -54,7 +54,16 @@ BYTES_PER_SECOND_16K = SAMPLE_RATE * 2  # STT_BUFFER_SIZE_BYTES is counted in 16
 FLOOR_RISE = 10 ** (10.0 / 10 * FRAME_S)  # between utterances the floor rises 10 dB/s at most
 FLOOR_MIN = 1e-10                # below -100 dBFS: digital silence, no noise floor to learn
 GATE_RANGE_DB = 35.0             # and only in a segment this much louder than the floor
+GATE_RANGE = 10 ** (GATE_RANGE_DB / 10)
 FLOOR_LEARN_FRAMES = 10          # unvoiced frames between utterances before the floor is known
+PCM_FRAME_BYTES = 2 * FRAME_SAMPLES
+
+
+def frame_inputs(frames: np.ndarray) -> tuple[bytes, list[float]]:
+    """What :meth:`Segmenter.push` takes besides the frame, for (n, 480) frames at once: their
+    16-bit PCM (``PCM_FRAME_BYTES`` per frame) and each frame's mean energy."""
+    energies = (np.einsum("ij,ij->i", frames, frames) / FRAME_SAMPLES).tolist()
+    return to_pcm16(frames), energies
 
 
 class VoiceState(enum.Enum):
@@ -117,8 +126,7 @@ class Segment:
     periodic: int = 0                 # voiced frames with a pitch, counted until there are enough
     pitch_checked: int = 0            # frames examined for pitch so far
 
-    def append(self, frame: np.ndarray, voiced: bool, energy: float,
-               speech: bool | None = None) -> None:
+    def append(self, frame: np.ndarray, voiced: bool, energy: float, speech: bool) -> None:
         n = self.n_frames
         at = n * FRAME_SAMPLES
         end = at + FRAME_SAMPLES
@@ -131,8 +139,6 @@ class Segment:
         self.n_frames = n + 1
         self.voiced.append(voiced)
         self.energy.append(energy)
-        if speech is None:
-            speech = voiced
         self.speech.append(speech)
         if voiced and energy > self.peak:
             self.peak = energy
@@ -206,10 +212,8 @@ class Segmenter:
         self._endpoint_frames = params.endpoint_frames
         self._max_frames = params.max_frames
         self._gate = 10 ** (params.gate_db / 10) if params.gate_db > 0 else 0.0
-        self._gate_range = 10 ** (GATE_RANGE_DB / 10)
-        self._floor = 0.0               # the noise floor's energy (0 = not known yet)
-        self._heard = 0.0               # its candidate, and the frames it was learned from
-        self._heard_frames = 0
+        self._floor = 0.0               # the noise floor's energy, learned from
+        self._floor_frames = 0          # this many unvoiced frames between utterances
         self._window: collections.deque[bool] = collections.deque(maxlen=ONSET_WINDOW_FRAMES)
         # the last preroll_frames frames (appending beyond that drops the oldest)
         self._preroll: collections.deque[tuple[np.ndarray, bool, float, bool]] = collections.deque(
@@ -251,9 +255,8 @@ class Segmenter:
             if voiced and sum(window) >= self._onset_frames:
                 return Opened(self._open(index))
             return None
-        floor = self._floor
-        speech = voiced and (energy >= floor * self._gate
-                             or seg.peak < floor * self._gate_range)
+        floor = self._floor if self._floor_frames >= FLOOR_LEARN_FRAMES else 0.0
+        speech = voiced and (energy >= floor * self._gate or seg.peak < floor * GATE_RANGE)
         seg.append(frame, voiced, energy, speech)
         seg.frames_since_onset += 1
         if voiced:
@@ -265,12 +268,9 @@ class Segmenter:
         return None
 
     def _learn_floor(self, energy: float) -> None:
-        heard = self._heard
-        rose = heard * FLOOR_RISE
-        self._heard = heard = energy if heard == 0.0 or energy < rose else rose
-        self._heard_frames += 1
-        if self._gate and self._heard_frames >= FLOOR_LEARN_FRAMES:
-            self._floor = heard
+        rose = self._floor * FLOOR_RISE
+        self._floor = energy if self._floor == 0.0 or energy < rose else rose
+        self._floor_frames += 1
 
     def close(self) -> Ended | None:
         """End the open segment now (endpoint, ``end``, a turn change, audio that stopped)."""

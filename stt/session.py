@@ -47,7 +47,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, Converter, to_pcm16
+from .audio import SAMPLE_RATE, Converter
 from .config import Settings
 from .engines.base import TranscribeOptions, Transcription, Word
 from .protocol import (
@@ -67,10 +67,18 @@ from .protocol import (
     StateChange,
     Transcript,
 )
-from .segmenter import Ended, Opened, Segment, Segmenter, SegmenterParams
+from .segmenter import (
+    PCM_FRAME_BYTES,
+    Ended,
+    Opened,
+    Segment,
+    Segmenter,
+    SegmenterParams,
+    frame_inputs,
+)
 from .stabilizer import Stabilizer, overlap
 from .textnorm import reads_finished
-from .vad import FRAME_S, FRAME_SAMPLES, Framer
+from .vad import FRAME_S, Framer
 
 INTERRUPT_MIN_VOICED_RATIO = 0.6  # of frames since onset, so a few loud clicks do not qualify
 # Audio that stops arriving while the segment ends in less silence than this was cut off
@@ -213,13 +221,13 @@ class _Utterance:
     interrupted: bool = False         # fired an interrupt (a wordless final cancels it)
     stable: Stabilizer = field(default_factory=Stabilizer)
     partial_at_frames: int = 0        # segment length when the last partial was requested
-    partial_at_voiced: int = 0        # voiced frames then: no partial without new speech
+    partial_at_speech: int = 0        # speech frames then: no partial without new speech
     partials_published: int = 0
     last_partial_text: str = ""
     # speculative final: decoded at the first silence, published if the endpoint follows
     speculative: Job | None = None
     spec_result: Transcription | None = None
-    spec_voiced: int = 0              # voiced frames when it was asked for
+    spec_speech: int = 0              # speech frames when it was asked for
     spec_stable: int = 0              # stable words then
 
     @property
@@ -576,9 +584,8 @@ class Session:
         """(n, 480) frames: conversion and energy for the chunk at once, decisions per frame."""
         if not len(frames):
             return []
-        pcm = to_pcm16(frames)
-        width = 2 * FRAME_SAMPLES
-        energies = (np.einsum("ij,ij->i", frames, frames) / FRAME_SAMPLES).tolist()
+        pcm, energies = frame_inputs(frames)
+        width = PCM_FRAME_BYTES
         actions: list[Action] = []
         for i, energy in enumerate(energies):
             actions += self._on_frame(frames[i], pcm[i * width:(i + 1) * width], energy, now)
@@ -602,7 +609,7 @@ class Session:
             actions.append(self._fire_interrupt(utt))
         if boundary is not None:
             return actions + self._segment_ended(boundary, now)
-        if utt.speculative is not None and utt.segment.speech_count != utt.spec_voiced:
+        if utt.speculative is not None and utt.segment.speech_count != utt.spec_speech:
             actions += self._drop_speculation(utt)  # speech resumed: that decode is moot
         if self.params.adaptive and self._adaptive_endpoint(utt):
             return actions + self._end_segment(now)
@@ -671,7 +678,7 @@ class Session:
         n_frames = len(seg) - max(0, seg.trailing_silence - self.params.segmenter.hangover_frames)
         job = replace(self._final_job_for(utt, n_frames, now), speculative=True)
         utt.speculative, utt.spec_result = job, None
-        utt.spec_voiced, utt.spec_stable = seg.speech_count, len(utt.stable.words)
+        utt.spec_speech, utt.spec_stable = seg.speech_count, len(utt.stable.words)
         self._spec_job = job
         actions: list[Action] = []
         if self._partial_job is not None:  # no partial once trailing silence has begun
@@ -701,7 +708,7 @@ class Session:
 
     def _speculation_holds(self, utt: _Utterance) -> bool:
         """No voiced audio since, and the words it was decoded with are still the stable ones."""
-        return (utt.speculative is not None and utt.segment.speech_count == utt.spec_voiced
+        return (utt.speculative is not None and utt.segment.speech_count == utt.spec_speech
                 and (self.settings.final_window == "full"
                      or len(utt.stable.words) == utt.spec_stable)
                 and self._final_job is None and not self._queue)
@@ -745,7 +752,7 @@ class Session:
         return (every > 0 and not utt.candidate and self._partial_job is None
                 and seg.trailing_silence == 0 and self._spec_job is None
                 and self._final_job is None and not self._queue and seg.speech_count > 0
-                and seg.speech_count > utt.partial_at_voiced
+                and seg.speech_count > utt.partial_at_speech
                 and len(seg) - utt.partial_at_frames >= every
                 and self._pitched(seg))
 
@@ -755,7 +762,7 @@ class Session:
     def _request_partial(self, utt: _Utterance, now: float) -> list[Action]:
         seg = utt.segment
         utt.partial_at_frames = len(seg)
-        utt.partial_at_voiced = seg.speech_count
+        utt.partial_at_speech = seg.speech_count
         # Past the partial window, only the audio after the committed words is decoded again:
         # a long utterance then costs what its unsettled tail costs, not its whole length.
         first = utt.committed_frames if len(seg) > self.params.partial_window_frames else 0
