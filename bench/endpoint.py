@@ -18,11 +18,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import soxr
 
-from stt.audio import SAMPLE_RATE, to_pcm16
+from stt.audio import SAMPLE_RATE, Converter
 from stt.config import Settings
-from stt.segmenter import Ended, Segmenter, SegmenterParams
+from stt.segmenter import PCM_FRAME_BYTES, Ended, Segmenter, SegmenterParams, frame_inputs
 from stt.vad import FRAME_S, FRAME_SAMPLES
 
 from .common import DEFAULT_CORPUS, Clip, CorpusUnavailable, header, load_corpus, percentile
@@ -37,9 +36,8 @@ def stream(clips: list[Clip], seed: int) -> tuple[np.ndarray, list[float]]:
     pieces, ends, at = [], [], 0
     for i in rng.permutation(len(clips)):
         clip = clips[i]
-        audio = np.frombuffer(clip.pcm, dtype=np.int16).astype(np.float32) / 32768
-        if clip.sample_rate != SAMPLE_RATE:
-            audio = soxr.resample(audio, clip.sample_rate, SAMPLE_RATE).astype(np.float32)
+        to_16k = Converter(clip.sample_rate, 1, "pcm_s16le")  # as the worker hears it
+        audio = np.concatenate([to_16k.convert(clip.pcm), to_16k.flush()])
         ends.append(at / SAMPLE_RATE + clip.speech_end_s)
         gap = np.zeros(int(rng.uniform(*GAP_S) * SAMPLE_RATE), dtype=np.float32)
         pieces += [audio, gap]
@@ -52,9 +50,8 @@ def decisions(audio: np.ndarray, settings: Settings) -> list[float]:
     seg = Segmenter(SegmenterParams.from_settings(settings))
     n = audio.size // FRAME_SAMPLES
     frames = audio[: n * FRAME_SAMPLES].reshape(n, FRAME_SAMPLES)
-    energies = (np.einsum("ij,ij->i", frames, frames) / FRAME_SAMPLES).tolist()
-    pcm = to_pcm16(frames)
-    width = 2 * FRAME_SAMPLES
+    pcm, energies = frame_inputs(frames)
+    width = PCM_FRAME_BYTES
     out = []
     for i, energy in enumerate(energies):
         boundary = seg.push(frames[i], pcm[i * width:(i + 1) * width], energy)
