@@ -135,9 +135,11 @@ def code_revision() -> str:
     return f"{head or 'unknown'}" + (" + uncommitted changes in stt/" if dirty else "")
 
 
-def header(command: str | None = None, *, load: bool = False) -> str:
-    """What every benchmark prints first: the command, the commit, the machine."""
-    m = machine()
+def header(command: str | None = None, *, load: bool = False,
+           info: dict[str, object] | None = None) -> str:
+    """What every benchmark prints first: the command, the commit, the machine (``info``, as
+    :func:`machine` read it, when the caller keeps it too)."""
+    m = info or machine()
     lines = [f"command: {command}"] if command else []
     lines.append(f"code: {code_revision()}")
     lines.append(f"machine: {m['nproc']} CPUs, {m['cpu_model']}, Python {m['python']}"

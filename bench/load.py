@@ -750,6 +750,7 @@ def report(cfg: RunConfig, clips: list[Clip], plans: list[SessionPlan], results:
     cpu_per_msg_us = 1e6 * serving_cpu_s / max(1, int(stats.get("messages_in", 0)))
     lag_p99 = percentile(lag, 99) or 0.0
     late = sum(r.late_chunks for r in results)
+    after = [after_endpoint(p) for p in parts]
     return {
         "engine": cfg.engine, "worker_engine": ready.get("engine"),
         "sessions": cfg.sessions, "duration_s": cfg.duration_s, "chunk_ms": cfg.chunk_ms,
@@ -772,10 +773,8 @@ def report(cfg: RunConfig, clips: list[Clip], plans: list[SessionPlan], results:
                                           "p95": percentile([p[k] for p in parts], 95)}
                                       for k in LATENCY_PARTS} if parts else None,
                             # what the final took once the endpoint was decided
-                            "after_endpoint": {
-                                "p50": percentile([after_endpoint(p) for p in parts], 50),
-                                "p95": percentile([after_endpoint(p) for p in parts], 95),
-                            } if parts else None},
+                            "after_endpoint": {"p50": percentile(after, 50),
+                                               "p95": percentile(after, 95)} if parts else None},
         "scheduler": stats.get("scheduler"),
         "worker_backlog_ms": {"n": len(ping), "p50": percentile(ping, 50), "p99": ping_p99,
                               "max": max(ping) if ping else None,
@@ -944,8 +943,8 @@ def main(argv: list[str] | None = None) -> int:
 
     command = " ".join(shlex.quote(a) for a in [sys.executable.replace(str(ROOT) + "/", ""),
                                                  "-m", "bench.load", *(argv or sys.argv[1:])])
-    print(header(command, load=True))
     m = machine()
+    print(header(command, load=True, info=m))
     stt_env = {k: v for k, v in worker_env.items() if k.startswith("STT_") and k != "STT_ENGINE"}
     print(f"worker: STT_ENGINE={worker_env['STT_ENGINE']} {stt_env or ''}".rstrip(), flush=True)
     try:

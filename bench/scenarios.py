@@ -260,34 +260,35 @@ def split_point(clip: CorpusClip) -> float | None:
 # --- builders -------------------------------------------------------------------------------
 
 
-def single(clips: list[CorpusClip], tail_s: float, seed: int = 1) -> list[Scenario]:
-    """Each clip alone: 0.5 s of room tone before, ``tail_s`` after."""
+def _alone(clips: list[CorpusClip], group: str, tail_s: float, seed: int,
+           cut: bool = False) -> list[Scenario]:
+    """Each clip alone: 0.5 s of room tone before, ``tail_s`` after; ``cut``: the clip's audio
+    stops ``PTT_RELEASE_S`` after its last speech."""
     rng = np.random.default_rng(seed)
     out = []
     for i, clip in enumerate(clips):
         tape = _Tape()
         tape.add(room_tone(SINGLE_LEAD_S, rng))
-        at = tape.add(clip.audio)
+        audio = clip.audio
+        if cut:
+            audio = audio[:_secs(min(clip.duration_s, clip.offset_s + PTT_RELEASE_S))]
+        at = tape.add(audio)
         tape.add(room_tone(tail_s, rng))
-        out.append(Scenario(f"single-{i:02d}", "single", "single", tape.audio(),
+        out.append(Scenario(f"{group}-{i:02d}", group, group, tape.audio(),
                             utterances=[Utterance(clip.name, clip.reference, at + clip.onset_s,
                                                   at + clip.offset_s)]))
     return out
+
+
+def single(clips: list[CorpusClip], tail_s: float, seed: int = 1) -> list[Scenario]:
+    """Each clip alone: 0.5 s of room tone before, ``tail_s`` after."""
+    return _alone(clips, "single", tail_s, seed)
 
 
 def ptt(clips: list[CorpusClip], seed: int = 6) -> list[Scenario]:
     """Push-to-talk: each clip alone, its audio stopping ``PTT_RELEASE_S`` after the last
     speech, and ``end`` sent at once: no silence for the endpoint to wait for."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i, clip in enumerate(clips):
-        tape = _Tape()
-        tape.add(room_tone(SINGLE_LEAD_S, rng))
-        at = tape.add(clip.audio[:_secs(min(clip.duration_s, clip.offset_s + PTT_RELEASE_S))])
-        out.append(Scenario(f"ptt-{i:02d}", "ptt", "ptt", tape.audio(),
-                            utterances=[Utterance(clip.name, clip.reference, at + clip.onset_s,
-                                                  at + clip.offset_s)]))
-    return out
+    return _alone(clips, "ptt", 0.0, seed, cut=True)
 
 
 def multi(clips: list[CorpusClip], tail_s: float, seed: int = 2) -> list[Scenario]:
