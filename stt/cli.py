@@ -367,6 +367,7 @@ def _describe_model(name: str) -> str:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .models import EMBEDDED
     from .nats_server import find_binary
+    from .turn_model import TurnModelError, default_path, verify
 
     def has(mod: str) -> bool:
         return importlib.util.find_spec(mod) is not None
@@ -398,6 +399,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         print("torch       missing (extra: local)")
     print(f"demo sample {SAMPLE if SAMPLE.exists() else 'missing'}")
+    try:
+        print(f"turn model  {verify(default_path())} (verified)")
+    except TurnModelError as e:
+        print(f"turn model  {e}")
     return 0
 
 
