@@ -152,7 +152,19 @@ def describe(message: dict[str, Any]) -> str:
     if kind == "transcript":
         tag = "FINAL  " if message.get("is_final") else "partial"
         span = f"{message.get('start', 0):7.2f}-{message.get('end', 0):7.2f}s"
-        return f"[{sid} #{seq}] {tag} seg {message.get('segment_id')} {span}  {message.get('transcript', '')}"
+        turn = ""
+        if message.get("is_final") and "end_of_turn" in message:
+            p = message.get("turn_probability")
+            turn = ("  [end of turn" + (f", p={p:.2f}]" if p is not None else "]")
+                    if message["end_of_turn"] else "  [turn goes on]")
+        return (f"[{sid} #{seq}] {tag} seg {message.get('segment_id')} {span}  "
+                f"{message.get('transcript', '')}{turn}")
+    if kind == "eager_end_of_turn":
+        return (f"[{sid} #{seq}] eager end of turn seg {message.get('segment_id')} "
+                f"(p={message.get('turn_probability')}, {message.get('silence')} s of silence)  "
+                f"{message.get('transcript', '')}")
+    if kind == "turn_resumed":
+        return f"[{sid} #{seq}] turn resumed seg {message.get('segment_id')}"
     if kind == "interrupt":
         return f"[{sid} #{seq}] INTERRUPT (user started speaking at {message.get('start', '?')} s)"
     if kind == "error":

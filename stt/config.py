@@ -19,9 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .turn import TurnParams
+
 ENGINES = ("faster-whisper", "whisper", "http")
 VAD_START_WINDOW_MS = 150  # the window STT_VAD_START_MS of voiced audio must fall in
 ENCODINGS = ("pcm_s16le", "pcm_f32le", "mulaw", "alaw")
+ENDPOINTING = ("model", "silence", "adaptive")  # STT_ENDPOINTING and a start's "endpointing"
 COMPUTE_TYPES = ("auto", "int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16",
                  "bfloat16", "float32")
 
@@ -233,19 +236,47 @@ class Settings:
                                          "in progress (push-to-talk released, client gone); the "
                                          "larger of this and STT_CHUNK_TIMEOUT applies, so network "
                                          "jitter does not cut speech.")
-    endpointing: str = setting("fixed", "STT_ENDPOINTING",
-                               "How much silence ends an utterance: fixed (STT_CHUNK_TIMEOUT) or "
-                               "adaptive: STT_ENDPOINT_MIN_S once the speculative final reads as "
-                               "a finished sentence (terminal punctuation, not ending on a "
-                               "conjunction, article, preposition or filler), STT_ENDPOINT_MAX_S "
-                               "when it does not, STT_CHUNK_TIMEOUT until it is decoded.",
-                               choices=("fixed", "adaptive"))
+    endpointing: str = setting("model", "STT_ENDPOINTING",
+                               "How a turn's end is found: model (the end-of-turn model on the "
+                               "trailing silence, combined with the speculative final's words; "
+                               "STT_TURN_* below), silence (STT_CHUNK_TIMEOUT of silence) or "
+                               "adaptive (STT_ENDPOINT_MIN_S once the speculative final reads as "
+                               "a finished sentence, STT_ENDPOINT_MAX_S when it does not). A "
+                               "start may ask for model or silence; without the model file, "
+                               "silence.", choices=ENDPOINTING)
     endpoint_min_s: float = setting(0.5, "STT_ENDPOINT_MIN_S",
                                     "Adaptive endpointing: the silence that ends a finished "
                                     "sentence.")
     endpoint_max_s: float = setting(1.2, "STT_ENDPOINT_MAX_S",
                                     "Adaptive endpointing: the silence that ends an utterance "
                                     "that reads as unfinished.")
+    turn_query_s: str = setting("0.15,0.45,0.9", "STT_TURN_QUERY_S",
+                                "Model endpointing: the trailing silences (seconds, ascending) "
+                                "at which the end-of-turn model is asked.")
+    turn_thresholds: str = setting("0.15:0.9,0.45:0.8,0.9:0.6", "STT_TURN_THRESHOLDS",
+                                   "Model endpointing: silence:score pairs; from that much "
+                                   "silence on, a combined score (the model's probability, plus "
+                                   "STT_TURN_FINISHED_BONUS when the words end a sentence; never "
+                                   "when they end on 'the', 'to', 'and', 'um' or a comma) at "
+                                   "least this high ends the turn.")
+    turn_finished_bonus: float = setting(0.15, "STT_TURN_FINISHED_BONUS",
+                                         "Model endpointing: added to the model's probability "
+                                         "when the speculative final ends like a finished "
+                                         "sentence.")
+    turn_eager: float = setting(0.6, "STT_TURN_EAGER",
+                                "Model endpointing: the combined score that sends an "
+                                "eager_end_of_turn (once per pause; turn_resumed if speech "
+                                "comes back); above 1.5 = never.")
+    turn_max_silence_s: float = setting(1.6, "STT_TURN_MAX_SILENCE_S",
+                                        "Model endpointing: the silence that ends a turn "
+                                        "whatever the model and the words say.")
+    turn_model_path: str = setting("", "STT_TURN_MODEL_PATH",
+                                   "The Smart Turn v3.2 ONNX file (empty: the copy script/setup "
+                                   "installs in the environment); its SHA-256 is checked before "
+                                   "loading.")
+    turn_threads: int = setting(1, "STT_TURN_THREADS",
+                                "Threads that run end-of-turn model queries (one query per "
+                                "session at a time; queries never delay a final).")
     stall_timeout_s: float = setting(5.0, "STT_STALL_TIMEOUT_S",
                                      "Longest wait for audio that stops arriving while the last "
                                      "frames are voiced (a network stall mid-word): the "
@@ -392,6 +423,12 @@ class Settings:
         need(self.partial_interval_s >= 0, "partial_interval_s", "must be >= 0")
         need(0 <= self.speculative_ms <= 10_000, "speculative_ms", "must be between 0 and 10000")
         need(self.stall_timeout_s >= 0, "stall_timeout_s", "must be >= 0")
+        need(self.turn_max_silence_s >= 0.1, "turn_max_silence_s", "must be at least 0.1 s")
+        need(1 <= self.turn_threads <= 16, "turn_threads", "must be between 1 and 16")
+        try:
+            self.turn_params()
+        except ValueError as exc:
+            need(False, "turn_thresholds", str(exc))
         need(0.1 <= self.endpoint_min_s <= self.endpoint_max_s <= 10, "endpoint_min_s",
              "must be at least 0.1 s and at most STT_ENDPOINT_MAX_S (at most 10 s)")
         need(self.final_retry_s >= 0, "final_retry_s", "must be >= 0")
@@ -430,6 +467,22 @@ class Settings:
         for name in ("nats_creds", "nats_nkey_seed", "nats_tls_ca", "nats_tls_cert", "nats_tls_key"):
             path = getattr(self, name)
             need(not path or os.path.isfile(path), name, f"file not found: {path}")
+
+    def turn_params(self, mode: str | None = None) -> TurnParams:
+        """The end-of-turn rules (``mode``: a start's choice, else STT_ENDPOINTING's)."""
+        mode = mode or self.endpointing
+        try:
+            query = tuple(float(x) for x in self.turn_query_s.split(",") if x.strip())
+            steps = tuple((float(a), float(b)) for a, b in
+                          (pair.split(":") for pair in self.turn_thresholds.split(",")
+                           if pair.strip()))
+        except ValueError:
+            raise ValueError("STT_TURN_QUERY_S is comma-separated seconds and "
+                             "STT_TURN_THRESHOLDS comma-separated silence:score pairs") from None
+        return TurnParams(mode="model" if mode == "model" else "silence", query_s=query,
+                          thresholds=steps, finished_bonus=self.turn_finished_bonus,
+                          eager=self.turn_eager, max_silence_s=self.turn_max_silence_s,
+                          fallback_s=min(self.chunk_timeout_s, self.turn_max_silence_s))
 
     def redacted(self) -> dict[str, Any]:
         """Settings for logs: secrets masked."""

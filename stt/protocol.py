@@ -18,7 +18,7 @@ from typing import Any
 
 import msgpack
 
-from .config import ENCODINGS, Settings
+from .config import ENCODINGS, ENDPOINTING, Settings
 
 MAX_SESSION_ID_LEN = 128
 MAX_PROMPT_CHARS = 2000
@@ -127,6 +127,7 @@ class Start:
     prompt: str | None = None
     word_timestamps: bool = False
     claimed_session_id: str | None = None  # the body's session_id, if any
+    endpointing: str | None = None  # "model" | "silence": how this session's turns end
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,18 @@ def _parse_start(message: dict[str, Any]) -> Start:
         prompt=_optional_str(message, "prompt", MAX_PROMPT_CHARS),
         word_timestamps=bool(message.get("word_timestamps", False)),
         claimed_session_id=None if claimed is None else str(claimed)[:MAX_SESSION_ID_LEN],
+        endpointing=_endpointing(message.get("endpointing")),
     )
+
+
+def _endpointing(value: Any) -> str | None:
+    if value is None:
+        return None
+    if value not in ENDPOINTING:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                            f"start: endpointing must be one of {', '.join(ENDPOINTING)}, "
+                            f"got {str(value)[:40]!r}")
+    return str(value)
 
 
 def _parse_chunk(message: dict[str, Any]) -> Chunk:
@@ -275,6 +287,10 @@ class Transcript:
     stable_text: str | None = None
     unstable_text: str | None = None
     stability: float | None = None
+    # finals only: does it end the user's turn (not a size cut), and the end-of-turn model's
+    # last probability for it (None: not asked)
+    end_of_turn: bool | None = None
+    turn_probability: float | None = None
 
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -287,7 +303,44 @@ class Transcript:
         if self.stable_text is not None:
             out.update(stable_text=self.stable_text, unstable_text=self.unstable_text,
                        stability=self.stability)
+        if self.end_of_turn is not None:
+            out.update(end_of_turn=self.end_of_turn, turn_probability=_round(self.turn_probability))
         return out
+
+
+def _round(p: float | None) -> float | None:
+    return None if p is None else round(p, 3)
+
+
+@dataclass(frozen=True)
+class EagerEndOfTurn:
+    """The user has probably finished: the speculative transcript, so an assistant can start
+    preparing its answer. A ``turn_resumed`` follows if they go on; the final with
+    ``end_of_turn`` if they do not."""
+
+    session_id: str
+    speaker_id: str | None
+    segment_id: int
+    text: str
+    turn_probability: float | None
+    silence_s: float
+
+    def fields(self) -> dict[str, Any]:
+        return {"speaker_id": self.speaker_id, "segment_id": self.segment_id,
+                "transcript": self.text, "turn_probability": _round(self.turn_probability),
+                "silence": round(self.silence_s, 3)}
+
+
+@dataclass(frozen=True)
+class TurnResumed:
+    """Speech came back after an ``eager_end_of_turn``: discard what was prepared."""
+
+    session_id: str
+    speaker_id: str | None
+    segment_id: int
+
+    def fields(self) -> dict[str, Any]:
+        return {"speaker_id": self.speaker_id, "segment_id": self.segment_id}
 
 
 @dataclass(frozen=True)
@@ -339,10 +392,13 @@ class Error:
         return {"code": self.code.value, "message": self.message}
 
 
-Outgoing = Transcript | Interrupt | InterruptCancelled | SessionEnd | Error
+Outgoing = (Transcript | Interrupt | InterruptCancelled | EagerEndOfTurn | TurnResumed
+            | SessionEnd | Error)
 
 OUTGOING_TYPES: dict[type, str] = {Transcript: "transcript", Interrupt: "interrupt",
-                                   InterruptCancelled: "interrupt_cancelled", SessionEnd: "end",
+                                   InterruptCancelled: "interrupt_cancelled",
+                                   EagerEndOfTurn: "eager_end_of_turn",
+                                   TurnResumed: "turn_resumed", SessionEnd: "end",
                                    Error: "error"}
 
 

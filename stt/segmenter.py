@@ -235,6 +235,13 @@ class Segmenter:
         self.frames = frames
         self._next_segment_id = next_segment_id
 
+    def retune(self, params: SegmenterParams) -> None:
+        """New endpoint and size rules (a start that chose another endpointing); the VAD, the
+        noise floor and the open segment carry on."""
+        self.params = params
+        self._endpoint_frames = params.endpoint_frames
+        self._max_frames = params.max_frames
+
     def skip(self) -> None:
         """A frame that is not listened to (half duplex): time passes, nothing is kept."""
         self.frames += 1

@@ -52,6 +52,7 @@ from .config import Settings
 from .engines.base import TranscribeOptions, Transcription, Word
 from .protocol import (
     Chunk,
+    EagerEndOfTurn,
     End,
     EndReason,
     Error,
@@ -66,6 +67,7 @@ from .protocol import (
     State,
     StateChange,
     Transcript,
+    TurnResumed,
 )
 from .segmenter import (
     PCM_FRAME_BYTES,
@@ -78,6 +80,7 @@ from .segmenter import (
 )
 from .stabilizer import Stabilizer, overlap
 from .textnorm import reads_finished
+from .turn import Turn, TurnParams, Verdict
 from .vad import FRAME_S, Framer
 
 INTERRUPT_MIN_VOICED_RATIO = 0.6  # of frames since onset, so a few loud clicks do not qualify
@@ -85,6 +88,7 @@ INTERRUPT_MIN_VOICED_RATIO = 0.6  # of frames since onset, so a few loud clicks 
 # mid-speech (a network stall, not the user pausing): the segment waits STT_STALL_TIMEOUT_S.
 STALL_VOICED_TAIL_S = 0.3
 SEEN_SEQ_WINDOW = 256            # recent chunk seq numbers kept to tell duplicates from late ones
+TURN_AUDIO_S = 8.0               # the end-of-turn model hears the last 8 s of the utterance
 
 
 @dataclass(frozen=True)
@@ -103,21 +107,46 @@ class SessionParams:
     adaptive: bool = False
     endpoint_fixed_frames: int = 27
     endpoint_min_frames: int = 27
+    # model endpointing (stt.turn): the segmenter waits turn.max_silence_s; the session asks
+    # the end-of-turn model during the silence and ends the turn when it and the words agree
+    turn: TurnParams = field(default_factory=lambda: TurnParams(mode="silence"))
 
     @classmethod
-    def from_settings(cls, s: Settings) -> SessionParams:
+    def from_settings(cls, s: Settings, endpointing: str | None = None,
+                      model: bool = True) -> SessionParams:
+        """``endpointing``: the session's own choice (its start), else STT_ENDPOINTING's;
+        ``model``: whether the end-of-turn model can be asked (else silence endpointing)."""
+        mode = endpointing or s.endpointing
+        if mode == "model" and not model:
+            mode = "silence"
+        turn = s.turn_params(mode)
+        segmenter = SegmenterParams.from_settings(s)
+        speculative = (max(1, round(s.speculative_ms / 1000 / FRAME_S))
+                       if s.speculative_ms > 0 else 0)
+        if mode == "adaptive":
+            endpoint_s = s.endpoint_max_s
+        elif turn.uses_model:
+            endpoint_s = turn.max_silence_s
+            # the final's decode starts when the model is first asked: its words are needed then
+            first = max(1, round(turn.first_query_s / FRAME_S))
+            speculative = min(speculative, first) if speculative else first
+        else:
+            endpoint_s = s.chunk_timeout_s
+        endpoint = max(1, math.ceil(endpoint_s / FRAME_S))
+        segmenter = replace(segmenter, endpoint_frames=endpoint,
+                            max_frames=max(segmenter.max_frames, endpoint + 2))
         return cls(
-            segmenter=SegmenterParams.from_settings(s),
+            segmenter=segmenter,
             audio_gap_s=max(s.audio_gap_timeout_s, s.chunk_timeout_s),
             partial_frames=round(s.partial_interval_s / FRAME_S) if s.partial_interval_s > 0 else 0,
             partial_window_frames=round(s.partial_window_s / FRAME_S),
             interrupt_frames=max(1, math.ceil(s.interrupt_min_speech_ms / 1000 / FRAME_S)),
-            speculative_frames=(max(1, round(s.speculative_ms / 1000 / FRAME_S))
-                                if s.speculative_ms > 0 else 0),
+            speculative_frames=speculative,
             stall_s=s.stall_timeout_s,
-            adaptive=s.endpointing == "adaptive",
+            adaptive=mode == "adaptive",
             endpoint_fixed_frames=max(1, math.ceil(s.chunk_timeout_s / FRAME_S)),
-            endpoint_min_frames=max(1, math.ceil(s.endpoint_min_s / FRAME_S)))
+            endpoint_min_frames=max(1, math.ceil(s.endpoint_min_s / FRAME_S)),
+            turn=turn)
 
 
 # --- actions ---------------------------------------------------------------------------------
@@ -143,6 +172,8 @@ class Job:
     speculative: bool = False   # a final decoded before its endpoint was certain
     committed: list[str] = field(default_factory=list)  # words already published as stable
     committed_words: tuple[Word, ...] = ()  # their times on the session timeline, when known
+    end_of_turn: bool = True    # a final that ends the user's turn (a size cut does not)
+    turn_probability: float | None = None  # the end-of-turn model's last answer for it
 
     @property
     def duration_s(self) -> float:
@@ -169,11 +200,21 @@ class Cancel:
 
 
 @dataclass(frozen=True)
+class ScoreTurn:
+    """Ask the end-of-turn model about ``audio`` (the utterance so far, its trailing silence
+    included); the answer comes back through :meth:`Session.turn_scored`."""
+
+    query_id: int
+    session_id: str
+    audio: np.ndarray
+
+
+@dataclass(frozen=True)
 class Close:
     reason: EndReason
 
 
-Action = Publish | Transcribe | Cancel | Close
+Action = Publish | Transcribe | Cancel | ScoreTurn | Close
 
 
 @dataclass(frozen=True)
@@ -229,6 +270,8 @@ class _Utterance:
     spec_result: Transcription | None = None
     spec_speech: int = 0              # speech frames when it was asked for
     spec_stable: int = 0              # stable words then
+    turn: Turn | None = None          # end of turn (model endpointing)
+    turn_query: int = 0               # the query in flight, by id
 
     @property
     def committed_frames(self) -> int:
@@ -241,10 +284,12 @@ class _Utterance:
 
 class Session:
     def __init__(self, session_id: str, settings: Settings, now: float,
-                 start: Start | None = None) -> None:
+                 start: Start | None = None, *, turn_model: bool = True) -> None:
         self.session_id = session_id
         self.settings = settings
-        self.params = SessionParams.from_settings(settings)
+        self.turn_model = turn_model  # the end-of-turn model can be asked (else silence)
+        self.params = SessionParams.from_settings(settings, start.endpointing if start else None,
+                                                  turn_model)
         self.created_at = now
         self.last_message_at = now
         self.last_audio_at = now
@@ -253,6 +298,7 @@ class Session:
         self.implicit_start = start is None
         self._sequence = 1
         self._next_job_id = 1
+        self._next_query_id = 1
         self._segmenter = Segmenter(self.params.segmenter)
         self._utt: _Utterance | None = None
         # At most one final and one partial in flight: a final never waits behind a partial
@@ -274,10 +320,10 @@ class Session:
 
     @classmethod
     def resume(cls, session_id: str, settings: Settings, now: float, snap: SessionSnapshot,
-               frames: int | None = None) -> Session:
+               frames: int | None = None, *, turn_model: bool = True) -> Session:
         """A session carried on from ``snap`` (a handover, or a crashed replica's reservation);
         ``frames`` overrides the snapshot's timeline (the worker estimates it after a crash)."""
-        session = cls(session_id, settings, now, snap.start)
+        session = cls(session_id, settings, now, snap.start, turn_model=turn_model)
         session._sequence = snap.next_sequence
         session._segmenter.resume(snap.frames if frames is None else frames,
                                   snap.next_segment_id)
@@ -390,6 +436,8 @@ class Session:
                 utt.spec_result = result  # published at the endpoint, if speech does not resume
                 if self.params.adaptive and self._adaptive_endpoint(utt):
                     return self._end_segment(now)  # it reads finished: no need to wait a frame
+                if utt.turn is not None:  # the words the end of turn waited for
+                    return self._judge_turn(utt, now) + self._pump(now)
             return self._pump(now)
         job = self._take_inflight(job_id)
         if job is None:
@@ -439,7 +487,8 @@ class Session:
                 self.session_id, text=text, is_final=True, state=self._state,
                 speaker_id=self.speaker_id, segment_id=job.segment_id,
                 start_s=job.segment_start_s, end_s=job.end_s,
-                language=result.language or job.options.language, words=timed),
+                language=result.language or job.options.language, words=timed,
+                end_of_turn=job.end_of_turn, turn_probability=job.turn_probability),
                 speech_ended_at=job.speech_end_at))
             self.counters.finals += 1
             self._finals_published += 1
@@ -506,6 +555,10 @@ class Session:
             actions += self._on_frames(self._drain_audio(), now)
             actions += self._end_segment(now)
         self.implicit_start = False
+        if start.endpointing != self._start.endpointing:
+            self.params = SessionParams.from_settings(self.settings, start.endpointing,
+                                                      self.turn_model)
+            self._segmenter.retune(self.params.segmenter)
         self._configure(start)
         return actions
 
@@ -599,7 +652,7 @@ class Session:
             return []  # half duplex: the assistant is speaking, the user is not transcribed
         boundary = self._segmenter.push(frame, pcm, energy)
         if isinstance(boundary, Opened):
-            self._utt = _Utterance(boundary.segment, candidate=responding)
+            self._utt = self._utterance(boundary.segment, candidate=responding)
             return []
         utt = self._utt
         if utt is None:
@@ -613,6 +666,12 @@ class Session:
             actions += self._drop_speculation(utt)  # speech resumed: that decode is moot
         if self.params.adaptive and self._adaptive_endpoint(utt):
             return actions + self._end_segment(now)
+        if utt.turn is not None and not utt.candidate:
+            actions += self._turn_step(utt)
+            if utt.segment.trailing_silence:
+                actions += self._judge_turn(utt, now)
+                if self._utt is not utt:
+                    return actions  # the turn ended
         if self._speculation_due(utt):
             actions += self._speculate(utt, now)
         elif self._partial_due(utt):
@@ -633,6 +692,69 @@ class Session:
         self.counters.interrupts += 1
         return self._emit(Interrupt(self.session_id, self.speaker_id,
                                     segment_id=utt.segment.segment_id, start_s=utt.segment.start_s))
+
+    # --- end of turn (model endpointing; stt.turn decides) -----------------------------------
+
+    def _utterance(self, segment: Segment, candidate: bool = False) -> _Utterance:
+        turn = self.params.turn
+        return _Utterance(segment, candidate=candidate,
+                          turn=Turn(turn) if turn.uses_model else None)
+
+    def _turn_step(self, utt: _Utterance) -> list[Action]:
+        """Per frame: speech came back (the pause was not the end), or the model is due."""
+        turn, seg = utt.turn, utt.segment
+        assert turn is not None
+        if not seg.trailing_silence:
+            utt.turn_query = 0  # an answer still coming is for a silence that is over
+            if turn.resumed():
+                return [self._emit(TurnResumed(self.session_id, self.speaker_id,
+                                               segment_id=seg.segment_id))]
+            return []
+        silence_s = seg.trailing_silence * FRAME_S
+        if not turn.query_due(silence_s) or not seg.speech_count or not self._pitched(seg):
+            return []
+        n = len(seg)
+        query = ScoreTurn(self._next_query_id, self.session_id,
+                          seg.samples(max(0, n - int(TURN_AUDIO_S / FRAME_S)), n))
+        turn.asked(silence_s)
+        utt.turn_query = self._next_query_id
+        self._next_query_id += 1
+        return [query]
+
+    def _judge_turn(self, utt: _Utterance, now: float) -> list[Action]:
+        """End the turn, say it is probably over, or keep listening (stt.turn.Turn.decide)."""
+        turn, seg = utt.turn, utt.segment
+        if turn is None or utt.candidate or self._utt is not utt or not seg.trailing_silence:
+            return []
+        words = (utt.spec_result.text if utt.spec_result is not None
+                 and self._speculation_holds(utt) else None)
+        verdict = turn.decide(seg.trailing_silence * FRAME_S, words)
+        if verdict is Verdict.END:
+            return self._end_segment(now)
+        if verdict is Verdict.EAGER and words is not None:
+            return [self._emit(EagerEndOfTurn(
+                self.session_id, self.speaker_id, segment_id=seg.segment_id, text=words,
+                turn_probability=turn.probability, silence_s=seg.trailing_silence * FRAME_S))]
+        return []
+
+    def turn_scored(self, query_id: int, probability: float, now: float) -> list[Action]:
+        """The end-of-turn model's answer to a :class:`ScoreTurn`."""
+        utt = self._utt
+        if (self.closed or self._closing is not None or utt is None or utt.turn is None
+                or utt.turn_query != query_id):
+            return []  # the utterance ended or speech came back meanwhile
+        utt.turn_query = 0
+        utt.turn.scored(probability)
+        return self._judge_turn(utt, now) + self._pump(now)
+
+    def turn_failed(self, query_id: int, now: float) -> list[Action]:
+        """The model could not answer (overloaded, an error): silence decides this pause."""
+        utt = self._utt
+        if utt is None or utt.turn is None or utt.turn_query != query_id or self.closed:
+            return []
+        utt.turn_query = 0
+        utt.turn.failed()
+        return self._judge_turn(utt, now) + self._pump(now)
 
     # --- segments and jobs -------------------------------------------------------------------
 
@@ -658,8 +780,8 @@ class Session:
         actions += self._drop_speculation(utt)
         if utt.candidate:  # a very long candidate is speech: it fires before the cut
             actions.append(self._fire_interrupt(utt))
-        actions += self._queue_final(utt, ended.n_frames, now)
-        self._utt = _Utterance(ended.rest)
+        actions += self._queue_final(utt, ended.n_frames, now, end_of_turn=False)
+        self._utt = self._utterance(ended.rest)
         return actions
 
     # --- speculative finals ----------------------------------------------------------------
@@ -714,14 +836,16 @@ class Session:
                 and self._final_job is None and not self._queue)
 
     def _queue_final(self, utt: _Utterance, n_frames: int, now: float,
-                     endpoint: bool = False) -> list[Action]:
+                     endpoint: bool = False, end_of_turn: bool = True) -> list[Action]:
         seg = utt.segment
+        turn_p = utt.turn.probability if utt.turn is not None else None
         if endpoint and self._speculation_holds(utt):
             assert utt.speculative is not None
             # the decode started at the first silence is this final: publish it as soon as it is
             # done (now, if it is); its latency counts from this endpoint decision
             job = replace(utt.speculative, speech_end_at=now,
-                          had_partials=utt.partials_published > 0, interrupted=utt.interrupted)
+                          had_partials=utt.partials_published > 0, interrupted=utt.interrupted,
+                          end_of_turn=end_of_turn, turn_probability=turn_p)
             result, utt.speculative, utt.spec_result = utt.spec_result, None, None
             if result is not None:
                 return self._final(job, result) + self._pump(now)
@@ -737,7 +861,8 @@ class Session:
                 ErrorCode.OVERLOADED, f"segment {seg.segment_id} dropped: {len(self._queue)} "
                 "segments already wait for the engine (STT_MAX_PENDING_SEGMENTS)"))
             return actions
-        self._queue.append(self._final_job_for(utt, n_frames, now))
+        self._queue.append(replace(self._final_job_for(utt, n_frames, now),
+                                   end_of_turn=end_of_turn, turn_probability=turn_p))
         return actions + self._pump(now)
 
     def _final_job_for(self, utt: _Utterance, n_frames: int, now: float) -> Job:

@@ -58,6 +58,8 @@ class Status:
     engine_jobs: int = 0
     engine_failures: int = 0
     engine_seconds: float = 0.0
+    turn_queries: Mapping[str, int] = field(default_factory=dict)     # scored, failed
+    turn_seconds: float = 0.0
     reconnects: int = 0
     disconnects: int = 0
     slow_consumers: int = 0

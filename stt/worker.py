@@ -16,6 +16,7 @@ All session decisions are in :mod:`stt.session`; this module only does I/O aroun
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import ctypes.util
 import functools
@@ -41,9 +42,20 @@ from .config import Settings
 from .engines.base import Engine
 from .protocol import EndReason, ErrorCode, ProtocolError, Subjects
 from .scheduler import Scheduler
-from .session import Action, Cancel, Close, Job, Publish, Session, SessionSnapshot, Transcribe
+from .session import (
+    Action,
+    Cancel,
+    Close,
+    Job,
+    Publish,
+    ScoreTurn,
+    Session,
+    SessionSnapshot,
+    Transcribe,
+)
 from .status import CHUNK_RESULTS, Status, not_ready_reasons, package_version
 from .telemetry import CANCELLED, Telemetry
+from .turn import TurnScorer
 from .vad import FRAME_S
 
 log = logging.getLogger("stt.worker")
@@ -52,6 +64,7 @@ TICK_S = 0.1  # idle and audio-gap timeouts are checked this often
 TRIM_INTERVAL_S = 5.0  # after sessions close, hand freed heap back to the OS at most this often
 REFRESH_INTERVAL_S = 60.0  # STT_PARTITIONS: how often snapshots about to expire are rewritten
 HELD_LIMIT = 100_000  # messages held per partition while it is being taken over
+TURN_BACKLOG = 4  # end-of-turn queries waiting per model thread before new ones are refused
 
 
 def _malloc_trim() -> Callable[[], object] | None:
@@ -91,6 +104,8 @@ class Stats:
         self.engine_retries = 0
         self.engine_seconds = 0.0
         self.audio_transcribed_s = 0.0
+        self.turn_queries = {"scored": 0, "failed": 0}
+        self.turn_seconds = 0.0
         self.reconnects = 0
         self.disconnects = 0
         self.slow_consumers = 0
@@ -114,9 +129,19 @@ def _starts(data: bytes) -> bool:
 class Worker:
     def __init__(self, settings: Settings, engine: Engine,
                  clock: Callable[[], float] = time.monotonic,
-                 telemetry: Telemetry | None = None) -> None:
+                 telemetry: Telemetry | None = None,
+                 turn_model: TurnScorer | bool | None = True) -> None:
+        """``turn_model``: the end-of-turn model (anything with ``predict(audio) -> float``);
+        True loads Smart Turn from STT_TURN_MODEL_PATH at start, None/False runs without one
+        (sessions then end turns on silence)."""
         self.settings = settings
         self.engine = engine
+        self.turn_model: TurnScorer | None = None
+        self._load_turn_model = turn_model is True
+        if turn_model is not True and turn_model:
+            self.turn_model = turn_model
+        self._turn_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._turn_pending = 0
         self.clock = clock
         self.version = package_version()
         self.telemetry = telemetry or Telemetry()
@@ -164,6 +189,7 @@ class Worker:
         for what retrying cannot fix."""
         t0 = time.perf_counter()
         await self.engine.start()
+        self._start_turn_model()
         self.engine_ready = True
         log.info("engine ready", extra={"engine": self.engine.describe(),
                                         "load_s": round(time.perf_counter() - t0, 2)})
@@ -185,6 +211,27 @@ class Worker:
                                      "output": self.subjects.output_wildcard,
                                      "nats": self.nc.connected_url.netloc if self.nc.connected_url else None})
         return True
+
+    def _start_turn_model(self) -> None:
+        if self._load_turn_model:
+            self._load_turn_model = False
+            try:
+                from .turn_model import TurnModel
+                self.turn_model = TurnModel(self.settings.turn_model_path or None,
+                                            threads=1)
+            except Exception as exc:  # a missing file or onnxruntime: silence endpointing
+                log_at = log.warning if self.settings.endpointing == "model" else log.info
+                log_at("end-of-turn model unavailable, turns end on silence "
+                       "(STT_CHUNK_TIMEOUT): %s", exc)
+        if self.turn_model is not None and self._turn_pool is None:
+            self._turn_pool = concurrent.futures.ThreadPoolExecutor(
+                self.settings.turn_threads, thread_name_prefix="turn")
+            log.info("end-of-turn model ready", extra={
+                "model": str(getattr(self.turn_model, "path", type(self.turn_model).__name__)),
+                "endpointing": self.settings.endpointing})
+
+    def new_session(self, session_id: str, now: float) -> Session:
+        return Session(session_id, self.settings, now, turn_model=self.turn_model is not None)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start, serve until ``stop`` is set, then shut down gracefully."""
@@ -235,6 +282,8 @@ class Worker:
         if self.cluster is not None:
             await self.cluster.close()
         await self.engine.close()
+        if self._turn_pool is not None:
+            self._turn_pool.shutdown(wait=False, cancel_futures=True)
         await self.telemetry.shutdown()
         self._stopped.set()
         log.info("stopped")
@@ -343,7 +392,7 @@ class Worker:
                              f"worker at its limit of {self.settings.max_sessions} sessions "
                              "(STT_MAX_SESSIONS)")
             return None
-        session = Session(session_id, self.settings, now)
+        session = self.new_session(session_id, now)
         self.sessions[session_id] = session
         self.stats.sessions_started += 1
         if isinstance(event, protocol.Start):
@@ -377,6 +426,8 @@ class Worker:
                 self.scheduler.submit(action.job, functools.partial(self._run_job, session))
             elif isinstance(action, Cancel):
                 self.scheduler.cancel(session.session_id, action.job_id)
+            elif isinstance(action, ScoreTurn):
+                self._score_turn(session, action)
             elif isinstance(action, Close):
                 self.sessions.pop(session.session_id, None)
                 self.scheduler.forget(session.session_id)
@@ -462,7 +513,8 @@ class Worker:
             frames = None  # after a crash: the timeline ran on in real time since it was written
             if not snap.exact:
                 frames = snap.frames + int(max(0.0, wall - written_at.get(sid, wall)) / FRAME_S)
-            session = Session.resume(sid, self.settings, now, snap, frames)
+            session = Session.resume(sid, self.settings, now, snap, frames,
+                                     turn_model=self.turn_model is not None)
             self.sessions[sid] = session
             self._partition[sid] = partition
             self._saved[sid] = snap
@@ -594,6 +646,47 @@ class Worker:
                                      "engine_s": round(elapsed, 3)})
         self._execute(session, session.transcribed(job.job_id, result, self.clock()))
 
+    def _score_turn(self, session: Session, query: ScoreTurn) -> None:
+        """One end-of-turn query on the model's own threads: never on the event loop, never
+        in the engine's way; refused (the session falls back to silence) when they are behind."""
+        loop = asyncio.get_running_loop()
+        pool, model = self._turn_pool, self.turn_model
+        if pool is None or model is None or \
+                self._turn_pending >= TURN_BACKLOG * self.settings.turn_threads:
+            self.stats.turn_queries["failed"] += 1
+            loop.call_soon(self._turn_answer, session, query, None)
+            return
+        self._turn_pending += 1
+
+        def predict() -> tuple[float, float]:
+            t0 = time.perf_counter()
+            return float(model.predict(query.audio)), time.perf_counter() - t0
+
+        future = loop.run_in_executor(pool, predict)
+        future.add_done_callback(lambda f: self._turn_done(session, query, f))
+
+    def _turn_done(self, session: Session, query: ScoreTurn,
+                   future: asyncio.Future[tuple[float, float]]) -> None:
+        self._turn_pending -= 1
+        if future.cancelled() or future.exception() is not None:
+            self.stats.turn_queries["failed"] += 1
+            if not future.cancelled():
+                log.warning("end-of-turn query failed: %s", future.exception(),
+                            extra={"session_id": session.session_id})
+            self._turn_answer(session, query, None)
+            return
+        probability, elapsed = future.result()
+        self.stats.turn_queries["scored"] += 1
+        self.stats.turn_seconds += elapsed
+        self._turn_answer(session, query, probability)
+
+    def _turn_answer(self, session: Session, query: ScoreTurn, probability: float | None) -> None:
+        if session.closed:
+            return
+        now = self.clock()
+        self._execute(session, session.turn_failed(query.query_id, now) if probability is None
+                      else session.turn_scored(query.query_id, probability, now))
+
     def _send_error(self, session_id: str, code: ErrorCode, message: str) -> None:
         """An error about a message that belongs to no live session (so: sequence 0)."""
         self.stats.count_error(code.value)
@@ -691,6 +784,7 @@ class Worker:
             messages_in=s.messages_in, bad_messages=s.bad_messages, published=s.published,
             publish_failures=s.publish_failures, errors=dict(s.errors), engine_jobs=s.engine_jobs,
             engine_failures=s.engine_failures, engine_seconds=s.engine_seconds,
+            turn_queries=dict(s.turn_queries), turn_seconds=s.turn_seconds,
             reconnects=s.reconnects, disconnects=s.disconnects, slow_consumers=s.slow_consumers,
             pending_inbound=self.pending_inbound, pending_outbound=self.pending_outbound,
             cluster=self.cluster.status() if self.cluster is not None else None)

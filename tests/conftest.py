@@ -44,8 +44,11 @@ def corpus_clips(corpus: Path) -> list[tuple[Path, str]]:
 
 
 def make_settings(nats_url: str, **overrides: Any) -> Settings:
+    # Silence endpointing unless a test asks for the model: most tests stream faster than real
+    # time, and the end-of-turn decision waits on wall-clock decodes (tests/test_turn.py and
+    # the benchmarks run the model at real time).
     values: dict[str, Any] = {"nats_url": nats_url, "engine": "faster-whisper", "engine_workers": 1,
-                              "drain_timeout_s": 10.0}
+                              "drain_timeout_s": 10.0, "endpointing": "silence"}
     values.update(overrides)
     return Settings.from_env(environ={}, overrides=values)
 

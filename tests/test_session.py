@@ -52,6 +52,7 @@ def silence(seconds: float) -> np.ndarray:
 def settings(**overrides: Any) -> Settings:
     # speculative finals off unless a test asks: most tests count jobs at the endpoint
     values: dict[str, Any] = {"chunk_timeout_s": 0.6, "partial_interval_s": 0.0,
+                              "endpointing": "silence",
                               "session_idle_timeout_s": 30.0, "speculative_ms": 0}
     values.update(overrides)
     return Settings.from_env(environ={}, overrides=values)
