@@ -17,8 +17,10 @@ WORKDIR /src
 RUN python -m venv /opt/venv
 COPY pyproject.toml README.md* stt_streaming.py stt_streaming_local.py ./
 COPY stt ./stt
-# Not the `local` extra: no torch, no openai-whisper. `otel` so OTEL_ENABLED/HYPERDX_ENABLED work.
-RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check "/src[otel]" \
+# Not the `local` extra: no torch, no openai-whisper. `otel` so OTEL_ENABLED/HYPERDX_ENABLED work;
+# `turn` and the model file (checksum-verified) for end-of-turn detection (STT_ENDPOINTING=model).
+RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check "/src[otel,turn]" \
+    && /opt/venv/bin/python -m stt.turn_model install \
     && /opt/venv/bin/python -c "import stt.cli, stt.connection, stt.engines.http, stt.otel, nkeys"
 
 # --- runtime ------------------------------------------------------------------------------------

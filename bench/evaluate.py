@@ -253,7 +253,9 @@ async def run_config(engine: str, overrides: dict[str, str], scenarios: list[Sce
         info = {"engine_jobs": stats.engine_jobs, "engine_seconds": round(stats.engine_seconds, 2),
                 "engine_failures": stats.engine_failures, "errors": dict(stats.errors),
                 "handling_ms_p99": round(pct(handling_ms, 99) or 0.0, 2),
-                "handling_ms_max": round(max(handling_ms, default=0.0), 2)}
+                "handling_ms_max": round(max(handling_ms, default=0.0), 2),
+                "turn_scored": stats.turn_queries["scored"],
+                "turn_failed": stats.turn_queries["failed"], "turn_s": stats.turn_seconds}
     return played, settings, info
 
 

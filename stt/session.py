@@ -728,6 +728,10 @@ class Session:
             return []
         words = (utt.spec_result.text if utt.spec_result is not None
                  and self._speculation_holds(utt) else None)
+        if words is not None and not words.strip():
+            # no words at all (a cough, a click, the TV): nothing to wait for; an interrupt it
+            # raised is cancelled now instead of after the longest silence
+            return self._end_segment(now)
         verdict = turn.decide(seg.trailing_silence * FRAME_S, words)
         if verdict is Verdict.END:
             return self._end_segment(now)

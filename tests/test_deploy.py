@@ -365,7 +365,7 @@ def test_http_image_has_no_torch_and_the_local_image_can_run_both() -> None:
     rocm = (ROOT / "Dockerfile.rocm").read_text()
     assert re.search(r"ARG BASE_IMAGE=rocm/pytorch:rocm[\w.]+", rocm)
     assert "--build-arg BASE_IMAGE=pytorch/pytorch:" in rocm, "CUDA build documented"
-    assert "ARG WHISPER_MODEL=" in rocm and "/src[serve,otel]" in rocm
+    assert "ARG WHISPER_MODEL=" in rocm and "/src[serve,otel,turn]" in rocm and "stt.turn_model install" in rocm
 
 
 def test_dockerfiles_pass_hadolint() -> None:

@@ -263,3 +263,14 @@ async def test_worker_ends_turns_with_the_real_model_at_real_time(worker_factory
     status = worker.status()
     assert status.turn_queries["scored"] >= 2 and status.turn_seconds > 0
     assert status.sessions == 0
+
+
+def test_a_wordless_interrupt_is_cancelled_as_soon_as_its_decode_says_so() -> None:
+    h = TurnHarness([0.1] * 5, Start(state=State.RESPONDING))
+    h.feed(silence(0.3))
+    h.feed(SENTENCE_1[: 16000])                           # loud enough, pitched: an interrupt
+    assert h.of_type("interrupt")
+    h.feed(silence(0.3))
+    h.spec_reply("")                                      # ... but it had no words
+    (cancelled,) = h.of_type("interrupt_cancelled")
+    assert cancelled["state"] == "responding" and h.session.state is State.RESPONDING

@@ -183,6 +183,7 @@ class Request:
     long_form: bool = False
     prompt_tokens: tuple[int, ...] = ()  # engines that tokenize before batching
     prefix_tokens: tuple[int, ...] = ()  # forced start of the text (TranscribeOptions.prefix)
+    window: int = WINDOW_FRAMES          # a full window's frames (WHISPER_FINAL_WINDOW_S)
 
     @property
     def duration_s(self) -> float:
@@ -190,8 +191,10 @@ class Request:
 
     @property
     def n_frames(self) -> int:
-        """Mel frames this request is encoded over: a short window or Whisper's 30 s."""
-        return short_window_frames(self.audio.size) if self.short else WINDOW_FRAMES
+        """Mel frames this request is encoded over: a short window, or the full one (Whisper's
+        30 s, or WHISPER_FINAL_WINDOW_S when that is shorter and the audio fits)."""
+        frames = short_window_frames(self.audio.size)
+        return frames if self.short else min(WINDOW_FRAMES, max(frames, self.window))
 
 
 def window_frames(requests: Sequence[Request]) -> int:

@@ -86,11 +86,12 @@ class FasterWhisperEngine(LocalWhisperEngine):
                  download_root: str = "", cpu_threads: int = 0, batch_size: int = 8,
                  batch_wait_s: float = 0.005, short_window: str = "partials",
                  beam_size: int = 1, use_context: bool = True,
-                 guards: Guards | None = None) -> None:
+                 guards: Guards | None = None, final_window_s: float = 30.0) -> None:
         super().__init__(model, device=device, download_root=download_root,
                          cpu_threads=cpu_threads, batch_size=batch_size,
                          batch_wait_s=batch_wait_s, short_window=short_window,
-                         beam_size=beam_size, use_context=use_context, guards=guards or Guards())
+                         beam_size=beam_size, use_context=use_context, guards=guards or Guards(),
+                         final_window_s=final_window_s)
         self.requested_compute_type = compute_type
         self.compute_type = ""
         self._tokenizers: dict[str | None, Any] = {}
@@ -154,7 +155,8 @@ class FasterWhisperEngine(LocalWhisperEngine):
         forced = (tuple(self._tokenizer(None).encode(" " + options.prefix.strip()))
                   [:MAX_LENGTH // 2 - 1] if options.prefix and final else ())
         return (Request(audio, options, language, prompt, final=final, short=short,
-                        prompt_tokens=tuple(prefix), prefix_tokens=forced),
+                        prompt_tokens=tuple(prefix), prefix_tokens=forced,
+                        window=self.final_window),
                 (short, final, options.word_timestamps, len(prefix), len(forced),
                  options.temperature))
 

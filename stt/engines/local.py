@@ -35,7 +35,7 @@ class LocalWhisperEngine(Engine):
 
     def __init__(self, model: str, *, device: str, download_root: str, cpu_threads: int,
                  batch_size: int, batch_wait_s: float, short_window: str, beam_size: int,
-                 use_context: bool, guards: Guards) -> None:
+                 use_context: bool, guards: Guards, final_window_s: float = 30.0) -> None:
         self.model_name = model
         self.requested_device = device
         self.download_root = download_root
@@ -43,6 +43,8 @@ class LocalWhisperEngine(Engine):
         self.batch_size = batch_size
         self.batch_wait_s = batch_wait_s
         self.short_window = short_window
+        # finals: frames of the window they are encoded over (30 s = Whisper's own)
+        self.final_window = round(final_window_s * SAMPLE_RATE / HOP)
         self.beam_size = beam_size
         self.use_context = use_context
         self.guards = guards
@@ -70,6 +72,7 @@ class LocalWhisperEngine(Engine):
                 "batch_size": settings.whisper_batch_size,
                 "batch_wait_s": settings.whisper_batch_wait_ms / 1000.0,
                 "short_window": settings.whisper_short_window,
+                "final_window_s": settings.whisper_final_window_s,
                 "beam_size": settings.whisper_beam_size,
                 "use_context": settings.whisper_use_context}
 

@@ -149,13 +149,14 @@ class WhisperEngine(LocalWhisperEngine):
                  cpu_threads: int = 0, batch_size: int = 8, batch_wait_s: float = 0.005,
                  short_window: str = "partials", beam_size: int = 1, use_context: bool = True,
                  no_speech_threshold: float = 0.6, logprob_threshold: float = -1.0,
-                 compression_ratio_threshold: float = 2.4) -> None:
+                 compression_ratio_threshold: float = 2.4, final_window_s: float = 30.0) -> None:
         super().__init__(model, device=device, download_root=download_root,
                          cpu_threads=cpu_threads, batch_size=batch_size,
                          batch_wait_s=batch_wait_s, short_window=short_window,
                          beam_size=beam_size, use_context=use_context,
                          guards=Guards(no_speech_threshold, logprob_threshold,
-                                       compression_ratio_threshold))
+                                       compression_ratio_threshold),
+                         final_window_s=final_window_s)
         self.fp16 = False
 
     @classmethod
@@ -265,7 +266,8 @@ class WhisperEngine(LocalWhisperEngine):
                  prompt: str | None, final: bool) -> tuple[Request, Hashable]:
         # Whisper's batched decode takes one prompt per pass: the prompt is part of the key.
         short = uses_short_window(self.short_window, language, final)
-        return (Request(audio, options, language, prompt, final=final, short=short),
+        return (Request(audio, options, language, prompt, final=final, short=short,
+                        window=self.final_window),
                 (short, final, language, prompt, options.temperature,
                  options.prefix if final else None))
 
