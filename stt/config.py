@@ -257,16 +257,16 @@ class Settings:
     endpoint_max_s: float = setting(1.2, "STT_ENDPOINT_MAX_S",
                                     "Adaptive endpointing: the silence that ends an utterance "
                                     "that reads as unfinished.")
-    turn_query_s: str = setting("0.15,0.45,0.9", "STT_TURN_QUERY_S",
+    turn_query_s: str = setting("0.06,0.3,0.75", "STT_TURN_QUERY_S",
                                 "Model endpointing: the trailing silences (seconds, ascending) "
                                 "at which the end-of-turn model is asked.")
-    turn_thresholds: str = setting("0.15:0.9,0.45:0.8,0.9:0.6", "STT_TURN_THRESHOLDS",
+    turn_thresholds: str = setting("0.06:0.8,0.3:1.2,0.75:0.3", "STT_TURN_THRESHOLDS",
                                    "Model endpointing: silence:score pairs; from that much "
                                    "silence on, a combined score (the model's probability, plus "
                                    "STT_TURN_FINISHED_BONUS when the words end a sentence; never "
                                    "when they end on 'the', 'to', 'and', 'um' or a comma) at "
                                    "least this high ends the turn.")
-    turn_finished_bonus: float = setting(0.15, "STT_TURN_FINISHED_BONUS",
+    turn_finished_bonus: float = setting(0.3, "STT_TURN_FINISHED_BONUS",
                                          "Model endpointing: added to the model's probability "
                                          "when the speculative final ends like a finished "
                                          "sentence.")
@@ -274,7 +274,7 @@ class Settings:
                                 "Model endpointing: the combined score that sends an "
                                 "eager_end_of_turn (once per pause; turn_resumed if speech "
                                 "comes back); above 1.5 = never.")
-    turn_max_silence_s: float = setting(1.6, "STT_TURN_MAX_SILENCE_S",
+    turn_max_silence_s: float = setting(1.4, "STT_TURN_MAX_SILENCE_S",
                                         "Model endpointing: the silence that ends a turn "
                                         "whatever the model and the words say.")
     turn_model_path: str = setting("", "STT_TURN_MODEL_PATH",

@@ -51,13 +51,13 @@ class TurnParams:
     """How the end of a turn is decided, in seconds of trailing silence."""
 
     mode: str = "model"
-    query_s: tuple[float, ...] = (0.15, 0.45, 0.9)   # the model is asked at these silences
+    query_s: tuple[float, ...] = (0.06, 0.3, 0.75)   # the model is asked at these silences
     # (from this silence on, this combined score ends the turn), ascending in silence
-    thresholds: tuple[tuple[float, float], ...] = ((0.15, 0.9), (0.45, 0.8), (0.9, 0.6))
-    finished_bonus: float = 0.15   # added when the words end like a finished sentence
+    thresholds: tuple[tuple[float, float], ...] = ((0.06, 0.8), (0.3, 1.2), (0.75, 0.3))
+    finished_bonus: float = 0.3    # added when the words end like a finished sentence
     eager: float = 0.6             # combined score that sends eager_end_of_turn
     sure: float = 2.0              # the model alone this sure ends the turn before the words
-    max_silence_s: float = 1.6     # ends the turn whatever the model and the words say
+    max_silence_s: float = 1.4     # ends the turn whatever the model and the words say
     fallback_s: float = 0.8        # when the model cannot answer: silence alone, as before
 
     def __post_init__(self) -> None:
@@ -86,17 +86,27 @@ class TurnParams:
         return out
 
 
+# Words that leave a sentence hanging even when the recognizer put a full stop after them
+# ("I'd like a table for the." is a hesitation): articles, conjunctions, fillers, determiners,
+# "of" and "to". Other function words ("her", "be", "on", "from") end sentences often enough
+# ("...who approached her.") that only a missing full stop makes them count.
+DANGLING = frozenset("""
+the a an and or but because if than although though unless whether while
+um uh er erm ah hmm my your our their its of to
+""".split())
+
+
 def words_signal(text: str, bonus: float) -> float | None:
-    """What the words add to the model's probability: None when they announce more (a dangling
-    article, preposition, conjunction or filler, a trailing comma, nothing at all), ``bonus``
-    when they end like a finished sentence, 0 otherwise."""
+    """What the words add to the model's probability: None when they announce more (a trailing
+    comma or dash, a :data:`DANGLING` word, a function word without a full stop, nothing at
+    all), ``bonus`` when they end like a finished sentence, 0 otherwise."""
     stripped = text.rstrip().rstrip("\"')]")
     words = normalize(stripped).split()
-    if not words or stripped.endswith((",", ";", ":", "-", "...")):
+    if not words or stripped.endswith((",", ";", ":", "-", "...")) or words[-1] in DANGLING:
         return None
-    if words[-1] in UNFINISHED_LAST_WORDS:
-        return None
-    return bonus if stripped.endswith(TERMINAL) else 0.0
+    if stripped.endswith(TERMINAL):
+        return bonus
+    return None if words[-1] in UNFINISHED_LAST_WORDS else 0.0
 
 
 class Turn:

@@ -14,7 +14,8 @@ from stt.audio import load_16k_mono
 
 
 @pytest.mark.parametrize("module", ["bench.load", "bench.evaluate", "bench.bench_engines",
-                                    "bench.abandon", "bench.replicas", "bench.endpoint"])
+                                    "bench.abandon", "bench.replicas", "bench.endpoint",
+                                    "bench.turn", "bench.turn_live"])
 def test_benchmark_commands_start(module: str) -> None:
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)

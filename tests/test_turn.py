@@ -113,7 +113,8 @@ class TurnHarness(Harness):
         super().__init__(start, **{"endpointing": "model", "speculative_ms": 200,
                                    "turn_query_s": "0.15,0.45,0.9",
                                    "turn_thresholds": "0.15:0.9,0.45:0.8,0.9:0.6",
-                                   "turn_max_silence_s": 1.6, **overrides})
+                                   "turn_finished_bonus": 0.15, "turn_max_silence_s": 1.6,
+                                   **overrides})
 
     def apply(self, actions: list[Any]) -> list[Any]:
         super().apply(actions)
