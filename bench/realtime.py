@@ -5,8 +5,8 @@ the same session's finals straight off NATS, side by side in one run.
     python -m bench.realtime --passes 5
 
 A real nats-server, the worker (``stt worker``, default engine) and the bridge (``stt
-realtime``) each in its own process. Each pass streams the sample (5 sentences, 30.7 s) at
-real time through the official ``openai`` client's Realtime connection (24 kHz PCM, server turn
+realtime``) each in its own process. Each pass streams the sample (5 sentences, 30.7 s, and
+1.5 s of silence) at real time through the official ``openai`` client's Realtime connection (24 kHz PCM, server turn
 detection) while this process also subscribes to that session's NATS output subject. Per
 utterance, from the moment the audio holding its end of speech was sent (the sample's phrase
 table, ``bench.replicas.PHRASES``):
@@ -15,8 +15,9 @@ table, ``bench.replicas.PHRASES``):
 * ``websocket``: the ``conversation.item.input_audio_transcription.completed`` event;
 * ``bridge``: the difference, utterance by utterance (what NATS -> bridge -> websocket adds).
 
-Then the same audio as a session straight over NATS (``stt.client.stream_audio``, no bridge),
-end of speech to its final, as the baseline a front-end on NATS sees.
+And the same audio as a session of its own straight over NATS (``stt.client.stream_audio``, no
+bridge; before or after the websocket's, alternately), end of speech to its final: what a
+front-end on NATS sees.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from .common import ROOT, header, percentile
 from .replicas import PHRASES, SAMPLE
 
 RATE = 24000  # the Realtime API's audio/pcm
+TAIL_S = 1.5
 
 
 def sample_pcm(rate: int = RATE, start_s: float = 0.0, end_s: float | None = None) -> bytes:
@@ -173,6 +175,10 @@ async def _wait_ready(nats_url: str, health: str, procs: list[subprocess.Popen[b
         await nc.close()
 
 
+def _list(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    return " ".join(f"{v * scale:.{digits}f}" for v in values)
+
+
 def row(name: str, values: list[float], scale: float = 1.0, unit: str = "s") -> str:
     p50, p95 = percentile(values, 50), percentile(values, 95)
     fmt = (lambda v: f"{v * scale:.1f} {unit}") if unit == "ms" else (lambda v: f"{v:.2f} s")
@@ -182,7 +188,10 @@ def row(name: str, values: list[float], scale: float = 1.0, unit: str = "s") -> 
 
 
 async def run(passes: int) -> None:
-    pcm = sample_pcm()
+    # 1.5 s of silence after the last sentence, as a live microphone has: every utterance ends
+    # on the endpoint, in both passes (the NATS pass's `end` would otherwise finalize the last
+    # one early, while the websocket, kept open, waits for STT_AUDIO_GAP_TIMEOUT)
+    pcm = sample_pcm() + bytes(2 * int(TAIL_S * RATE))
     tmp = Path(tempfile.mkdtemp(prefix="stt-bench-realtime-"))
     with NatsServer() as server:
         port = free_port()
@@ -195,14 +204,16 @@ async def run(passes: int) -> None:
             await _wait_ready(server.url, f"http://127.0.0.1:{port}/health", procs)
             got: dict[str, list[float]] = {"nats": [], "websocket": [], "bridge": [],
                                            "direct": []}
-            for i in range(passes):
+            for i in range(passes):  # which goes first alternates
+                direct = await nats_pass(server.url, pcm) if i % 2 else []
                 ws = await websocket_pass(f"http://127.0.0.1:{port}/v1", server.url, pcm)
+                direct = direct or await nats_pass(server.url, pcm)
                 for k, v in ws.items():
                     got[k] += v
-                got["direct"] += await nats_pass(server.url, pcm)
-                print(f"pass {i + 1}/{passes}: websocket {len(ws['websocket'])} completed, "
-                      f"bridge added {', '.join(f'{x * 1000:.1f}' for x in ws['bridge'])} ms",
-                      flush=True)
+                got["direct"] += direct
+                print(f"pass {i + 1}/{passes}: final over NATS, the websocket's session "
+                      f"{_list(ws['nats'])} s; its own session {_list(direct)} s; bridge added "
+                      f"{_list(ws['bridge'], 1000, 1)} ms", flush=True)
         finally:
             for p in procs:
                 p.terminate()

@@ -223,7 +223,7 @@ function draw() {
   for (let s = Math.ceil(t0); s <= t1; s++) {         // seconds
     g.fillStyle = s % 5 === 0 ? "#c3cad3" : "#eceff3";
     g.fillRect(x(s), 0, 1, 156);
-    if (s % 5 === 0) { g.fillStyle = "#7a8593"; g.fillText(`${s}s`, x(s) - 6, 166); }
+    if (s % 5 === 0) { g.fillStyle = "#7a8593"; g.fillText(`${s}s`, Math.min(x(s) - 6, w - 20), 166); }
   }
   g.fillStyle = "#94a3b8";                             // input level, -70 .. 0 dBFS
   const [la, lb] = rows.level;
