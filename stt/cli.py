@@ -386,10 +386,10 @@ async def _live(args: argparse.Namespace) -> int:
 
 
 def cmd_live(args: argparse.Namespace) -> int:
-    if importlib.util.find_spec("stt.realtime") is None or any(
-            importlib.util.find_spec(m) is None for m in ("starlette", "uvicorn", "websockets")):
-        print("stt live needs the serve extra: pip install 'stt-streaming[serve]'",
-              file=sys.stderr)
+    from .realtime import SERVER_MODULES
+    from .serve import missing_extra
+
+    if missing_extra("stt live", SERVER_MODULES):
         return 2
     logs.setup(args.log_level, "text")
     try:

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import contextlib
 import hmac
-import importlib.util
 import json
 import logging
 import sys
@@ -225,12 +224,13 @@ async def serve_realtime(settings: Settings, *,
     return 0 if server.started else 1
 
 
+SERVER_MODULES = ("starlette", "uvicorn", "websockets")
+
+
 def cmd_realtime(args: argparse.Namespace) -> int:
-    missing = [m for m in ("starlette", "uvicorn", "websockets")
-               if importlib.util.find_spec(m) is None]
-    if missing:
-        print(f"stt realtime needs {', '.join(missing)}: pip install 'stt-streaming[serve]'",
-              file=sys.stderr)
+    from .serve import missing_extra
+
+    if missing_extra("stt realtime", SERVER_MODULES):
         return 2
     settings = Settings.from_env(overrides=config.overrides_from_args(args))
     logs.setup(settings.log_level, settings.log_format)
@@ -249,15 +249,12 @@ def cmd_realtime(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser(
-        "realtime", help="OpenAI Realtime transcription websocket + live microphone page, "
-                         "onto a worker over NATS",
+    from .serve import add_server_parser
+
+    add_server_parser(
+        sub, "realtime", cmd_realtime, ("nats", "serve", "ops"),
+        help="OpenAI Realtime transcription websocket + live microphone page, onto a worker "
+             "over NATS",
         description="Serve the OpenAI Realtime transcription websocket (/v1/realtime) and the "
                     "live microphone page (/) as a bridge onto the worker's NATS subjects. "
                     "Every flag has an environment variable.")
-    p.add_argument("--host", dest="serve_host", default=None, metavar="STT_SERVE_HOST",
-                   help="Address to bind (same as --serve-host).")
-    p.add_argument("--port", dest="serve_port", default=None, metavar="STT_SERVE_PORT",
-                   help="Port to listen on (same as --serve-port).")
-    config.add_arguments(p, groups=("nats", "serve", "ops"))
-    p.set_defaults(func=cmd_realtime)

@@ -25,7 +25,7 @@ async def bridge_server(settings: Settings,
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(bridge), host="127.0.0.1", port=port,
                                            log_config=None, ws_max_size=MAX_MESSAGE_BYTES))
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # pytest owns them
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # pytest's
     task = asyncio.create_task(server.serve())
     try:
         for _ in range(200):

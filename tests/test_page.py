@@ -52,7 +52,7 @@ async def test_the_page_shows_the_words_spoken_into_the_microphone(
             try:
                 page = await browser.new_page(viewport={"width": 900, "height": 600})
                 page.on("pageerror", lambda exc: problems.append(str(exc)))
-                page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+                page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
                 await page.goto(url + "/")
                 await page.click("#start")
                 finals = page.locator("#finals .final .text")

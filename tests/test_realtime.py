@@ -233,7 +233,7 @@ def test_stt_live_starts_everything_and_prints_the_url() -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         assert proc.stdout is not None
-        lines = []
+        lines: list[str] = []
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not any(x.startswith("open ") for x in lines):
             line = proc.stdout.readline()
