@@ -131,14 +131,18 @@ class Bridge:
                 data = data if data is not None else message.get("bytes") or b""
                 await apply(rs.on_client(data, time.time(), time.monotonic()))
                 wake.set()
-        except (WebSocketDisconnect, RuntimeError):
+        except (WebSocketDisconnect, RuntimeError, OSError):
             pass  # the client went away mid-send
         finally:
             state["open"] = False
             tick.cancel()
             self.open -= 1
-            with contextlib.suppress(Exception):
+            try:
                 await apply(rs.close())  # the worker frees the session
+            except Exception as exc:  # NATS gone: the worker's idle timeout frees it
+                log.warning("could not end the worker session: %s", exc,
+                            extra={"session_id": sid})
+            with contextlib.suppress(Exception):
                 await sub.unsubscribe()
             log.info("realtime session closed", extra={"session_id": sid})
 
