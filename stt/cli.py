@@ -1,5 +1,5 @@
-"""The ``stt`` command: worker, stream, tail, demo, doctor, convert (and serve, with the serve
-extra)."""
+"""The ``stt`` command: worker, stream, tail, demo, live, doctor, convert (and serve and
+realtime, with the serve extra)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -298,25 +299,42 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return _run_client("tail", args, _tail)
 
 
-async def _demo(args: argparse.Namespace) -> int:
-    from .audio import load_file
-    from .client import stream_audio
-    from .cluster import partition_of, wait_balanced
+@contextlib.asynccontextmanager
+async def embedded(engine: str | None, log_level: str,
+                   replicas: int = 1) -> AsyncIterator[tuple[Any, Settings, list[Any]]]:
+    """Its own nats-server and ``replicas`` started workers (``stt demo``, ``stt live``):
+    yields (server, settings, workers); the workers shut down and the server stops after."""
     from .engines import create_engine
     from .nats_server import REPLICAS_PARTITIONS, NatsServer
     from .worker import Worker
 
-    path = args.file or str(SAMPLE)
-    many = args.replicas > 1
+    many = replicas > 1
     with NatsServer.for_replicas() if many else NatsServer() as server:
         settings = Settings.from_env(overrides={
-            "nats_url": server.url, "engine": args.engine, "log_level": args.log_level,
+            "nats_url": server.url, "engine": engine, "log_level": log_level,
             **({"partitions": REPLICAS_PARTITIONS} if many else {})})
+        workers = [Worker(settings, create_engine(settings)) for _ in range(replicas)]
+        try:
+            for worker in workers:
+                await worker.start()
+            yield server, settings, workers
+        finally:
+            for worker in workers:
+                await worker.shutdown()
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from .audio import load_file
+    from .client import stream_audio
+    from .cluster import partition_of, wait_balanced
+    from .nats_server import REPLICAS_PARTITIONS
+
+    path = args.file or str(SAMPLE)
+    many = args.replicas > 1
+    async with embedded(args.engine, args.log_level, args.replicas) as (server, settings,
+                                                                        workers):
         print(f"nats-server {server.url} · engine {settings.engine} · streaming {path} "
               f"at {args.speed:g}x real time", flush=True)
-        workers = [Worker(settings, create_engine(settings)) for _ in range(args.replicas)]
-        for worker in workers:
-            await worker.start()
         sid = "demo-" + uuid.uuid4().hex[:6]
         nc = await _connect(settings)
         if many:  # every replica holds its share of the partitions before the session starts
@@ -334,8 +352,6 @@ async def _demo(args: argparse.Namespace) -> int:
             took = time.monotonic() - t0
         finally:
             await nc.close()
-            for worker in workers:
-                await worker.shutdown()
     print(f"\n{len(result.finals)} finals, {len(result.partials)} partials, "
           f"{len(samples) / rate:.1f} s of audio in {took:.1f} s")
     print("transcript:", result.text)
@@ -348,6 +364,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 2
     logs.setup(args.log_level, "text")
     return asyncio.run(_demo(args))
+
+
+async def _live(args: argparse.Namespace) -> int:
+    from .nats_server import free_port, port_free
+    from .realtime import serve_realtime
+
+    async with embedded(args.engine, args.log_level) as (server, settings, workers):
+        host = args.host or settings.serve_host
+        port = settings.serve_port if args.port is None else args.port
+        if not port or not port_free(host, port):
+            port = free_port()
+        settings = dataclasses.replace(settings, serve_host=host, serve_port=port)
+
+        def ready(url: str) -> None:
+            print(f"nats-server {server.url} · worker ready (engine {settings.engine})\n"
+                  f"open {url}  (Realtime websocket {url.replace('http', 'ws', 1)}v1/realtime"
+                  f"?intent=transcription; Ctrl-C to stop)", flush=True)
+
+        return await serve_realtime(settings, worker_status=workers[0].status, on_ready=ready)
+
+
+def cmd_live(args: argparse.Namespace) -> int:
+    from .realtime import SERVER_MODULES
+    from .serve import missing_extra
+
+    if missing_extra("stt live", SERVER_MODULES):
+        return 2
+    logs.setup(args.log_level, "text")
+    try:
+        return asyncio.run(_live(args))
+    except KeyboardInterrupt:
+        return 130
 
 
 def _describe_model(name: str) -> str:
@@ -455,6 +503,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="WARNING")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("live", help="embedded nats-server + worker + the Realtime websocket "
+                                     "and the live microphone page; prints the URL to open")
+    p.add_argument("--engine", default=None,
+                   help="engine (default: $STT_ENGINE, else faster-whisper with the embedded "
+                        "tiny.en)")
+    p.add_argument("--host", default=None, help="address to bind (default: $STT_SERVE_HOST, "
+                                                "127.0.0.1)")
+    p.add_argument("--port", type=int, default=None,
+                   help="port (default: $STT_SERVE_PORT, 8000; a free one if it is taken)")
+    p.add_argument("--log-level", default="WARNING")
+    p.set_defaults(func=cmd_live)
+
     p = sub.add_parser("doctor", help="say which engines, devices and binaries are available")
     p.set_defaults(func=cmd_doctor)
 
@@ -462,9 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_convert(sub)
     if importlib.util.find_spec("stt.serve") is not None:
+        from .realtime import add_parser as add_realtime
         from .serve import add_parser as add_serve
 
         add_serve(sub)
+        add_realtime(sub)
     return parser
 
 

@@ -175,16 +175,20 @@ class Settings:
                                                 "Seconds the breaker stays open before one "
                                                 "probe request may try the service again.",
                                                 group="engine")
-    # `stt serve`
-    serve_host: str = setting("127.0.0.1", "STT_SERVE_HOST", "Address `stt serve` binds.",
+    # `stt serve`, `stt realtime`, `stt live`
+    serve_host: str = setting("127.0.0.1", "STT_SERVE_HOST",
+                              "Address `stt serve`, `stt realtime` and `stt live` bind.",
                               group="serve")
-    serve_port: int = setting(8000, "STT_SERVE_PORT", "Port `stt serve` listens on.",
-                              group="serve")
+    serve_port: int = setting(8000, "STT_SERVE_PORT",
+                              "Port `stt serve`, `stt realtime` and `stt live` listen on (`stt "
+                              "live` takes a free one if it is taken).", group="serve")
     serve_max_bytes: int = setting(25 * 1024 * 1024, "STT_SERVE_MAX_BYTES",
                                    "Largest request body `stt serve` accepts (413 beyond).",
                                    group="serve")
     serve_api_key: str = setting("", "STT_SERVE_API_KEY",
-                                 "If set, `stt serve` requires 'Authorization: Bearer KEY'.",
+                                 "If set, `stt serve` and the Realtime websocket require "
+                                 "'Authorization: Bearer KEY' (a browser: the subprotocol "
+                                 "'openai-insecure-api-key.KEY').",
                                  secret=True, group="serve")
 
     # --- NATS --------------------------------------------------------------------------

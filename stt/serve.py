@@ -348,12 +348,29 @@ async def serve(settings: Settings) -> int:
     return 0 if server.started else 1
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    missing = [m for m in ("starlette", "uvicorn", "multipart")
-               if importlib.util.find_spec(m) is None]
+def missing_extra(command: str, modules: tuple[str, ...]) -> bool:
+    """Whether a module of the serve extra is missing; if so, one line on stderr says which."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        print(f"stt serve needs {', '.join(missing)}: pip install 'stt-streaming[serve]'",
+        print(f"{command} needs {', '.join(missing)}: pip install 'stt-streaming[serve]'",
               file=sys.stderr)
+    return bool(missing)
+
+
+def add_server_parser(sub: Any, name: str, func: Any, groups: tuple[str, ...],
+                      **texts: str) -> None:
+    """A server command: ``--host``/``--port`` and the settings of ``groups`` as flags."""
+    p = sub.add_parser(name, **texts)
+    p.add_argument("--host", dest="serve_host", default=None, metavar="STT_SERVE_HOST",
+                   help="Address to bind (same as --serve-host).")
+    p.add_argument("--port", dest="serve_port", default=None, metavar="STT_SERVE_PORT",
+                   help="Port to listen on (same as --serve-port).")
+    config.add_arguments(p, groups=groups)
+    p.set_defaults(func=func)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if missing_extra("stt serve", ("starlette", "uvicorn", "multipart")):
         return 2
     overrides = config.overrides_from_args(args)
     settings = Settings.from_env(overrides=overrides)
@@ -367,14 +384,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """Add ``stt serve`` to the CLI's subcommands."""
-    p = sub.add_parser(
-        "serve", help="OpenAI-compatible transcription API (/v1/audio/transcriptions)",
+    add_server_parser(
+        sub, "serve", cmd_serve, ("engine", "serve", "ops"),
+        help="OpenAI-compatible transcription API (/v1/audio/transcriptions)",
         description="Serve POST /v1/audio/transcriptions over a local engine (STT_ENGINE: "
                     "faster-whisper with the embedded tiny.en by default, whisper for "
                     "PyTorch/ROCm). Every flag has an environment variable.")
-    p.add_argument("--host", dest="serve_host", default=None, metavar="STT_SERVE_HOST",
-                   help="Address to bind (same as --serve-host).")
-    p.add_argument("--port", dest="serve_port", default=None, metavar="STT_SERVE_PORT",
-                   help="Port to listen on (same as --serve-port).")
-    config.add_arguments(p, groups=("engine", "serve", "ops"))
-    p.set_defaults(func=cmd_serve)
