@@ -65,6 +65,7 @@ MODEL_LATENCY_S = 0.05          # a query's answer, after it is asked (measured:
 SPEC_AT_S = 0.15                # the speculative decode collected (the words differ little
                                 # whether it starts at 0.06 or 0.15 s of silence)
 TAIL_S = 1.8
+SPECULATIVE_S = 0.2             # STT_SPECULATIVE_MS
 KINDS = ("finished", "cut-function", "cut-other")
 
 
@@ -192,8 +193,12 @@ def p_at(case: Case, t: float) -> float:
 
 def combined_time(case: Case, params: TurnParams, decode_scale: float = 1.0) -> float:
     """When the worker's Turn ends this case's turn (silence s), run event by event."""
-    # the worker starts the speculative final's decode when it first asks the model
-    words_at = params.first_query_s + case.decode_s * decode_scale
+    # the worker starts the speculative final's decode when the model's first answer says the
+    # turn is probably over, else at STT_SPECULATIVE_MS
+    first = params.first_query_s
+    spec_at = (first + MODEL_LATENCY_S if p_at(case, first) >= params.speculate_p
+               else max(first, SPECULATIVE_S))
+    words_at = spec_at + case.decode_s * decode_scale
     events = sorted({*params.query_s, *(q + MODEL_LATENCY_S for q in params.query_s),
                      *(s for s, _ in params.thresholds), words_at, params.max_silence_s})
     turn = Turn(params)

@@ -63,7 +63,7 @@ class Result:
     ended: dict[tuple[str, float], list[bool]] = field(default_factory=dict)
     eager: int = 0
     resumed: int = 0
-    pairs: list[tuple[str, str]] = field(default_factory=list)  # (offline, finals joined)
+    pairs: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # group: (offline, finals)
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -119,7 +119,7 @@ def score(played: list[Played], offline: dict[str, str], result: Result) -> None
         result.eager += kinds.count("eager_end_of_turn")
         result.resumed += kinds.count("turn_resumed")
         text = " ".join(m.get("transcript", "") for m, _ in finals)
-        result.pairs.append((offline[utt.clip], text))
+        result.pairs.setdefault(sc.group, []).append((offline[utt.clip], text))
         if not finals:
             continue
         last_at = finals[-1][1]
@@ -153,7 +153,9 @@ def report(label: str, sessions: int, r: Result) -> list[str]:
         if cells:
             rows.append(f"  hesitations that ended the turn, {kind}: " + ", ".join(cells))
     rows.append(f"  eager end-of-turn events: {r.eager}, followed by turn_resumed: {r.resumed}")
-    rows.append(f"  WER of the finals against the whole-clip decode: {wer(r.pairs):.3f}")
+    every = [pair for pairs in r.pairs.values() for pair in pairs]
+    rows.append(f"  WER of the finals against the whole-clip decode: {wer(every):.3f} ("
+                + ", ".join(f"{g} {wer(p):.3f}" for g, p in sorted(r.pairs.items())) + ")")
     info = r.info
     if info.get("turn_scored"):
         rows.append(f"  model: {info['turn_scored']} queries, {1000 * info['turn_s'] / info['turn_scored']:.0f} ms each "

@@ -264,7 +264,7 @@ class Settings:
     turn_query_s: str = setting("0.06,0.3,0.75", "STT_TURN_QUERY_S",
                                 "Model endpointing: the trailing silences (seconds, ascending) "
                                 "at which the end-of-turn model is asked.")
-    turn_thresholds: str = setting("0.06:0.8,0.3:1.2,0.75:0.3", "STT_TURN_THRESHOLDS",
+    turn_thresholds: str = setting("0.06:0.8,0.3:1.1,0.75:1.1", "STT_TURN_THRESHOLDS",
                                    "Model endpointing: silence:score pairs; from that much "
                                    "silence on, a combined score (the model's probability, plus "
                                    "STT_TURN_FINISHED_BONUS when the words end a sentence; never "
@@ -278,7 +278,12 @@ class Settings:
                                 "Model endpointing: the combined score that sends an "
                                 "eager_end_of_turn (once per pause; turn_resumed if speech "
                                 "comes back); above 1.5 = never.")
-    turn_max_silence_s: float = setting(1.4, "STT_TURN_MAX_SILENCE_S",
+    turn_speculate_p: float = setting(0.3, "STT_TURN_SPECULATE_P",
+                                      "Model endpointing: a probability at least this high "
+                                      "starts the final's decode at once instead of at "
+                                      "STT_SPECULATIVE_MS (a pause the model calls mid-sentence "
+                                      "costs no decode).")
+    turn_max_silence_s: float = setting(1.3, "STT_TURN_MAX_SILENCE_S",
                                         "Model endpointing: the silence that ends a turn "
                                         "whatever the model and the words say.")
     turn_model_path: str = setting("", "STT_TURN_MODEL_PATH",
@@ -495,6 +500,7 @@ class Settings:
         return TurnParams(mode="model" if mode == "model" else "silence", query_s=query,
                           thresholds=steps, finished_bonus=self.turn_finished_bonus,
                           eager=self.turn_eager, max_silence_s=self.turn_max_silence_s,
+                          speculate_p=self.turn_speculate_p,
                           fallback_s=min(self.chunk_timeout_s, self.turn_max_silence_s))
 
     def redacted(self) -> dict[str, Any]:

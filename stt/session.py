@@ -126,10 +126,9 @@ class SessionParams:
         if mode == "adaptive":
             endpoint_s = s.endpoint_max_s
         elif turn.uses_model:
+            # the final's decode starts at STT_SPECULATIVE_MS, or sooner when the model says
+            # the turn is probably over (Session.turn_scored)
             endpoint_s = turn.max_silence_s
-            # the final's decode starts when the model is first asked: its words are needed then
-            first = max(1, round(turn.first_query_s / FRAME_S))
-            speculative = min(speculative, first) if speculative else first
         else:
             endpoint_s = s.chunk_timeout_s
         endpoint = max(1, math.ceil(endpoint_s / FRAME_S))
@@ -749,7 +748,12 @@ class Session:
             return []  # the utterance ended or speech came back meanwhile
         utt.turn_query = 0
         utt.turn.scored(probability)
-        return self._judge_turn(utt, now) + self._pump(now)
+        actions: list[Action] = []
+        if probability >= utt.turn.params.speculate_p and self._may_speculate(utt):
+            # probably the end: the final's decode starts now, not at STT_SPECULATIVE_MS (a
+            # pause the model calls mid-sentence costs no decode that speech would waste)
+            actions += self._speculate(utt, now)
+        return actions + self._judge_turn(utt, now) + self._pump(now)
 
     def turn_failed(self, query_id: int, now: float) -> list[Action]:
         """The model could not answer (overloaded, an error): silence decides this pause."""
@@ -791,9 +795,12 @@ class Session:
     # --- speculative finals ----------------------------------------------------------------
 
     def _speculation_due(self, utt: _Utterance) -> bool:
-        seg = utt.segment
         at = self.params.speculative_frames
-        return (at > 0 and seg.trailing_silence == at and not utt.candidate
+        return at > 0 and utt.segment.trailing_silence == at and self._may_speculate(utt)
+
+    def _may_speculate(self, utt: _Utterance) -> bool:
+        seg = utt.segment
+        return (seg.trailing_silence > 0 and not utt.candidate
                 and utt.speculative is None and self._spec_job is None
                 and self._final_job is None and not self._queue and seg.speech_count > 0
                 and self._pitched(seg, final=True))

@@ -53,11 +53,12 @@ class TurnParams:
     mode: str = "model"
     query_s: tuple[float, ...] = (0.06, 0.3, 0.75)   # the model is asked at these silences
     # (from this silence on, this combined score ends the turn), ascending in silence
-    thresholds: tuple[tuple[float, float], ...] = ((0.06, 0.8), (0.3, 1.2), (0.75, 0.3))
+    thresholds: tuple[tuple[float, float], ...] = ((0.06, 0.8), (0.3, 1.1), (0.75, 1.1))
     finished_bonus: float = 0.3    # added when the words end like a finished sentence
     eager: float = 0.6             # combined score that sends eager_end_of_turn
     sure: float = 2.0              # the model alone this sure ends the turn before the words
-    max_silence_s: float = 1.4     # ends the turn whatever the model and the words say
+    speculate_p: float = 0.3       # the model this sure starts the final's decode at once
+    max_silence_s: float = 1.3     # ends the turn whatever the model and the words say
     fallback_s: float = 0.8        # when the model cannot answer: silence alone, as before
 
     def __post_init__(self) -> None:

@@ -271,7 +271,20 @@ def test_a_wordless_interrupt_is_cancelled_as_soon_as_its_decode_says_so() -> No
     h.feed(silence(0.3))
     h.feed(SENTENCE_1[: 16000])                           # loud enough, pitched: an interrupt
     assert h.of_type("interrupt")
-    h.feed(silence(0.3))
+    h.feed(silence(0.45))
     h.spec_reply("")                                      # ... but it had no words
     (cancelled,) = h.of_type("interrupt_cancelled")
     assert cancelled["state"] == "responding" and h.session.state is State.RESPONDING
+
+
+def test_a_pause_the_model_calls_mid_sentence_costs_no_early_decode() -> None:
+    low = TurnHarness([0.05], speculative_ms=300)
+    low.feed(silence(0.3))
+    low.feed(SENTENCE_1)
+    low.feed(silence(0.3))
+    assert len(low.queries) == 1 and low.jobs == []       # asked, but no decode yet
+    high = TurnHarness([0.8], speculative_ms=300)
+    high.feed(silence(0.3))
+    high.feed(SENTENCE_1)
+    high.feed(silence(0.3))
+    assert [j.speculative for j in high.jobs] == [True]   # probably the end: decode now
