@@ -313,27 +313,8 @@ def _round(p: float | None) -> float | None:
 
 
 @dataclass(frozen=True)
-class EagerEndOfTurn:
-    """The user has probably finished: the speculative transcript, so an assistant can start
-    preparing its answer. A ``turn_resumed`` follows if they go on; the final with
-    ``end_of_turn`` if they do not."""
-
-    session_id: str
-    speaker_id: str | None
-    segment_id: int
-    text: str
-    turn_probability: float | None
-    silence_s: float
-
-    def fields(self) -> dict[str, Any]:
-        return {"speaker_id": self.speaker_id, "segment_id": self.segment_id,
-                "transcript": self.text, "turn_probability": _round(self.turn_probability),
-                "silence": round(self.silence_s, 3)}
-
-
-@dataclass(frozen=True)
-class TurnResumed:
-    """Speech came back after an ``eager_end_of_turn``: discard what was prepared."""
+class _SegmentEvent:
+    """A message about one utterance of the session (the fields they all carry)."""
 
     session_id: str
     speaker_id: str | None
@@ -344,29 +325,42 @@ class TurnResumed:
 
 
 @dataclass(frozen=True)
-class Interrupt:
-    session_id: str
-    speaker_id: str | None
-    segment_id: int
-    start_s: float  # session time where the interrupting speech began
+class EagerEndOfTurn(_SegmentEvent):
+    """The user has probably finished: the speculative transcript, so an assistant can start
+    preparing its answer. A ``turn_resumed`` follows if they go on; the final with
+    ``end_of_turn`` if they do not."""
+
+    text: str
+    turn_probability: float | None
+    silence_s: float
 
     def fields(self) -> dict[str, Any]:
-        return {"speaker_id": self.speaker_id, "segment_id": self.segment_id,
-                "start": round(self.start_s, 3)}
+        return {**super().fields(), "transcript": self.text,
+                "turn_probability": _round(self.turn_probability),
+                "silence": round(self.silence_s, 3)}
 
 
 @dataclass(frozen=True)
-class InterruptCancelled:
+class TurnResumed(_SegmentEvent):
+    """Speech came back after an ``eager_end_of_turn``: discard what was prepared."""
+
+
+@dataclass(frozen=True)
+class Interrupt(_SegmentEvent):
+    start_s: float  # session time where the interrupting speech began
+
+    def fields(self) -> dict[str, Any]:
+        return {**super().fields(), "start": round(self.start_s, 3)}
+
+
+@dataclass(frozen=True)
+class InterruptCancelled(_SegmentEvent):
     """The speech behind an interrupt had no words: the assistant may resume."""
 
-    session_id: str
-    speaker_id: str | None
-    segment_id: int
     state: State  # the session's state after it (responding, unless the client changed it)
 
     def fields(self) -> dict[str, Any]:
-        return {"speaker_id": self.speaker_id, "segment_id": self.segment_id,
-                "state": self.state.value}
+        return {**super().fields(), "state": self.state.value}
 
 
 @dataclass(frozen=True)
