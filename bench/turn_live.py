@@ -22,7 +22,8 @@ Printed per configuration and session count: end of speech → final p50/p95 (th
 session against its last speech, stream time; push-to-talk: against the ``end`` message too);
 hesitations that ended the turn (a final whose audio ends inside the pause), per kind and pause
 length; eager end-of-turn events and how many were followed by ``turn_resumed``; the WER of each
-session's joined finals against the same clip decoded whole (offline, the same engine); the
+session's joined finals against the session's own audio decoded at once (its pause included;
+offline, the same engine); the
 model's time per query; and the most sessions whose final p95 stays within ``--goal-s``.
 """
 
@@ -39,11 +40,11 @@ import numpy as np
 
 from stt.audio import SAMPLE_RATE
 from stt.config import Settings
-from stt.engines import create_engine
+from stt.engines import TranscribeOptions, create_engine
 from stt.textnorm import wer
 
 from .common import DEFAULT_CORPUS, header, percentile
-from .evaluate import Played, offline_decode, run_config
+from .evaluate import Played, run_config
 from .scenarios import CorpusClip, Scenario, Utterance, load_corpus, room_tone, select
 from .turn import cut_points
 
@@ -109,6 +110,17 @@ def build(clips: list[CorpusClip], cuts: dict[str, dict[str, float]],
     return out
 
 
+async def whole_decodes(scenarios: list[Scenario]) -> dict[str, str]:
+    """Each session's audio decoded at once (its pause included), by the same engine: what
+    the joined finals are scored against."""
+    engine = create_engine(Settings())
+    await engine.start()
+    options = TranscribeOptions(language="en")
+    out = {sc.name: (await engine.transcribe(sc.audio, options)).text for sc in scenarios}
+    await engine.close()
+    return out
+
+
 def score(played: list[Played], offline: dict[str, str], result: Result) -> None:
     for p in played:
         sc = p.scenario
@@ -119,7 +131,7 @@ def score(played: list[Played], offline: dict[str, str], result: Result) -> None
         result.eager += kinds.count("eager_end_of_turn")
         result.resumed += kinds.count("turn_resumed")
         text = " ".join(m.get("transcript", "") for m, _ in finals)
-        result.pairs.setdefault(sc.group, []).append((offline[utt.clip], text))
+        result.pairs.setdefault(sc.group, []).append((offline[sc.name], text))
         if not finals:
             continue
         last_at = finals[-1][1]
@@ -171,8 +183,7 @@ async def run(args: argparse.Namespace) -> int:
     cuts = await all_cut_points(chosen)
     scenarios = build(chosen, cuts, ALL_PAUSES_S if args.all_pauses else PAUSES_S,
                       args.ptt, args.seed)
-    offline_full = await offline_decode("faster-whisper", {}, chosen)
-    offline = {name: o.text for name, o in offline_full.items()}
+    offline = await whole_decodes(scenarios)
     print(f"{len(chosen)} held-out clips, {len(scenarios)} sessions per run")
     capacity: dict[str, int] = {}
     for n in args.sessions:
