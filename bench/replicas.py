@@ -148,7 +148,10 @@ class Replica:
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("STT_", "WHISPER_"))}
         environ.update({"NATS_URL": url, "STT_ENGINE": engine, "STT_LOG_FORMAT": "json",
                         "STT_PARTITIONS": str(REPLICAS_PARTITIONS), "STT_PARTIAL_INTERVAL": "0",
-                        "PYTHONPATH": str(ROOT), **env})
+                        "PYTHONPATH": str(ROOT),
+                        # the instant engine measures the mapping, not turn-taking: 60 sessions'
+                        # end-of-turn queries would be most of the CPU it runs on
+                        **({"STT_ENDPOINTING": "silence"} if engine == INSTANT else {}), **env})
         self.proc = subprocess.Popen([sys.executable, "-m", "stt", "worker"], cwd=ROOT,
                                      env=environ, stdout=log_path.open("wb"),
                                      stderr=subprocess.STDOUT)
