@@ -120,7 +120,7 @@ def encode_snapshot(session_id: str, snap: SessionSnapshot, wall: float) -> dict
             "language": st.language, "prompt": st.prompt, "word_timestamps": st.word_timestamps,
             "next_sequence": snap.next_sequence, "next_segment_id": snap.next_segment_id,
             "last_seq": snap.last_seq, "frames": snap.frames, "finals": snap.finals,
-            "exact": snap.exact, "written_at": wall}
+            "exact": snap.exact, "last_message": snap.last_message, "written_at": wall}
 
 
 def decode_snapshot(d: Mapping[str, Any]) -> tuple[str, SessionSnapshot, float]:
@@ -133,7 +133,8 @@ def decode_snapshot(d: Mapping[str, Any]) -> tuple[str, SessionSnapshot, float]:
     snap = SessionSnapshot(start=start, next_sequence=int(d["next_sequence"]),
                            next_segment_id=int(d["next_segment_id"]),
                            last_seq=None if last is None else int(last), frames=int(d["frames"]),
-                           finals=int(d["finals"]), exact=bool(d.get("exact")))
+                           finals=int(d["finals"]), exact=bool(d.get("exact")),
+                           last_message=d.get("last_message") or None)
     return str(d["session_id"]), snap, float(d.get("written_at") or 0.0)
 
 

@@ -1,0 +1,229 @@
+"""A session handed from one replica to another publishes every word once (issue 26).
+
+Two in-process workers share one partition subject on a real nats-server, and the test plays
+stt.cluster's part by hand, step by step, so every interleaving is deterministic: the taker
+subscribes and holds, the giver keeps serving (it consumes chunks the taker also holds), hands
+over, the taker adopts. The engine reads words the test can count: each "word" is a 0.3 s
+harmonic tone whose pitch names it (``w{k}``), so a repeated or dropped word shows in the
+finals' text exactly. Chunks come as the seed sends them (``audio_b64`` and a capture
+``timestamp``, no ``seq``) and, separately, with the ``seq`` extension.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from typing import Any
+
+import msgpack
+import nats
+import numpy as np
+import pytest
+from conftest import eventually, make_settings
+
+from stt import protocol
+from stt.engines.base import Engine, TranscribeOptions, Transcription
+from stt.nats_server import NatsServer
+from stt.protocol import Chunk, Start
+from stt.session import Session
+from stt.worker import Worker
+
+pytestmark = pytest.mark.timeout(120)
+
+SR = 16000
+P = 7  # the partition both workers serve
+CHUNK_S = 0.04
+
+
+def word(k: int, dur: float = 0.3) -> np.ndarray:
+    """A voiced, pitched 'word': harmonics of 110 + 20k Hz."""
+    t = np.arange(int(dur * SR)) / SR
+    f0 = 110 + 20 * k
+    sig = sum((1 / h) * np.sin(2 * np.pi * f0 * h * t) for h in range(1, 12))
+    env = np.minimum(1, np.minimum(t / 0.02, (dur - t) / 0.02))
+    return np.asarray(0.25 * sig * env / np.max(np.abs(sig)), np.float32)
+
+
+def utter(*ks: int) -> np.ndarray:
+    parts: list[np.ndarray] = []
+    for k in ks:
+        parts += [word(k), silence(0.12)]
+    return np.concatenate(parts)
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * SR), np.float32)
+
+
+def read_words(audio: np.ndarray) -> str:
+    """The engine's side: each run of 10 ms frames above -34 dBFS lasting 120 ms is one word,
+    named by its strongest frequency between 90 and 500 Hz (the fundamental)."""
+    fr = SR // 100
+    n = len(audio) // fr
+    loud = [float(np.sqrt(np.mean(audio[i * fr:(i + 1) * fr] ** 2))) > 0.02 for i in range(n)]
+    words, i = [], 0
+    while i < n:
+        j = i
+        while j < n and loud[j]:
+            j += 1
+        if j - i >= 12:
+            seg = audio[i * fr:j * fr]
+            spec = np.abs(np.fft.rfft(seg * np.hanning(len(seg)), 16 * len(seg)))
+            freqs = np.fft.rfftfreq(16 * len(seg), 1 / SR)
+            band = (freqs > 90) & (freqs < 500)
+            words.append(f"w{round((freqs[band][np.argmax(spec[band])] - 110) / 20)}")
+        i = max(j, i + 1)
+    return " ".join(words)
+
+
+class ToneEngine(Engine):
+    name = "tone"
+
+    async def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> Transcription:
+        return Transcription(text=read_words(audio), language="en", duration_s=audio.size / SR)
+
+
+def test_the_tone_words_read_back() -> None:
+    assert read_words(utter(1, 2, 3, 9, 12)) == "w1 w2 w3 w9 w12"
+
+
+class Client:
+    """One front-end: seed chunks (base64, capture timestamp) or with ``seq``; the session's
+    output as it arrives."""
+
+    def __init__(self, nc: Any, sid: str, seq: bool) -> None:
+        self.nc, self.sid, self.use_seq = nc, sid, seq
+        self.seq = 0
+        self.captured = time.time()
+        self.sent_s = 0.0
+        self.out: list[dict[str, Any]] = []
+
+    async def listen(self) -> None:
+        async def on(msg: Any) -> None:
+            self.out.append(msgpack.unpackb(msg.data))
+
+        await self.nc.subscribe(f"ai.voice.transcription.{self.sid}", cb=on)
+
+    async def publish(self, body: dict[str, Any]) -> None:
+        await self.nc.publish(f"stt.in.{P}.{self.sid}", protocol.pack(body))
+
+    async def send(self, audio: np.ndarray) -> None:
+        pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+        step = int(CHUNK_S * SR) * 2
+        for i in range(0, len(pcm), step):
+            body: dict[str, Any] = {"type": "chunk", "timestamp": self.captured,
+                                    "audio_b64": base64.b64encode(pcm[i:i + step]).decode()}
+            if self.use_seq:
+                self.seq += 1
+                body["seq"] = self.seq
+            self.captured += CHUNK_S
+            await self.publish(body)
+        self.sent_s += len(audio) / SR
+        await self.nc.flush()
+
+    def finals(self) -> list[str]:
+        return [m["transcript"] for m in self.out if m.get("type") == "transcript"
+                and m.get("is_final") and m["transcript"]]
+
+    def ended(self) -> bool:
+        return any(m.get("type") == "end" for m in self.out)
+
+
+def check_output(client: Client) -> dict[str, Any]:
+    """One ``end``, last; ``sequence`` 1, 2, 3 ... across both replicas; the end's counters."""
+    sequences = [m["sequence"] for m in client.out]
+    assert sequences == list(range(1, len(sequences) + 1)), sequences
+    ends = [m for m in client.out if m.get("type") == "end"]
+    assert len(ends) == 1 and client.out[-1] is ends[0], client.out[-3:]
+    return ends[0]
+
+
+async def two_workers(url: str) -> tuple[Worker, Worker]:
+    workers = []
+    for _ in range(2):
+        w = Worker(make_settings(url, partial_interval_s=0.3), ToneEngine(),
+                   turn_model=None)
+        await w.start()
+        workers.append(w)
+    giver = workers[0]
+    await giver.subscribe_partition(P)
+    giver.adopt_partition(P, {}, {})  # live on it
+    return giver, workers[1]
+
+
+@pytest.mark.parametrize("seq", [False, True], ids=["seed-chunks", "seq"])
+async def test_chunks_the_giver_handled_are_not_replayed(seq: bool) -> None:
+    """The taker holds everything from its subscription on; the giver goes on handling chunks
+    (a whole utterance here) until it hands over. Without ``seq`` those chunks were replayed by
+    the taker: the utterance was transcribed twice."""
+    with NatsServer() as server:
+        nc = await nats.connect(server.url)
+        giver, taker = await two_workers(server.url)
+        try:
+            c = Client(nc, "s1", seq)
+            await c.listen()
+            await c.publish({"type": "start", "sample_rate": SR})
+            await c.send(np.concatenate([silence(0.5), utter(1, 2, 3), silence(1.5)]))
+            await eventually(lambda: len(c.finals()) == 1)
+            await taker.subscribe_partition(P)  # step 2: the taker holds from here on
+            await c.send(np.concatenate([utter(4, 5, 6), silence(1.5)]))
+            await eventually(lambda: len(c.finals()) == 2)  # the giver handled all of it
+            snaps = await giver.give_partition(P, 2.0)
+            assert snaps["s1"].exact and snaps["s1"].last_message
+            await c.send(np.concatenate([utter(7, 8), silence(1.5)]))  # held by the taker
+            await asyncio.sleep(0.3)
+            taker.adopt_partition(P, snaps, {}, handed_over=True)
+            await c.send(np.concatenate([utter(9, 10), silence(1.5)]))
+            await c.publish({"type": "end"})
+            await eventually(c.ended)
+        finally:
+            for w in (giver, taker):
+                await w.shutdown()
+            await nc.close()
+    assert c.finals() == ["w1 w2 w3", "w4 w5 w6", "w7 w8", "w9 w10"]
+    end = check_output(c)
+    assert end["segments"] == 4
+    assert abs(end["audio_seconds"] - c.sent_s) < 0.1, (end["audio_seconds"], c.sent_s)
+
+
+@pytest.mark.parametrize("seq", [False, True], ids=["seed-chunks", "seq"])
+async def test_an_utterance_in_progress_ends_on_the_giver_in_one_final(seq: bool) -> None:
+    """The wait for a pause runs out mid-utterance: the giver finishes that utterance (its
+    final has every word, published there), then hands over; nothing is cut or dropped."""
+    with NatsServer() as server:
+        nc = await nats.connect(server.url)
+        giver, taker = await two_workers(server.url)
+        try:
+            c = Client(nc, "s1", seq)
+            await c.listen()
+            await c.publish({"type": "start", "sample_rate": SR})
+            await c.send(np.concatenate([silence(0.5), utter(1, 2, 3), silence(1.5)]))
+            await eventually(lambda: len(c.finals()) == 1)
+            await taker.subscribe_partition(P)
+            await c.send(utter(4, 5, 6, 7))  # no pause yet
+            giving = asyncio.create_task(giver.give_partition(P, 0.3))
+            await asyncio.sleep(0.6)  # past the wait: the old code cut here
+            await c.send(np.concatenate([utter(8, 9), silence(1.5)]))
+            snaps = await giving
+            await eventually(lambda: len(c.finals()) == 2)
+            await c.send(np.concatenate([utter(10, 11), silence(1.5)]))
+            taker.adopt_partition(P, snaps, {}, handed_over=True)
+            await c.publish({"type": "end"})
+            await eventually(c.ended)
+        finally:
+            for w in (giver, taker):
+                await w.shutdown()
+            await nc.close()
+    assert c.finals() == ["w1 w2 w3", "w4 w5 w6 w7 w8 w9", "w10 w11"]
+    assert check_output(c)["segments"] == 3
+
+
+def test_an_onset_under_way_is_not_a_pause() -> None:
+    """Voiced frames that have not opened an utterance yet would be lost to both replicas."""
+    session = Session("s", make_settings("nats://x"), 0.0, Start(), turn_model=False)
+    pcm = (np.concatenate([silence(1.0), word(3)[:int(0.06 * SR)]]) * 32767).astype("<i2")
+    session.handle(Chunk(pcm[:SR].tobytes()), 1.0)
+    assert session.quiet
+    session.handle(Chunk(pcm[SR:].tobytes()), 1.1)
+    assert not session.quiet
