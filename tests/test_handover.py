@@ -97,6 +97,7 @@ class Client:
         self.seq = 0
         self.captured = time.time()
         self.sent_s = 0.0
+        self.chunks = 0
         self.out: list[dict[str, Any]] = []
 
     async def listen(self) -> None:
@@ -118,6 +119,7 @@ class Client:
                 self.seq += 1
                 body["seq"] = self.seq
             self.captured += CHUNK_S
+            self.chunks += 1
             await self.publish(body)
         self.sent_s += len(audio) / SR
         await self.nc.flush()
@@ -128,6 +130,11 @@ class Client:
 
     def ended(self) -> bool:
         return any(m.get("type") == "end" for m in self.out)
+
+
+async def handled(worker: Worker, client: Client) -> None:
+    """Until the worker has handled every chunk the client sent (they are on their way)."""
+    await eventually(lambda: worker.sessions[client.sid].counters.chunks_ok == client.chunks)
 
 
 def check_output(client: Client) -> dict[str, Any]:
@@ -169,6 +176,7 @@ async def test_chunks_the_giver_handled_are_not_replayed(seq: bool) -> None:
             await taker.subscribe_partition(P)  # step 2: the taker holds from here on
             await c.send(np.concatenate([utter(4, 5, 6), silence(1.5)]))
             await eventually(lambda: len(c.finals()) == 2)  # the giver handled all of it
+            await handled(giver, c)
             snaps = await giver.give_partition(P, 2.0)
             assert snaps["s1"].exact and snaps["s1"].last_message
             await c.send(np.concatenate([utter(7, 8), silence(1.5)]))  # held by the taker
@@ -202,6 +210,7 @@ async def test_an_utterance_in_progress_ends_on_the_giver_in_one_final(seq: bool
             await eventually(lambda: len(c.finals()) == 1)
             await taker.subscribe_partition(P)
             await c.send(utter(4, 5, 6, 7))  # no pause yet
+            await handled(giver, c)
             giving = asyncio.create_task(giver.give_partition(P, 0.3))
             await asyncio.sleep(0.6)  # past the wait: the old code cut here
             await c.send(np.concatenate([utter(8, 9), silence(1.5)]))
@@ -227,3 +236,41 @@ def test_an_onset_under_way_is_not_a_pause() -> None:
     assert session.quiet
     session.handle(Chunk(pcm[SR:].tobytes()), 1.1)
     assert not session.quiet
+
+
+async def test_an_end_is_answered_once_whichever_replica_had_it() -> None:
+    """s1's ``end`` comes after its handover (held by the taker, answered there); s2's before
+    (answered by the giver; the taker's held copy is dropped): one ``end`` each, numbered on."""
+    with NatsServer() as server:
+        nc = await nats.connect(server.url)
+        giver, taker = await two_workers(server.url)
+        try:
+            c1, c2 = Client(nc, "s1", False), Client(nc, "s2", False)
+            for c in (c1, c2):
+                await c.listen()
+                await c.publish({"type": "start", "sample_rate": SR})
+                await c.send(np.concatenate([silence(0.3), utter(1, 2), silence(1.5)]))
+            try:
+                await eventually(lambda: len(c1.finals()) == len(c2.finals()) == 1)
+            except AssertionError:
+                raise AssertionError((c1.out, c2.out)) from None
+            await taker.subscribe_partition(P)
+            await c2.send(np.concatenate([utter(3, 6), silence(1.0)]))
+            await c2.publish({"type": "end"})
+            await eventually(c2.ended)
+            await handled(giver, c1)
+            snaps = await giver.give_partition(P, 1.0)
+            assert set(snaps) == {"s1"}
+            await c1.send(np.concatenate([utter(4, 5), silence(0.3)]))
+            await c1.publish({"type": "end"})
+            await asyncio.sleep(0.3)
+            assert not c1.ended()
+            taker.adopt_partition(P, snaps, {}, handed_over=True)
+            await eventually(c1.ended)
+            await asyncio.sleep(0.3)
+        finally:
+            for w in (giver, taker):
+                await w.shutdown()
+            await nc.close()
+    assert c1.finals() == ["w1 w2", "w4 w5"] and c2.finals() == ["w1 w2", "w3 w6"]
+    assert check_output(c1)["segments"] == 2 and check_output(c2)["segments"] == 2
