@@ -36,14 +36,16 @@ Handover (SIGTERM, a replica joining, load)
 2. The taker subscribes to the partition, holding what arrives, then writes ``p.{n}`` =
    ``taking`` (an update on the revision it read).
 3. The giver's next renewal fails and reads why. It hands each session over as it reaches a
-   pause between utterances (its later messages are the taker's, held there), for up to
-   ``STT_HANDOVER_WAIT_S`` on SIGTERM or ``REBALANCE_WAIT_S`` for a rebalancing move; then it
-   unsubscribes, publishes the finals of any utterance still open, and writes ``h.{n}``:
-   every session's exact snapshot.
+   pause between utterances (its later messages are the taker's, held there); one still
+   speaking after ``STT_HANDOVER_WAIT_S`` on SIGTERM or ``REBALANCE_WAIT_S`` for a rebalancing
+   move is handed when that utterance ends (cut only past the longest utterance). Then it
+   unsubscribes and writes ``h.{n}``: every session's exact snapshot, with a digest of the
+   last message the session handled there.
 4. The taker resumes those sessions (format, state, ``sequence``, ``segment_id``, timeline) and
-   handles the held messages, dropping the chunks the giver had handled (their ``seq``).
-Nothing is lost and no utterance is cut unless one was still open after the wait. A taker that
-hears nothing within ``HANDOVER_TIMEOUT_S`` (the giver died) carries on as after a crash.
+   handles the held messages, skipping those the giver had handled: up to the one with that
+   digest (and chunks up to the giver's last ``seq``).
+Every message is handled by exactly one replica and no utterance is cut. A taker that hears
+nothing within ``HANDOVER_TIMEOUT_S`` (the giver died) carries on as after a crash.
 
 Session formats (bucket ``{STT_CLUSTER_BUCKET}-sessions``)
 ------------------------------------------------------------
@@ -120,7 +122,8 @@ def encode_snapshot(session_id: str, snap: SessionSnapshot, wall: float) -> dict
             "language": st.language, "prompt": st.prompt, "word_timestamps": st.word_timestamps,
             "next_sequence": snap.next_sequence, "next_segment_id": snap.next_segment_id,
             "last_seq": snap.last_seq, "frames": snap.frames, "finals": snap.finals,
-            "exact": snap.exact, "last_message": snap.last_message, "written_at": wall}
+            "exact": snap.exact, "last_message": snap.last_message, "context": snap.context,
+            "written_at": wall}
 
 
 def decode_snapshot(d: Mapping[str, Any]) -> tuple[str, SessionSnapshot, float]:
@@ -134,7 +137,8 @@ def decode_snapshot(d: Mapping[str, Any]) -> tuple[str, SessionSnapshot, float]:
                            next_segment_id=int(d["next_segment_id"]),
                            last_seq=None if last is None else int(last), frames=int(d["frames"]),
                            finals=int(d["finals"]), exact=bool(d.get("exact")),
-                           last_message=d.get("last_message") or None)
+                           last_message=d.get("last_message") or None,
+                           context=str(d.get("context") or ""))
     return str(d["session_id"]), snap, float(d.get("written_at") or 0.0)
 
 

@@ -240,6 +240,7 @@ class SessionSnapshot:
     finals: int
     exact: bool = False
     last_message: str | None = None  # digest of the last input message handled (exact only)
+    context: str = ""      # the last final's text, the next final's decoding context
 
 
 @dataclass
@@ -334,6 +335,7 @@ class Session:
         session._last_seq = snap.last_seq
         session._handled_seq = snap.last_seq if snap.exact else None
         session._finals_published = snap.finals
+        session._last_final_text = snap.context
         return session
 
     def snapshot(self, *, exact: bool = False, sequence_ahead: int = 0,
@@ -344,7 +346,7 @@ class Session:
             next_sequence=self._sequence + sequence_ahead,
             next_segment_id=self._segmenter.next_segment_id + segments_ahead,
             last_seq=self._last_seq, frames=self._segmenter.frames,
-            finals=self._finals_published, exact=exact)
+            finals=self._finals_published, exact=exact, context=self._last_final_text)
 
     @property
     def quiet(self) -> bool:

@@ -49,7 +49,8 @@ def test_a_snapshot_survives_the_wire() -> None:
     start = Start(sample_rate=8000, channels=1, encoding="mulaw", state=State.RESPONDING,
                   speaker_id="spk", language="de", prompt="names", word_timestamps=True)
     snap = SessionSnapshot(start=start, next_sequence=12, next_segment_id=3, last_seq=41,
-                           frames=900, finals=2, exact=True, last_message="9f" * 16)
+                           frames=900, finals=2, exact=True, last_message="9f" * 16,
+                           context="the last final")
     sid, back, at = decode_snapshot(encode_snapshot("s1", snap, 123.5))
     assert (sid, back, at) == ("s1", snap, 123.5)
     with pytest.raises(KeyError):

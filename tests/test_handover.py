@@ -207,7 +207,10 @@ async def test_an_utterance_in_progress_ends_on_the_giver_in_one_final(seq: bool
             await c.listen()
             await c.publish({"type": "start", "sample_rate": SR})
             await c.send(np.concatenate([silence(0.5), utter(1, 2, 3), silence(1.5)]))
-            await eventually(lambda: len(c.finals()) == 1)
+            try:
+                await eventually(lambda: len(c.finals()) == 1)
+            except AssertionError:
+                raise AssertionError(([(m["type"], m.get("transcript"), m.get("is_final")) for m in c.out], {s: (x.counters, x.segmenter.state, x.in_flight) for s, x in giver.sessions.items()}, giver.scheduler.__dict__)) from None
             await taker.subscribe_partition(P)
             await c.send(utter(4, 5, 6, 7))  # no pause yet
             await handled(giver, c)
@@ -274,3 +277,21 @@ async def test_an_end_is_answered_once_whichever_replica_had_it() -> None:
             await nc.close()
     assert c1.finals() == ["w1 w2", "w4 w5"] and c2.finals() == ["w1 w2", "w3 w6"]
     assert check_output(c1)["segments"] == 2 and check_output(c2)["segments"] == 2
+
+
+def test_the_next_final_decodes_with_the_same_context_on_the_taker() -> None:
+    """The previous final is the next one's decoding context; a handover keeps it, so the
+    taker's words are the ones a single replica would have decoded."""
+    from stt.session import Transcribe
+
+    settings = make_settings("nats://x")
+    giver = Session("s", settings, 0.0, Start(), turn_model=False)
+    pcm = (np.concatenate([utter(1, 2), silence(1.5)]) * 32767).astype("<i2").tobytes()
+    (job,) = [a.job for a in giver.handle(Chunk(pcm), 1.0)
+              if isinstance(a, Transcribe) and a.job.is_final]
+    giver.transcribed(job.job_id, Transcription("one two."), 1.1)
+    giver.hand_over(1.2)
+    taker = Session.resume("s", settings, 2.0, giver.snapshot(exact=True), turn_model=False)
+    (job,) = [a.job for a in taker.handle(Chunk(pcm), 3.0)
+              if isinstance(a, Transcribe) and a.job.is_final]
+    assert job.options.context == "one two."
