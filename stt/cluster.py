@@ -237,6 +237,9 @@ class PartitionHost(Protocol):
 
     async def unsubscribe_partition(self, partition: int) -> None: ...
 
+    async def catch_up(self, partition: int) -> None:
+        """Until the messages the server sent so far are held (before a handover's adopt)."""
+
     def adopt_partition(self, partition: int, snapshots: Mapping[str, SessionSnapshot],
                         written_at: Mapping[str, float], handed_over: bool = False) -> None:
         """Resume these sessions, then handle the held messages and go live (``handed_over``:
@@ -621,6 +624,8 @@ class Cluster:
             # are replayed, so a session whose ``end`` was among them is forgotten, not kept
             for sid, snap in snaps.items():
                 self.save(p, sid, snap)
+            if handed:  # the giver's last messages are ours to skip: all of them here first
+                await self.host.catch_up(p)
             self.host.adopt_partition(p, snaps, written, handed)
             self.takeovers += 1
             self._received[p] = self._settle_until = time.monotonic()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -540,6 +541,18 @@ class Worker:
                 await sub.unsubscribe()
             except Exception as exc:  # connection already gone
                 log.debug("unsubscribe failed: %s", exc)
+
+    async def catch_up(self, partition: int) -> None:
+        """Until every message the server sent before now is in the partition's held list:
+        a giver's last message reached the server before its handover note, and so before our
+        PING; the client reads in order, then its callback moves each into the list."""
+        sub = self._psubs.get(partition)
+        if sub is None or self.nc is None:
+            return
+        with contextlib.suppress(Exception):  # NATS away: adopt with what arrived
+            await self.nc.flush(timeout=5)
+        await poll_until(lambda: not getattr(sub, "pending_msgs", 0), 5.0, step_s=0.005)
+        await asyncio.sleep(0)  # the callback appends what it took last
 
     def adopt_partition(self, partition: int, snapshots: Mapping[str, SessionSnapshot],
                         written_at: Mapping[str, float], handed_over: bool = False) -> None:

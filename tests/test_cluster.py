@@ -151,6 +151,9 @@ class EndsWhatItAdopts:
     async def unsubscribe_partition(self, partition: int) -> None:
         return None
 
+    async def catch_up(self, partition: int) -> None:
+        return None
+
     def adopt_partition(self, partition: int, snapshots: Mapping[str, SessionSnapshot],
                         written_at: Mapping[str, float], handed_over: bool = False) -> None:
         assert self.cluster is not None

@@ -20,13 +20,17 @@ import msgpack
 import nats
 import numpy as np
 import pytest
-from conftest import eventually, make_settings
+from conftest import SAMPLE, eventually, make_settings
 
+from bench.replicas import PHRASES
 from stt import protocol
+from stt.audio import load_16k_mono
+from stt.engines import create_engine
 from stt.engines.base import Engine, TranscribeOptions, Transcription
 from stt.nats_server import NatsServer
 from stt.protocol import Chunk, Start
 from stt.session import Session
+from stt.vad import FRAME_S
 from stt.worker import Worker
 
 pytestmark = pytest.mark.timeout(120)
@@ -132,9 +136,20 @@ class Client:
         return any(m.get("type") == "end" for m in self.out)
 
 
+async def adopt(taker: Worker, snaps: dict[str, Any]) -> None:
+    """Step 4 as stt.cluster takes it: what the server sent is held, then the sessions resume."""
+    await taker.catch_up(P)
+    taker.adopt_partition(P, snaps, {}, handed_over=True)
+
+
 async def handled(worker: Worker, client: Client) -> None:
-    """Until the worker has handled every chunk the client sent (they are on their way)."""
-    await eventually(lambda: worker.sessions[client.sid].counters.chunks_ok == client.chunks)
+    """Until the worker has handled every chunk the client sent (they are on their way): the
+    session's timeline, continuous across replicas, is as long as the audio sent."""
+    def done() -> bool:
+        session = worker.sessions.get(client.sid)
+        return session is not None and session.segmenter.frames * FRAME_S > client.sent_s - 0.031
+
+    await eventually(done)
 
 
 def check_output(client: Client) -> dict[str, Any]:
@@ -181,7 +196,7 @@ async def test_chunks_the_giver_handled_are_not_replayed(seq: bool) -> None:
             assert snaps["s1"].exact and snaps["s1"].last_message
             await c.send(np.concatenate([utter(7, 8), silence(1.5)]))  # held by the taker
             await asyncio.sleep(0.3)
-            taker.adopt_partition(P, snaps, {}, handed_over=True)
+            await adopt(taker, snaps)
             await c.send(np.concatenate([utter(9, 10), silence(1.5)]))
             await c.publish({"type": "end"})
             await eventually(c.ended)
@@ -207,10 +222,7 @@ async def test_an_utterance_in_progress_ends_on_the_giver_in_one_final(seq: bool
             await c.listen()
             await c.publish({"type": "start", "sample_rate": SR})
             await c.send(np.concatenate([silence(0.5), utter(1, 2, 3), silence(1.5)]))
-            try:
-                await eventually(lambda: len(c.finals()) == 1)
-            except AssertionError:
-                raise AssertionError(([(m["type"], m.get("transcript"), m.get("is_final")) for m in c.out], {s: (x.counters, x.segmenter.state, x.in_flight) for s, x in giver.sessions.items()}, giver.scheduler.__dict__)) from None
+            await eventually(lambda: len(c.finals()) == 1)
             await taker.subscribe_partition(P)
             await c.send(utter(4, 5, 6, 7))  # no pause yet
             await handled(giver, c)
@@ -220,7 +232,7 @@ async def test_an_utterance_in_progress_ends_on_the_giver_in_one_final(seq: bool
             snaps = await giving
             await eventually(lambda: len(c.finals()) == 2)
             await c.send(np.concatenate([utter(10, 11), silence(1.5)]))
-            taker.adopt_partition(P, snaps, {}, handed_over=True)
+            await adopt(taker, snaps)
             await c.publish({"type": "end"})
             await eventually(c.ended)
         finally:
@@ -253,10 +265,7 @@ async def test_an_end_is_answered_once_whichever_replica_had_it() -> None:
                 await c.listen()
                 await c.publish({"type": "start", "sample_rate": SR})
                 await c.send(np.concatenate([silence(0.3), utter(1, 2), silence(1.5)]))
-            try:
-                await eventually(lambda: len(c1.finals()) == len(c2.finals()) == 1)
-            except AssertionError:
-                raise AssertionError((c1.out, c2.out)) from None
+            await eventually(lambda: len(c1.finals()) == len(c2.finals()) == 1)
             await taker.subscribe_partition(P)
             await c2.send(np.concatenate([utter(3, 6), silence(1.0)]))
             await c2.publish({"type": "end"})
@@ -268,7 +277,7 @@ async def test_an_end_is_answered_once_whichever_replica_had_it() -> None:
             await c1.publish({"type": "end"})
             await asyncio.sleep(0.3)
             assert not c1.ended()
-            taker.adopt_partition(P, snaps, {}, handed_over=True)
+            await adopt(taker, snaps)
             await eventually(c1.ended)
             await asyncio.sleep(0.3)
         finally:
@@ -295,3 +304,74 @@ def test_the_next_final_decodes_with_the_same_context_on_the_taker() -> None:
     (job,) = [a.job for a in taker.handle(Chunk(pcm), 3.0)
               if isinstance(a, Transcribe) and a.job.is_final]
     assert job.options.context == "one two."
+
+
+# --- real Whisper, real speech ------------------------------------------------------------------
+
+
+async def test_real_speech_moved_twice_reads_as_on_one_replica() -> None:
+    """The sample's sentences with 2 s pauses, seed chunks, faster-whisper tiny.en, each sentence's
+    final awaited before the next (a talker's pace: the previous final is the next one's
+    context). Once on one worker alone; once moved twice, each time while a sentence is under
+    way and the wait for a pause runs out (the giver finishes that sentence). The finals must
+    match word for word, no tolerance: the hand-over falls between utterances and carries the
+    decoding context, so each utterance is decoded from the same prompt. The taker's segment
+    edges can differ by a frame or two (its VAD and noise floor start afresh; measured: 90,240
+    vs 91,200 samples), which tiny.en reads the same here. Greedy decoding on CPU is repeatable;
+    silence endpointing, no speculative finals or partials, so nothing depends on timing."""
+    speech = load_16k_mono(str(SAMPLE))
+    clips = [speech[int(a * SR):int(b * SR)] for a, b in PHRASES[:4]]
+    with NatsServer() as server:
+        nc = await nats.connect(server.url)
+        settings = make_settings(server.url, partial_interval_s=0, speculative_ms=0)
+        engine = create_engine(settings)
+        workers = []
+        for _ in range(2):
+            w = Worker(settings, engine, turn_model=None)
+            await w.start()
+            workers.append(w)
+        a, b = workers
+        try:
+            # alone, at a talker's pace: each sentence's final before the next sentence
+            await a.subscribe_partition(P)
+            a.adopt_partition(P, {}, {})
+            one = Client(nc, "one", False)
+            await one.listen()
+            await one.publish({"type": "start", "sample_rate": SR})
+            for n, clip in enumerate(clips, 1):
+                await one.send(np.concatenate([silence(0.5), clip, silence(2.0)]))
+                await eventually(lambda n=n: len(one.finals()) == n, 60)  # type: ignore[misc]
+            await one.publish({"type": "end"})
+            await eventually(one.ended, 60)
+            # moved a -> b and b -> a, each while a sentence is under way
+            c = Client(nc, "moved", False)
+            await c.listen()
+            await c.publish({"type": "start", "sample_rate": SR})
+            await c.send(np.concatenate([silence(0.5), clips[0], silence(2.0)]))
+            await eventually(lambda: len(c.finals()) == 1, 60)
+            for giver, taker, first, second, said in ((a, b, clips[1], clips[2], 2),
+                                                      (b, a, clips[3], None, 4)):
+                await taker.subscribe_partition(P)
+                half = len(first) // 2
+                await c.send(np.concatenate([silence(0.5), first[:half]]))
+                await handled(giver, c)
+                giving = asyncio.create_task(giver.give_partition(P, 0.2))
+                await asyncio.sleep(0.5)  # the wait has run out: the giver finishes the sentence
+                await c.send(np.concatenate([first[half:], silence(2.0)]))
+                snaps = await giving
+                await eventually(lambda said=said: len(c.finals()) == said, 60)  # type: ignore[misc]
+                if second is not None:  # the next sentence, held by the taker meanwhile
+                    await c.send(np.concatenate([silence(0.5), second, silence(2.0)]))
+                else:
+                    await c.publish({"type": "end"})
+                await adopt(taker, snaps)
+            await eventually(c.ended, 60)
+        finally:
+            for w in workers:
+                await w.shutdown()
+            await nc.close()
+    assert len(one.finals()) == 4, one.finals()
+    print("one replica:", one.finals())
+    print("moved twice:", c.finals())
+    assert c.finals() == one.finals()
+    check_output(c)
