@@ -66,7 +66,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from nats.aio.client import Client
@@ -80,6 +80,7 @@ from nats.js.errors import (
 from .config import Settings
 from .protocol import Start, State
 from .session import SessionSnapshot
+from .vad import FRAME_S
 
 log = logging.getLogger("stt.cluster")
 
@@ -124,6 +125,14 @@ def encode_snapshot(session_id: str, snap: SessionSnapshot, wall: float) -> dict
             "last_seq": snap.last_seq, "frames": snap.frames, "finals": snap.finals,
             "exact": snap.exact, "last_message": snap.last_message, "context": snap.context,
             "written_at": wall}
+
+
+def reserved(snap: SessionSnapshot) -> SessionSnapshot:
+    """A snapshot with numbers reserved ahead of ``snap``'s, as a replica writes it before it
+    publishes for the session: a crash resumes the session above anything published."""
+    return replace(snap, next_sequence=snap.next_sequence + SEQUENCE_AHEAD,
+                   next_segment_id=snap.next_segment_id + SEGMENTS_AHEAD, exact=False,
+                   last_message=None)
 
 
 def decode_snapshot(d: Mapping[str, Any]) -> tuple[str, SessionSnapshot, float]:
@@ -620,10 +629,13 @@ class Cluster:
                             "kept snapshots", extra={"partition": p, "from": giver})
                 snaps, written = await self._load(p)
             del self.taking[p]
-            # the giver's exact numbers become our reservation; written before the held messages
-            # are replayed, so a session whose ``end`` was among them is forgotten, not kept
+            # the giver's numbers, reserved ahead, written before the held messages are replayed:
+            # a session whose ``end`` was among them is forgotten, not kept, and a crash of ours
+            # from the first message on resumes above anything we published (no ``sequence``
+            # twice)
             for sid, snap in snaps.items():
-                self.save(p, sid, snap)
+                self.save(p, sid, reserved(snap))
+            await self._flush_saves()
             if handed:  # the giver's last messages are ours to skip: all of them here first
                 await self.host.catch_up(p)
             self.host.adopt_partition(p, snaps, written, handed)
@@ -644,6 +656,11 @@ class Cluster:
         if snaps:
             log.info("partition taken over after its replica stopped renewing it",
                      extra={"partition": p, "sessions": len(snaps)})
+            now = time.time()
+            for sid, snap in snaps.items():  # as above, on the timeline as it ran on meanwhile
+                ran = int(max(0.0, now - written.get(sid, now)) / FRAME_S)
+                self.save(p, sid, replace(reserved(snap), frames=snap.frames + ran))
+            await self._flush_saves()
         self.host.adopt_partition(p, snaps, written)
 
     def _spawn(self, coro: Any) -> None:
