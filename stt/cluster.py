@@ -49,10 +49,11 @@ nothing within ``HANDOVER_TIMEOUT_S`` (the giver died) carries on as after a cra
 
 Session formats (bucket ``{STT_CLUSTER_BUCKET}-sessions``)
 ------------------------------------------------------------
-``{n}.{session}`` holds a snapshot written at the session's start, on a state change and when
-the ``sequence``/``segment_id`` numbers it reserved run low, deleted when the session ends.
-After a crash the taker of the partition resumes those sessions in their format (an 8 kHz
-mu-law session stays one) from the reserved numbers. The utterance in flight at the crash is lost.
+``{n}.{session}`` holds a snapshot written at the session's start, on a state change, on each
+final and when the ``sequence``/``segment_id`` numbers it reserved run low, deleted when the
+session ends. After a crash the taker of the partition resumes those sessions in their format
+(an 8 kHz mu-law session stays one) from the reserved numbers, with the finals counted and the
+last one as decoding context. The utterance in flight at the crash is lost.
 """
 
 from __future__ import annotations

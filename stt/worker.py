@@ -486,8 +486,9 @@ class Worker:
     # --- partitions (STT_PARTITIONS; stt.cluster calls these) -----------------------------------
 
     def _save(self, session: Session, force: bool = False) -> None:
-        """Write the session's snapshot when its format or state changed or the numbers it
-        reserved run low: a replica that takes over after a crash starts above them."""
+        """Write the session's snapshot when its format or state changed, a final was
+        published or the numbers it reserved run low: a replica that takes over after a crash
+        starts above them, with the finals counted so far and the last one as context."""
         assert self.cluster is not None
         p = self._partition.get(session.session_id)
         if p is None:
@@ -495,6 +496,7 @@ class Worker:
         now = session.snapshot()
         saved = self._saved.get(session.session_id)
         if (not force and saved is not None and saved.start == now.start
+                and now.finals == saved.finals
                 and now.next_sequence < saved.next_sequence - SEQUENCE_AHEAD // 2
                 and now.next_segment_id < saved.next_segment_id - SEGMENTS_AHEAD // 2):
             return
