@@ -36,21 +36,24 @@ Handover (SIGTERM, a replica joining, load)
 2. The taker subscribes to the partition, holding what arrives, then writes ``p.{n}`` =
    ``taking`` (an update on the revision it read).
 3. The giver's next renewal fails and reads why. It hands each session over as it reaches a
-   pause between utterances (its later messages are the taker's, held there), for up to
-   ``STT_HANDOVER_WAIT_S`` on SIGTERM or ``REBALANCE_WAIT_S`` for a rebalancing move; then it
-   unsubscribes, publishes the finals of any utterance still open, and writes ``h.{n}``:
-   every session's exact snapshot.
+   pause between utterances (its later messages are the taker's, held there); one still
+   speaking after ``STT_HANDOVER_WAIT_S`` on SIGTERM or ``REBALANCE_WAIT_S`` for a rebalancing
+   move is handed when that utterance ends (cut only past the longest utterance). Then it
+   unsubscribes and writes ``h.{n}``: every session's exact snapshot, with a digest of the
+   last message the session handled there.
 4. The taker resumes those sessions (format, state, ``sequence``, ``segment_id``, timeline) and
-   handles the held messages, dropping the chunks the giver had handled (their ``seq``).
-Nothing is lost and no utterance is cut unless one was still open after the wait. A taker that
-hears nothing within ``HANDOVER_TIMEOUT_S`` (the giver died) carries on as after a crash.
+   handles the held messages, skipping those the giver had handled: up to the one with that
+   digest (and chunks up to the giver's last ``seq``).
+Every message is handled by exactly one replica and no utterance is cut. A taker that hears
+nothing within ``HANDOVER_TIMEOUT_S`` (the giver died) carries on as after a crash.
 
 Session formats (bucket ``{STT_CLUSTER_BUCKET}-sessions``)
 ------------------------------------------------------------
-``{n}.{session}`` holds a snapshot written at the session's start, on a state change and when
-the ``sequence``/``segment_id`` numbers it reserved run low, deleted when the session ends.
-After a crash the taker of the partition resumes those sessions in their format (an 8 kHz
-mu-law session stays one) from the reserved numbers. The utterance in flight at the crash is lost.
+``{n}.{session}`` holds a snapshot written at the session's start, on a state change, on each
+final and when the ``sequence``/``segment_id`` numbers it reserved run low, deleted when the
+session ends. After a crash the taker of the partition resumes those sessions in their format
+(an 8 kHz mu-law session stays one) from the reserved numbers, with the finals counted and the
+last one as decoding context. The utterance in flight at the crash is lost.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from nats.aio.client import Client
@@ -78,6 +81,7 @@ from nats.js.errors import (
 from .config import Settings
 from .protocol import Start, State
 from .session import SessionSnapshot
+from .vad import FRAME_S
 
 log = logging.getLogger("stt.cluster")
 
@@ -120,7 +124,16 @@ def encode_snapshot(session_id: str, snap: SessionSnapshot, wall: float) -> dict
             "language": st.language, "prompt": st.prompt, "word_timestamps": st.word_timestamps,
             "next_sequence": snap.next_sequence, "next_segment_id": snap.next_segment_id,
             "last_seq": snap.last_seq, "frames": snap.frames, "finals": snap.finals,
-            "exact": snap.exact, "written_at": wall}
+            "exact": snap.exact, "last_message": snap.last_message, "context": snap.context,
+            "written_at": wall}
+
+
+def reserved(snap: SessionSnapshot) -> SessionSnapshot:
+    """A snapshot with numbers reserved ahead of ``snap``'s, as a replica writes it before it
+    publishes for the session: a crash resumes the session above anything published."""
+    return replace(snap, next_sequence=snap.next_sequence + SEQUENCE_AHEAD,
+                   next_segment_id=snap.next_segment_id + SEGMENTS_AHEAD, exact=False,
+                   last_message=None)
 
 
 def decode_snapshot(d: Mapping[str, Any]) -> tuple[str, SessionSnapshot, float]:
@@ -133,7 +146,9 @@ def decode_snapshot(d: Mapping[str, Any]) -> tuple[str, SessionSnapshot, float]:
     snap = SessionSnapshot(start=start, next_sequence=int(d["next_sequence"]),
                            next_segment_id=int(d["next_segment_id"]),
                            last_seq=None if last is None else int(last), frames=int(d["frames"]),
-                           finals=int(d["finals"]), exact=bool(d.get("exact")))
+                           finals=int(d["finals"]), exact=bool(d.get("exact")),
+                           last_message=d.get("last_message") or None,
+                           context=str(d.get("context") or ""))
     return str(d["session_id"]), snap, float(d.get("written_at") or 0.0)
 
 
@@ -231,6 +246,9 @@ class PartitionHost(Protocol):
         """Subscribe, holding what arrives until :meth:`adopt_partition`."""
 
     async def unsubscribe_partition(self, partition: int) -> None: ...
+
+    async def catch_up(self, partition: int) -> None:
+        """Until the messages the server sent so far are held (before a handover's adopt)."""
 
     def adopt_partition(self, partition: int, snapshots: Mapping[str, SessionSnapshot],
                         written_at: Mapping[str, float], handed_over: bool = False) -> None:
@@ -612,10 +630,15 @@ class Cluster:
                             "kept snapshots", extra={"partition": p, "from": giver})
                 snaps, written = await self._load(p)
             del self.taking[p]
-            # the giver's exact numbers become our reservation; written before the held messages
-            # are replayed, so a session whose ``end`` was among them is forgotten, not kept
+            # the giver's numbers, reserved ahead, written before the held messages are replayed:
+            # a session whose ``end`` was among them is forgotten, not kept, and a crash of ours
+            # from the first message on resumes above anything we published (no ``sequence``
+            # twice)
             for sid, snap in snaps.items():
-                self.save(p, sid, snap)
+                self.save(p, sid, reserved(snap))
+            await self._flush_saves()
+            if handed:  # the giver's last messages are ours to skip: all of them here first
+                await self.host.catch_up(p)
             self.host.adopt_partition(p, snaps, written, handed)
             self.takeovers += 1
             self._received[p] = self._settle_until = time.monotonic()
@@ -634,6 +657,11 @@ class Cluster:
         if snaps:
             log.info("partition taken over after its replica stopped renewing it",
                      extra={"partition": p, "sessions": len(snaps)})
+            now = time.time()
+            for sid, snap in snaps.items():  # as above, on the timeline as it ran on meanwhile
+                ran = int(max(0.0, now - written.get(sid, now)) / FRAME_S)
+                self.save(p, sid, replace(reserved(snap), frames=snap.frames + ran))
+            await self._flush_saves()
         self.host.adopt_partition(p, snaps, written)
 
     def _spawn(self, coro: Any) -> None:

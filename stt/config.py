@@ -234,7 +234,8 @@ class Settings:
     handover_wait_s: float = setting(3.0, "STT_HANDOVER_WAIT_S",
                                      "A partition handed to another replica (SIGTERM, "
                                      "rebalancing) waits up to this long for its sessions to "
-                                     "be between utterances, then finishes the ones in progress.")
+                                     "be between utterances; one still speaking then is handed "
+                                     "when that utterance ends.")
 
     # --- segmentation -------------------------------------------------------------------
     buffer_size_bytes: int = setting(480_000, "STT_BUFFER_SIZE_BYTES",

@@ -76,6 +76,7 @@ from .segmenter import (
     Segment,
     Segmenter,
     SegmenterParams,
+    VoiceState,
     frame_inputs,
 )
 from .stabilizer import Stabilizer, overlap
@@ -221,8 +222,10 @@ class SessionSnapshot:
     """What another replica needs to carry the session on (stt.cluster keeps it in a bucket).
 
     ``exact`` snapshots are taken at a handover, after the session's last message: the next
-    replica continues ``sequence`` and ``segment_id`` without a gap and drops the chunks up to
-    ``last_seq`` that it received while the handover ran. The others are written ahead while
+    replica continues ``sequence`` and ``segment_id`` without a gap and drops the messages it
+    received while the handover ran that this replica had handled: those up to the one whose
+    payload digest is ``last_message`` (the worker fills it in; any client, with or without
+    ``seq``), and the chunks up to ``last_seq``. The others are written ahead while
     the session runs (at its start, on a state change, when the numbers it reserved run low):
     after a crash, the next replica starts at the reserved numbers, above anything published,
     so ``sequence`` shows a gap where messages were lost and a ``segment_id`` is never reused.
@@ -235,6 +238,8 @@ class SessionSnapshot:
     frames: int            # the audio timeline, in frames
     finals: int
     exact: bool = False
+    last_message: str | None = None  # digest of the last input message handled (exact only)
+    context: str = ""      # the last final's text, the next final's decoding context
 
 
 @dataclass
@@ -329,6 +334,7 @@ class Session:
         session._last_seq = snap.last_seq
         session._handled_seq = snap.last_seq if snap.exact else None
         session._finals_published = snap.finals
+        session._last_final_text = snap.context
         return session
 
     def snapshot(self, *, exact: bool = False, sequence_ahead: int = 0,
@@ -339,13 +345,14 @@ class Session:
             next_sequence=self._sequence + sequence_ahead,
             next_segment_id=self._segmenter.next_segment_id + segments_ahead,
             last_seq=self._last_seq, frames=self._segmenter.frames,
-            finals=self._finals_published, exact=exact)
+            finals=self._finals_published, exact=exact, context=self._last_final_text)
 
     @property
     def quiet(self) -> bool:
-        """Between utterances, nothing asked of the engine: a handover now cuts nothing."""
-        return (self._utt is None and not self._queue and self._final_job is None
-                and self._partial_job is None and self._spec_job is None)
+        """Between utterances, no onset under way: a handover now cuts nothing (the next
+        replica hears the next syllable from its start); a final still decoding is published
+        before the session closes here."""
+        return self._utt is None and self._segmenter.state is VoiceState.QUIET
 
     def hand_over(self, now: float) -> list[Action]:
         """Another replica carries the session on: finish the utterance in progress (its

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -42,6 +45,7 @@ from .config import Settings
 from .engines.base import Engine
 from .protocol import EndReason, ErrorCode, ProtocolError, Subjects
 from .scheduler import Scheduler
+from .segmenter import BYTES_PER_SECOND_16K
 from .session import (
     Action,
     Cancel,
@@ -117,6 +121,31 @@ class Stats:
         self.errors[code] = self.errors.get(code, 0) + 1
 
 
+def message_digest(data: bytes) -> str:
+    """An input message's identity across replicas: every replica subscribed to a partition
+    receives the same payload bytes (audio, ``timestamp``, ``seq`` if any)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _handled_there(held: list[tuple[str, bytes, dict[str, str] | None]],
+                   last: Mapping[str, str]) -> set[int]:
+    """Indexes of held messages the giving replica handled: for each session, those up to the
+    first held one whose digest is the last it handled. The giver handled a prefix of the
+    session's stream and the taker holds a suffix of it from its subscription on, so they
+    overlap in exactly that run (none when the giver's last message came before it). A seed
+    chunk carries its capture ``timestamp``, so two chunks' payloads differ; byte-identical
+    ones (no seq, no timestamp, digital silence) match at the first, replaying identical audio."""
+    ids = [subject.rsplit(".", 1)[-1] for subject, _, _ in held]
+    skip: set[int] = set()
+    for sid, digest in last.items():
+        mine = [i for i, s in enumerate(ids) if s == sid]
+        for n, i in enumerate(mine):
+            if message_digest(held[i][1]) == digest:
+                skip.update(mine[:n + 1])
+                break
+    return skip
+
+
 def _starts(data: bytes) -> bool:
     """Whether a raw input message is a ``start``."""
     try:
@@ -170,6 +199,7 @@ class Worker:
         self._saved: dict[str, SessionSnapshot] = {}  # last snapshot written, per session
         self._handed: dict[str, SessionSnapshot] = {}  # sessions closed for a handover
         self._given: dict[int, dict[str, Session]] = {}  # partition -> its sessions handed so far
+        self._last_in: dict[str, bytes] = {}  # session -> payload of the last message it handled
         self._last_refresh = 0.0
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -374,6 +404,8 @@ class Worker:
                 return
             if partition is not None:
                 self._partition[session_id] = partition
+        if partition is not None:  # what a handover's taker skips up to (by its digest)
+            self._last_in[session_id] = data
         self._execute(session, session.handle(event, now))
         if self.cluster is not None and not isinstance(event, protocol.Chunk):
             self._save(session)
@@ -454,8 +486,9 @@ class Worker:
     # --- partitions (STT_PARTITIONS; stt.cluster calls these) -----------------------------------
 
     def _save(self, session: Session, force: bool = False) -> None:
-        """Write the session's snapshot when its format or state changed or the numbers it
-        reserved run low: a replica that takes over after a crash starts above them."""
+        """Write the session's snapshot when its format or state changed, a final was
+        published or the numbers it reserved run low: a replica that takes over after a crash
+        starts above them, with the finals counted so far and the last one as context."""
         assert self.cluster is not None
         p = self._partition.get(session.session_id)
         if p is None:
@@ -463,6 +496,7 @@ class Worker:
         now = session.snapshot()
         saved = self._saved.get(session.session_id)
         if (not force and saved is not None and saved.start == now.start
+                and now.finals == saved.finals
                 and now.next_sequence < saved.next_sequence - SEQUENCE_AHEAD // 2
                 and now.next_segment_id < saved.next_segment_id - SEGMENTS_AHEAD // 2):
             return
@@ -475,9 +509,18 @@ class Worker:
         p = self._partition.pop(sid, None)
         self._saved.pop(sid, None)
         if reason is EndReason.HANDOVER:
-            self._handed[sid] = session.snapshot(exact=True)
-        elif self.cluster is not None and p is not None:
-            self.cluster.forget(p, sid)
+            self._handed[sid] = self._exact_snapshot(session)
+        else:
+            self._last_in.pop(sid, None)
+            if self.cluster is not None and p is not None:
+                self.cluster.forget(p, sid)
+
+    def _exact_snapshot(self, session: Session, sequence_ahead: int = 0) -> SessionSnapshot:
+        """The session as the next replica continues it after a handover: its numbers, and the
+        digest of the last message it handled, so the taker skips what it holds up to there."""
+        last = self._last_in.pop(session.session_id, None)
+        return dataclasses.replace(session.snapshot(exact=True, sequence_ahead=sequence_ahead),
+                                   last_message=None if last is None else message_digest(last))
 
     def _sessions_in(self, partition: int) -> list[Session]:
         return [s for sid, s in list(self.sessions.items())
@@ -501,12 +544,26 @@ class Worker:
             except Exception as exc:  # connection already gone
                 log.debug("unsubscribe failed: %s", exc)
 
+    async def catch_up(self, partition: int) -> None:
+        """Until every message the server sent before now is in the partition's held list:
+        a giver's last message reached the server before its handover note, and so before our
+        PING; the client reads in order, then its callback moves each into the list."""
+        sub = self._psubs.get(partition)
+        if sub is None or self.nc is None:
+            return
+        with contextlib.suppress(Exception):  # NATS away: adopt with what arrived
+            await self.nc.flush(timeout=5)
+        await poll_until(lambda: not getattr(sub, "pending_msgs", 0), 5.0, step_s=0.005)
+        await asyncio.sleep(0)  # the callback appends what it took last
+
     def adopt_partition(self, partition: int, snapshots: Mapping[str, SessionSnapshot],
                         written_at: Mapping[str, float], handed_over: bool = False) -> None:
         """Resume the partition's sessions, then handle what arrived meanwhile, then go live.
         After a handover, the giver had every live session: a held message of any other
-        ended there (it sent its ``end`` meanwhile) and is dropped, unless it starts anew."""
+        ended there (it sent its ``end`` meanwhile) and is dropped, unless it starts anew; and
+        a held message the giver handled itself (up to its last, by digest) is dropped."""
         now, wall = self.clock(), time.time()
+        resumed: dict[str, str] = {}
         for sid, snap in snapshots.items():
             if sid in self.sessions:
                 continue
@@ -519,14 +576,20 @@ class Worker:
             self._partition[sid] = partition
             self._saved[sid] = snap
             self.stats.sessions_resumed += 1
+            if snap.exact and snap.last_message:
+                resumed[sid] = snap.last_message
             log.info("session resumed from another replica", extra={
                 "session_id": sid, "partition": partition, "handover": snap.exact,
                 "sample_rate": snap.start.sample_rate, "encoding": snap.start.encoding,
                 "state": snap.start.state.value})
         held = self._held.pop(partition, [])
-        for subject, data, headers in held:
-            if handed_over and subject.rsplit(".", 1)[-1] not in self.sessions \
-                    and not _starts(data):
+        handled = _handled_there(held, resumed)
+        for i, (subject, data, headers) in enumerate(held):
+            sid = subject.rsplit(".", 1)[-1]
+            if i in handled:
+                self.sessions[sid].counters.chunks_duplicate += 1
+                continue
+            if handed_over and sid not in self.sessions and not _starts(data):
                 continue
             self.stats.messages_in += 1
             try:
@@ -535,9 +598,12 @@ class Worker:
                 log.exception("unexpected error handling a message", extra={"subject": subject})
 
     async def give_partition(self, partition: int, wait_s: float) -> dict[str, SessionSnapshot]:
-        """Hand the partition's sessions over, each as it reaches a pause between utterances;
-        after ``wait_s``, stop taking their messages and publish the finals of what is still
-        open. A session handed early is silent until the taker resumes the partition."""
+        """Hand the partition's sessions over, each as it reaches a pause between utterances
+        (its final, if one is decoding, is published here first). One still speaking after
+        ``wait_s`` is handed when that utterance ends (an utterance is at most
+        STT_BUFFER_SIZE_BYTES long); only one still going after that, or past the time a
+        SIGTERM leaves, is cut: its finals so far published here, the rest the taker's. A
+        session handed early is silent until the taker resumes the partition."""
         given: dict[str, Session] = {}
         self._given[partition] = given
 
@@ -550,8 +616,11 @@ class Worker:
                     self._execute(session, session.hand_over(self.clock()))
             return not self._sessions_in(partition)
 
+        limit = wait_s + self._longest_utterance_s()
+        if self.cluster is not None and self.cluster.leaving:  # within the drain, with a margin
+            limit = min(limit, max(wait_s, 0.6 * self.settings.drain_timeout_s))
         try:
-            await poll_until(hand_over_the_quiet, wait_s)
+            await poll_until(hand_over_the_quiet, limit)
             await self.unsubscribe_partition(partition)
         finally:
             self._given.pop(partition, None)
@@ -566,11 +635,19 @@ class Worker:
             if not session.closed:  # its final never came: the next replica starts after it
                 log.warning("final not published before the handover",
                             extra={"session_id": sid, "partition": partition})
-                snaps[sid] = session.snapshot(exact=True, sequence_ahead=2)
+                snaps[sid] = self._exact_snapshot(session, sequence_ahead=2)
                 self._forget_session(session)
             else:
-                snaps[sid] = self._handed.pop(sid, session.snapshot(exact=True))
+                snaps[sid] = (self._handed.pop(sid) if sid in self._handed
+                              else self._exact_snapshot(session))
         return snaps
+
+    def _longest_utterance_s(self) -> float:
+        """How long an utterance open now may still take to end: the size limit, then the
+        longest silence that ends it."""
+        s = self.settings
+        return (min(s.buffer_size_bytes / BYTES_PER_SECOND_16K, s.max_segment_s)
+                + max(s.chunk_timeout_s, s.turn_max_silence_s, s.endpoint_max_s))
 
     def drop_partition(self, partition: int) -> None:
         """The lease went to another replica: this one says nothing more for these sessions."""
@@ -580,6 +657,7 @@ class Worker:
 
     def _forget_session(self, session: Session) -> None:
         session.closed = True
+        self._last_in.pop(session.session_id, None)
         self.sessions.pop(session.session_id, None)
         self.scheduler.forget(session.session_id)
         self._partition.pop(session.session_id, None)

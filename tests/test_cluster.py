@@ -14,6 +14,8 @@ from conftest import make_settings
 from nats.js.errors import KeyNotFoundError
 
 from stt.cluster import (
+    SEGMENTS_AHEAD,
+    SEQUENCE_AHEAD,
     SESSION_TTL_S,
     Cluster,
     Heartbeat,
@@ -49,7 +51,8 @@ def test_a_snapshot_survives_the_wire() -> None:
     start = Start(sample_rate=8000, channels=1, encoding="mulaw", state=State.RESPONDING,
                   speaker_id="spk", language="de", prompt="names", word_timestamps=True)
     snap = SessionSnapshot(start=start, next_sequence=12, next_segment_id=3, last_seq=41,
-                           frames=900, finals=2, exact=True)
+                           frames=900, finals=2, exact=True, last_message="9f" * 16,
+                           context="the last final")
     sid, back, at = decode_snapshot(encode_snapshot("s1", snap, 123.5))
     assert (sid, back, at) == ("s1", snap, 123.5)
     with pytest.raises(KeyError):
@@ -150,6 +153,9 @@ class EndsWhatItAdopts:
     async def unsubscribe_partition(self, partition: int) -> None:
         return None
 
+    async def catch_up(self, partition: int) -> None:
+        return None
+
     def adopt_partition(self, partition: int, snapshots: Mapping[str, SessionSnapshot],
                         written_at: Mapping[str, float], handed_over: bool = False) -> None:
         assert self.cluster is not None
@@ -190,5 +196,39 @@ async def test_a_session_that_ended_during_its_handover_keeps_no_snapshot() -> N
             assert host.adopted == ["s1"] and 5 not in cluster.taking
             with pytest.raises(KeyNotFoundError):
                 await cluster._store.get(session_key(5, "s1"))
+        finally:
+            await nc.close()
+
+
+class KeepsWhatItAdopts(EndsWhatItAdopts):
+    def adopt_partition(self, partition: int, snapshots: Mapping[str, SessionSnapshot],
+                        written_at: Mapping[str, float], handed_over: bool = False) -> None:
+        self.adopted += list(snapshots)
+
+
+async def test_a_taker_reserves_numbers_before_it_publishes() -> None:
+    """The giver's exact numbers, written as they are, would let a crash of the taker right after
+    its first messages resume below them: ``sequence`` twice."""
+    start = Start(sample_rate=16000, channels=1, encoding="pcm_s16le", state=State.LISTENING)
+    snap = SessionSnapshot(start=start, next_sequence=40, next_segment_id=3, last_seq=None,
+                           frames=900, finals=2, exact=True, last_message="ab" * 16)
+    with NatsServer.for_replicas() as server:
+        nc = await nats.connect(server.url)
+        host = KeepsWhatItAdopts()
+        cluster = Cluster(make_settings(server.url, partitions=REPLICAS_PARTITIONS), host)
+        try:
+            js = nc.jetstream()
+            cluster._leases = await _bucket(js, "stt-leases", 2.0)
+            cluster._store = await _bucket(js, "stt-sessions", SESSION_TTL_S)
+            cluster.taking[5] = ("gone", time.monotonic())
+            note = {"from": "gone", "to": cluster.replica_id,
+                    "sessions": {"s1": encode_snapshot("s1", snap, time.time())}}
+            await cluster._leases.put("h.5", json.dumps(note).encode())
+            await cluster._finish_takeovers({"h.5"}, {})
+            assert host.adopted == ["s1"]
+            _, kept, _ = decode_snapshot(json.loads((await cluster._store.get(
+                session_key(5, "s1"))).value))
+            assert kept.next_sequence == 40 + SEQUENCE_AHEAD and not kept.exact
+            assert kept.next_segment_id == 3 + SEGMENTS_AHEAD and kept.frames == 900
         finally:
             await nc.close()

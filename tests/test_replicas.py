@@ -65,11 +65,14 @@ def test_a_server_without_the_mapping_is_one_clear_error(tmp_path: Path) -> None
 
 
 class Replica(ReplicaProcess):
-    """One replica of the tests: one engine thread, a 15 s drain."""
+    """One replica of the tests: one engine thread, a 15 s drain, silence endpointing (the
+    checks count one final per sentence; the end-of-turn model may end a turn at a sentence's
+    own pause, and is tested in tests/test_turn.py)."""
 
     def __init__(self, url: str, name: str, engine: str, tmp: Path, **env: str) -> None:
         super().__init__(url, tmp / f"{name}.log", engine, WHISPER_CPU_THREADS="1",
-                         OMP_NUM_THREADS="1", STT_DRAIN_TIMEOUT_S="15", **env)
+                         OMP_NUM_THREADS="1", STT_DRAIN_TIMEOUT_S="15",
+                         **{"STT_ENDPOINTING": "silence", **env})
         self.name = name
 
     def sessions_held(self, until_wall: float) -> set[str]:
