@@ -123,7 +123,7 @@ class Settings:
                                             "Seconds of the window finals are encoded over "
                                             "(audio longer than this gets its own length, up "
                                             "to Whisper's 30 s). 20 s takes a third of 30 s's "
-                                            "encoder time on CPU (push-to-talk finals 0.36 s "
+                                            "encoder time on CPU (push-to-talk finals 0.2 s "
                                             "sooner at p95) for +0.006-0.010 corpus WER "
                                             "(tiny.en).",
                                             group="engine")
