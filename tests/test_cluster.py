@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import nats
 import pytest
@@ -184,20 +185,26 @@ async def test_a_session_that_ended_during_its_handover_keeps_no_snapshot() -> N
         cluster = Cluster(make_settings(server.url, partitions=REPLICAS_PARTITIONS), host)
         host.cluster = cluster
         try:  # the buckets without the lease loop: step 4 of a handover, on its own
-            js = nc.jetstream()
-            cluster._leases = await _bucket(js, "stt-leases", 2.0)
-            cluster._store = await _bucket(js, "stt-sessions", SESSION_TTL_S)
-            cluster.taking[5] = ("gone", time.monotonic())
-            note = {"from": "gone", "to": cluster.replica_id,
-                    "sessions": {"s1": encode_snapshot("s1", snap, time.time())}}
-            await cluster._leases.put("h.5", json.dumps(note).encode())
-            await cluster._finish_takeovers({"h.5"}, {})
+            await take_over_from_a_gone_replica(cluster, nc, snap)
             await cluster._flush_saves()
             assert host.adopted == ["s1"] and 5 not in cluster.taking
             with pytest.raises(KeyNotFoundError):
                 await cluster._store.get(session_key(5, "s1"))
         finally:
             await nc.close()
+
+
+async def take_over_from_a_gone_replica(cluster: Cluster, nc: Any, snap: SessionSnapshot) -> None:
+    """Step 4 of a handover on its own: the buckets without the lease loop, a handover note for
+    partition 5 from a replica that is gone, and the takeover it starts."""
+    js = nc.jetstream()
+    cluster._leases = await _bucket(js, "stt-leases", 2.0)
+    cluster._store = await _bucket(js, "stt-sessions", SESSION_TTL_S)
+    cluster.taking[5] = ("gone", time.monotonic())
+    note = {"from": "gone", "to": cluster.replica_id,
+            "sessions": {"s1": encode_snapshot("s1", snap, time.time())}}
+    await cluster._leases.put("h.5", json.dumps(note).encode())
+    await cluster._finish_takeovers({"h.5"}, {})
 
 
 class KeepsWhatItAdopts(EndsWhatItAdopts):
@@ -217,14 +224,7 @@ async def test_a_taker_reserves_numbers_before_it_publishes() -> None:
         host = KeepsWhatItAdopts()
         cluster = Cluster(make_settings(server.url, partitions=REPLICAS_PARTITIONS), host)
         try:
-            js = nc.jetstream()
-            cluster._leases = await _bucket(js, "stt-leases", 2.0)
-            cluster._store = await _bucket(js, "stt-sessions", SESSION_TTL_S)
-            cluster.taking[5] = ("gone", time.monotonic())
-            note = {"from": "gone", "to": cluster.replica_id,
-                    "sessions": {"s1": encode_snapshot("s1", snap, time.time())}}
-            await cluster._leases.put("h.5", json.dumps(note).encode())
-            await cluster._finish_takeovers({"h.5"}, {})
+            await take_over_from_a_gone_replica(cluster, nc, snap)
             assert host.adopted == ["s1"]
             _, kept, _ = decode_snapshot(json.loads((await cluster._store.get(
                 session_key(5, "s1"))).value))

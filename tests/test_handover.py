@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
@@ -174,46 +176,10 @@ async def two_workers(url: str) -> tuple[Worker, Worker]:
     return giver, workers[1]
 
 
-@pytest.mark.parametrize("seq", [False, True], ids=["seed-chunks", "seq"])
-async def test_chunks_the_giver_handled_are_not_replayed(seq: bool) -> None:
-    """The taker holds everything from its subscription on; the giver goes on handling chunks
-    (a whole utterance here) until it hands over. Without ``seq`` those chunks were replayed by
-    the taker: the utterance was transcribed twice."""
-    with NatsServer() as server:
-        nc = await nats.connect(server.url)
-        giver, taker = await two_workers(server.url)
-        try:
-            c = Client(nc, "s1", seq)
-            await c.listen()
-            await c.publish({"type": "start", "sample_rate": SR})
-            await c.send(np.concatenate([silence(0.5), utter(1, 2, 3), silence(1.5)]))
-            await eventually(lambda: len(c.finals()) == 1)
-            await taker.subscribe_partition(P)  # step 2: the taker holds from here on
-            await c.send(np.concatenate([utter(4, 5, 6), silence(1.5)]))
-            await eventually(lambda: len(c.finals()) == 2)  # the giver handled all of it
-            await handled(giver, c)
-            snaps = await giver.give_partition(P, 2.0)
-            assert snaps["s1"].exact and snaps["s1"].last_message
-            await c.send(np.concatenate([utter(7, 8), silence(1.5)]))  # held by the taker
-            await asyncio.sleep(0.3)
-            await adopt(taker, snaps)
-            await c.send(np.concatenate([utter(9, 10), silence(1.5)]))
-            await c.publish({"type": "end"})
-            await eventually(c.ended)
-        finally:
-            for w in (giver, taker):
-                await w.shutdown()
-            await nc.close()
-    assert c.finals() == ["w1 w2 w3", "w4 w5 w6", "w7 w8", "w9 w10"]
-    end = check_output(c)
-    assert end["segments"] == 4
-    assert abs(end["audio_seconds"] - c.sent_s) < 0.1, (end["audio_seconds"], c.sent_s)
-
-
-@pytest.mark.parametrize("seq", [False, True], ids=["seed-chunks", "seq"])
-async def test_an_utterance_in_progress_ends_on_the_giver_in_one_final(seq: bool) -> None:
-    """The wait for a pause runs out mid-utterance: the giver finishes that utterance (its
-    final has every word, published there), then hands over; nothing is cut or dropped."""
+@contextlib.asynccontextmanager
+async def one_final_then_a_taker(seq: bool) -> AsyncIterator[tuple[Worker, Worker, Client]]:
+    """A giver that published s1's first final ("w1 w2 w3") and a taker that holds the
+    partition's messages from then on; both stopped afterwards."""
     with NatsServer() as server:
         nc = await nats.connect(server.url)
         giver, taker = await two_workers(server.url)
@@ -224,21 +190,52 @@ async def test_an_utterance_in_progress_ends_on_the_giver_in_one_final(seq: bool
             await c.send(np.concatenate([silence(0.5), utter(1, 2, 3), silence(1.5)]))
             await eventually(lambda: len(c.finals()) == 1)
             await taker.subscribe_partition(P)
-            await c.send(utter(4, 5, 6, 7))  # no pause yet
-            await handled(giver, c)
-            giving = asyncio.create_task(giver.give_partition(P, 0.3))
-            await asyncio.sleep(0.6)  # past the wait: the old code cut here
-            await c.send(np.concatenate([utter(8, 9), silence(1.5)]))
-            snaps = await giving
-            await eventually(lambda: len(c.finals()) == 2)
-            await c.send(np.concatenate([utter(10, 11), silence(1.5)]))
-            await adopt(taker, snaps)
-            await c.publish({"type": "end"})
-            await eventually(c.ended)
+            yield giver, taker, c
         finally:
             for w in (giver, taker):
                 await w.shutdown()
             await nc.close()
+
+
+@pytest.mark.parametrize("seq", [False, True], ids=["seed-chunks", "seq"])
+async def test_chunks_the_giver_handled_are_not_replayed(seq: bool) -> None:
+    """The taker holds everything from its subscription on; the giver goes on handling chunks
+    (a whole utterance here) until it hands over. Without ``seq`` those chunks were replayed by
+    the taker: the utterance was transcribed twice."""
+    async with one_final_then_a_taker(seq) as (giver, taker, c):  # the taker holds from here on
+        await c.send(np.concatenate([utter(4, 5, 6), silence(1.5)]))
+        await eventually(lambda: len(c.finals()) == 2)  # the giver handled all of it
+        await handled(giver, c)
+        snaps = await giver.give_partition(P, 2.0)
+        assert snaps["s1"].exact and snaps["s1"].last_message
+        await c.send(np.concatenate([utter(7, 8), silence(1.5)]))  # held by the taker
+        await asyncio.sleep(0.3)
+        await adopt(taker, snaps)
+        await c.send(np.concatenate([utter(9, 10), silence(1.5)]))
+        await c.publish({"type": "end"})
+        await eventually(c.ended)
+    assert c.finals() == ["w1 w2 w3", "w4 w5 w6", "w7 w8", "w9 w10"]
+    end = check_output(c)
+    assert end["segments"] == 4
+    assert abs(end["audio_seconds"] - c.sent_s) < 0.1, (end["audio_seconds"], c.sent_s)
+
+
+@pytest.mark.parametrize("seq", [False, True], ids=["seed-chunks", "seq"])
+async def test_an_utterance_in_progress_ends_on_the_giver_in_one_final(seq: bool) -> None:
+    """The wait for a pause runs out mid-utterance: the giver finishes that utterance (its
+    final has every word, published there), then hands over; nothing is cut or dropped."""
+    async with one_final_then_a_taker(seq) as (giver, taker, c):
+        await c.send(utter(4, 5, 6, 7))  # no pause yet
+        await handled(giver, c)
+        giving = asyncio.create_task(giver.give_partition(P, 0.3))
+        await asyncio.sleep(0.6)  # past the wait: the old code cut here
+        await c.send(np.concatenate([utter(8, 9), silence(1.5)]))
+        snaps = await giving
+        await eventually(lambda: len(c.finals()) == 2)
+        await c.send(np.concatenate([utter(10, 11), silence(1.5)]))
+        await adopt(taker, snaps)
+        await c.publish({"type": "end"})
+        await eventually(c.ended)
     assert c.finals() == ["w1 w2 w3", "w4 w5 w6 w7 w8 w9", "w10 w11"]
     assert check_output(c)["segments"] == 3
 
