@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import difflib
@@ -157,12 +158,13 @@ class Played:
 
 
 async def play(nc: Any, subjects: Subjects, sc: Scenario, speed: float,
-               chunk_ms: int = CHUNK_MS) -> Played:
+               chunk_ms: int = CHUNK_MS, seed: bool = False) -> Played:
     """Stream ``sc`` as a live session, sending its ``state_change`` messages on time.
 
     Not :func:`stt.client.stream_audio`: that sends each chunk when its capture *starts* and has
     no mid-stream state changes; here chunk ``i`` leaves when its 40 ms have been "recorded",
-    so stream time and the worker's view of the audio agree.
+    so stream time and the worker's view of the audio agree. ``seed``: chunks as the seed's
+    front-ends send them (``audio_b64`` and ``timestamp``, no ``seq``).
     """
     sid = f"eval{uuid.uuid4().hex[:8]}-{sc.name}"
     audio = sc.audio
@@ -187,8 +189,10 @@ async def play(nc: Any, subjects: Subjects, sc: Scenario, speed: float,
                 await send(nc, subjects, sid, {"type": "state_change",
                                                "state": changes[next_change][1]})
                 next_change += 1
-            await send(nc, subjects, sid, {"type": "chunk", "timestamp": time.time(), "seq": i,
-                                           "audio": to_pcm16(audio[offset: offset + step])})
+            pcm = to_pcm16(audio[offset: offset + step])
+            chunk = ({"audio_b64": base64.b64encode(pcm).decode()} if seed
+                     else {"seq": i, "audio": pcm})
+            await send(nc, subjects, sid, {"type": "chunk", "timestamp": time.time(), **chunk})
         await send(nc, subjects, sid, {"type": "end"})
         ended = True
         try:
@@ -201,7 +205,7 @@ async def play(nc: Any, subjects: Subjects, sc: Scenario, speed: float,
 
 
 async def play_all(nc: Any, subjects: Subjects, scenarios: list[Scenario], speed: float,
-                   concurrency: int, label: str) -> list[Played]:
+                   concurrency: int, label: str, seed: bool = False) -> list[Played]:
     """Every scenario, ``concurrency`` sessions at a time, longest first (tighter packing)."""
     order = sorted(scenarios, key=lambda s: -s.duration_s)
     slots = asyncio.Semaphore(concurrency)
@@ -212,7 +216,7 @@ async def play_all(nc: Any, subjects: Subjects, scenarios: list[Scenario], speed
         async with slots:
             if i < concurrency:
                 await asyncio.sleep(i * STAGGER_S)
-            played = await play(nc, subjects, sc, speed)
+            played = await play(nc, subjects, sc, speed, seed=seed)
         done += 1
         print(f"  [{label}] {done}/{len(order)} {sc.name}"
               + ("" if played.ended else " (no end message!)"), file=sys.stderr, flush=True)
@@ -229,8 +233,8 @@ def make_settings(nats_url: str, engine: str, overrides: dict[str, str]) -> Sett
 
 
 async def run_config(engine: str, overrides: dict[str, str], scenarios: list[Scenario],
-                     speed: float, concurrency: int, label: str) -> tuple[list[Played], Settings,
-                                                                         dict[str, Any]]:
+                     speed: float, concurrency: int, label: str,
+                     seed: bool = False) -> tuple[list[Played], Settings, dict[str, Any]]:
     """A fresh nats-server and worker for one configuration; both are stopped afterwards."""
     with NatsServer() as server:
         settings = make_settings(server.url, engine, overrides)
@@ -242,7 +246,8 @@ async def run_config(engine: str, overrides: dict[str, str], scenarios: list[Sce
         try:
             await worker.start()
             nc = await nats.connect(server.url)
-            played = await play_all(nc, worker.subjects, scenarios, speed, concurrency, label)
+            played = await play_all(nc, worker.subjects, scenarios, speed, concurrency, label,
+                                    seed)
         finally:
             if nc is not None:
                 with contextlib.suppress(Exception):

@@ -7,7 +7,8 @@ time, model endpointing and fixed silence side by side in one run.
 
 The clips are the corpus clips :mod:`bench.turn` did *not* fit its knobs on (the odd ones in
 name order), so the figures are held out. Each clip becomes three sessions, streamed in 40 ms
-chunks on a real-time schedule (:func:`bench.evaluate.play`), with 2.5 s of room tone after the
+chunks as the seed's front-ends send them (``audio_b64``, ``timestamp``, no ``seq``) on a
+real-time schedule (:func:`bench.evaluate.play`), with 2.5 s of room tone after the
 speech and then ``end``:
 
 * **finished**: the sentence as recorded;
@@ -190,7 +191,7 @@ async def run(args: argparse.Namespace) -> int:
         for label in args.configs:
             played, _settings, info = await run_config(
                 "faster-whisper", {**CONFIGS[label], **dict(args.sets)}, scenarios, 1.0, n,
-                f"{label} x{n}")
+                f"{label} x{n}", seed=True)
             result = Result(info=info)
             score(played, offline, result)
             for row in report(label, n, result):
