@@ -88,10 +88,11 @@ class SegmenterParams:
     pitch_frames: int = 3        # voiced frames with a pitch that make a segment speech
 
     @classmethod
-    def from_settings(cls, s: Settings) -> SegmenterParams:
-        # adaptive endpointing: the session ends segments earlier; this is the longest wait
-        endpoint_s = s.endpoint_max_s if s.endpointing == "adaptive" else s.chunk_timeout_s
-        endpoint = max(1, math.ceil(endpoint_s / FRAME_S))
+    def from_settings(cls, s: Settings, endpoint_s: float | None = None) -> SegmenterParams:
+        """``endpoint_s``: the longest trailing silence (the session's endpointing decides it:
+        the model's or adaptive endpointing's maximum, which the session usually undercuts);
+        by default STT_CHUNK_TIMEOUT."""
+        endpoint = max(1, math.ceil((endpoint_s or s.chunk_timeout_s) / FRAME_S))
         # STT_BUFFER_SIZE_BYTES is bytes of 16 kHz 16-bit mono, the seed's format: the limit is a
         # length of speech that does not shrink 12x when a browser sends 48 kHz stereo float.
         longest_s = min(s.buffer_size_bytes / BYTES_PER_SECOND_16K, s.max_segment_s)

@@ -121,7 +121,6 @@ class SessionParams:
         if mode == "model" and not model:
             mode = "silence"
         turn = s.turn_params(mode)
-        segmenter = SegmenterParams.from_settings(s)
         speculative = (max(1, round(s.speculative_ms / 1000 / FRAME_S))
                        if s.speculative_ms > 0 else 0)
         if mode == "adaptive":
@@ -132,11 +131,8 @@ class SessionParams:
             endpoint_s = turn.max_silence_s
         else:
             endpoint_s = s.chunk_timeout_s
-        endpoint = max(1, math.ceil(endpoint_s / FRAME_S))
-        segmenter = replace(segmenter, endpoint_frames=endpoint,
-                            max_frames=max(segmenter.max_frames, endpoint + 2))
         return cls(
-            segmenter=segmenter,
+            segmenter=SegmenterParams.from_settings(s, endpoint_s),
             audio_gap_s=max(s.audio_gap_timeout_s, s.chunk_timeout_s),
             partial_frames=round(s.partial_interval_s / FRAME_S) if s.partial_interval_s > 0 else 0,
             partial_window_frames=round(s.partial_window_s / FRAME_S),

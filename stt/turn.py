@@ -150,6 +150,8 @@ class Turn:
     def resumed(self) -> bool:
         """Speech came back: the silence starts over. True when an eager end of turn was sent
         (the client must hear that the turn goes on)."""
+        if not self._next_query and not self.in_flight:
+            return False  # never asked in this silence: nothing to undo (every speech frame)
         eager, self.eager_sent = self.eager_sent, False
         self.probability = self.asked_at_s = None
         self.in_flight = self.model_failed = False  # an answer still in flight is for a silence that is over
