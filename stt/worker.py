@@ -65,6 +65,11 @@ from .vad import FRAME_S
 log = logging.getLogger("stt.worker")
 
 TICK_S = 0.1  # idle and audio-gap timeouts are checked this often
+# A ticker round this late means the event loop was busy (a taken partition's held messages, a
+# CPU-starved process): audio that arrived meanwhile may still be unread, so no session's silence
+# is judged until the input is caught up, for at most BACKLOG_HOLD_S under sustained overload.
+LATE_TICK_S = 0.25
+BACKLOG_HOLD_S = 1.0
 TRIM_INTERVAL_S = 5.0  # after sessions close, hand freed heap back to the OS at most this often
 REFRESH_INTERVAL_S = 60.0  # STT_PARTITIONS: how often snapshots about to expire are rewritten
 HELD_LIMIT = 100_000  # messages held per partition while it is being taken over
@@ -805,10 +810,27 @@ class Worker:
                     break
             self._outbox.task_done()
 
+    def _input_backlog(self) -> bool:
+        """Messages received and not handled yet (their sessions' audio did arrive)."""
+        return any(sub.pending_msgs for sub in [self._sub, *self._psubs.values()]
+                   if sub is not None)
+
     async def _ticker(self) -> None:
+        due = self.clock() + TICK_S
+        held_since: float | None = None
         while True:
-            await asyncio.sleep(TICK_S)
+            await asyncio.sleep(max(0.0, due - self.clock()))
             now = self.clock()
+            late, due = now - due, now + TICK_S
+            if late >= LATE_TICK_S or self._input_backlog():
+                # a gap seen now may be audio not read yet, not audio that stopped arriving
+                held_since = now if held_since is None else held_since
+                if now - held_since < BACKLOG_HOLD_S:
+                    if late >= LATE_TICK_S:
+                        log.debug("event loop busy for %.2f s; silences judged once the input "
+                                  "is read", late)
+                    continue
+            held_since = None
             for session in list(self.sessions.values()):
                 if now >= session.deadline:
                     self._execute(session, session.tick(now))

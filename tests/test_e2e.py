@@ -9,10 +9,12 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
 import msgpack
+import nats
 import numpy as np
 import pytest
 from conftest import ROOT, SAMPLE, eventually
@@ -202,6 +204,56 @@ async def test_nats_server_killed_and_restarted_mid_session(nats_server: NatsSer
     assert "session" not in worker.sessions
     assert len(result.finals) == 2 and "young man" in result.text
     assert result.messages[-1]["type"] == "end"
+
+
+async def test_a_worker_busy_for_a_while_does_not_cut_the_utterance_it_has_not_read(
+        worker_factory: Any, nc: Any, nats_server: NatsServer) -> None:
+    """The worker's event loop blocked for 1.5 s (a taken partition's held messages, a
+    CPU-starved process) during a pause in a sentence, while the client goes on sending: what
+    it has not read yet did arrive, so the pause is no audio gap and the sentence one final."""
+    from bench.null_engine import InstantEngine
+
+    worker = await worker_factory(engine=InstantEngine(None))  # type: ignore[arg-type]
+    split = int(1.8 * SR)
+    audio = np.concatenate([SENTENCE_2[:split], silence(0.5), SENTENCE_2[split:], silence(1.5)])
+    sid = "busy-" + os.urandom(3).hex()
+    finals: list[dict[str, Any]] = []
+
+    async def on(msg: Any) -> None:
+        m = protocol.unpack(msg.data)
+        if m["type"] == "transcript" and m["is_final"]:
+            finals.append(m)
+
+    await nc.subscribe(SUBJECTS.output(sid), cb=on)
+    await nc.flush()
+    sent = [0.0]
+
+    def client() -> None:  # another thread: it goes on while the worker's loop is blocked
+        async def run() -> None:
+            other = await nats.connect(nats_server.url)
+            await send(other, SUBJECTS, sid, {"type": "start", "sample_rate": SR})
+            t0, step = time.monotonic(), int(0.04 * SR)
+            for at in range(0, audio.size, step):
+                await asyncio.sleep(max(0.0, t0 + at / SR - time.monotonic()))
+                await send(other, SUBJECTS, sid, {"type": "chunk",
+                                                  "audio": to_pcm16(audio[at:at + step])})
+                sent[0] = (at + step) / SR
+            await send(other, SUBJECTS, sid, {"type": "end"})
+            await other.flush()
+            await other.close()
+        asyncio.run(run())
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        await eventually(lambda: sent[0] >= 1.8 + 0.4, 10)  # 0.4 s into the pause
+        time.sleep(1.5)  # noqa: ASYNC251  (the point: the loop is busy, nothing is read or ticks)
+        await eventually(lambda: worker.status().sessions == 0, 20)
+    finally:
+        await asyncio.to_thread(thread.join)
+    assert len(finals) == 1, [(f["start"], f["end"]) for f in finals]
+    assert finals[0]["end"] - finals[0]["start"] == pytest.approx(SENTENCE_2.size / SR + 0.5,
+                                                                  abs=0.6)
 
 
 async def test_abandoned_sessions_are_ended_by_the_idle_timeout(worker_factory: Any,

@@ -254,6 +254,28 @@ def on_replica(load: Load, replica: Replica, at: float, at_wall: float,
             or sid in held or partition_of(sid, REPLICAS_PARTITIONS) in partitions}
 
 
+def timeline(load: Load, replicas: list[Replica], sid: str, u: Utterance,
+             marks: dict[str, float]) -> str:
+    """What a session received around an utterance, and what the replicas logged of it (to tell
+    a failure's cause from the assertion alone)."""
+    def at(t: float) -> str:
+        return " ".join(f"{k}{t - v:+.1f}" for k, v in marks.items())
+    names = {r.id: r.name for r in replicas}
+    lines = [f"utterance sent {at(u.start_wall)} .. {at(u.end_wall)}"]
+    for t, m, r in load.received[sid]:
+        if u.start_wall - 10 < t < u.end_wall + 10 and (
+                m.get("type") != "transcript" or m.get("is_final")):
+            lines.append(f"  {at(t)} {names.get(r, r)} {m.get('type')} seq={m.get('sequence')} "
+                         f"{m.get('start', '')}-{m.get('end', '')} {m.get('reason', '')}")
+    offset = time.time() - time.monotonic()
+    for r in replicas:
+        for rec in r.logs():
+            if rec.get("session_id") == sid and abs(rec.get("ts", 0) - offset - u.end_wall) < 15:
+                lines.append(f"  log {r.name} {at(rec['ts'] - offset)} {rec.get('msg')} "
+                             f"{ {k: v for k, v in rec.items() if k not in ('ts', 'msg', 'session_id', 'level')} }")
+    return "\n".join(lines)
+
+
 def check_sequences(load: Load, sid: str, crash_at: float | None = None) -> None:
     """``sequence`` +1 for every message; across a crash strictly increasing (a gap)."""
     msgs = load.received[sid]
@@ -376,6 +398,9 @@ async def test_three_replicas_sixty_sessions_kill_stop_join(tmp_path: Path) -> N
             if abs(span - u.duration_s) >= 1.2 and in_term:
                 cut += 1  # SIGTERM waited 3 s for a pause, then published the first part
                 continue
+            if abs(span - u.duration_s) >= 1.2:
+                print(timeline(load, replicas, sid, u,
+                               {"kill": kill_at, "term": term_at, "join": join_at}))
             assert abs(span - u.duration_s) < 1.2, (sid, stream.encoding, span, u.duration_s)
     assert not lost, f"{len(lost)} utterances without a final (session, s after kill): {lost[:10]}"
 
