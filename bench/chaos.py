@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgpack
 import nats
 import numpy as np
 import psutil
@@ -152,7 +153,7 @@ async def flood(nc: Any, subjects: Subjects, sids: list[str], until: float,
             lambda: protocol.pack({"type": "chunk", "audio_b64": "!!not base64!!"}),
             lambda: protocol.pack({"type": "sing", "seq": rng.randrange(10**6)}),
             lambda: protocol.pack({"type": "start", "sample_rate": -5}),
-            lambda: protocol.pack([1, 2, 3])]
+            lambda: msgpack.packb([1, 2, 3])]  # not a map
     n = 0
     while time.monotonic() < until:
         await asyncio.sleep(1 / FLOOD_PER_S)

@@ -245,9 +245,9 @@ async def failover(kills: int, sessions: int) -> int:
                     await asyncio.sleep(0.25)
                 for w in workers:
                     w.learn_id()
-                counts = {w.id: sum(partition_of(s, REPLICAS_PARTITIONS) in hbs[w.id].partitions
+                counts = {w.id: sum(partition_of(s, REPLICAS_PARTITIONS) in hbs[w.id or ""].partitions
                                     for s in sids) for w in workers if w.id in hbs}
-                victim = max(workers, key=lambda w: counts.get(w.id, 0))
+                victim = max(workers, key=lambda w: counts.get(w.id or "", 0))
                 survivor = next(w for w in workers if w is not victim)
                 theirs = {s for s in sids
                           if partition_of(s, REPLICAS_PARTITIONS) in hbs[victim.id or ""].partitions}
