@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import math
 import os
 import subprocess
 import sys
@@ -33,6 +34,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +44,12 @@ import soundfile
 import soxr
 
 from stt import protocol
-from stt.audio import to_pcm16
+from stt.audio import SAMPLE_RATE, to_pcm16
 from stt.nats_server import NatsServer, free_port
 from stt.protocol import Subjects
+from stt.textnorm import wer
 
-from .common import ROOT, header, percentile
+from .common import DEFAULT_CORPUS, ROOT, corpus_rows, header, percentile, speech_bounds
 from .replicas import PHRASES, SAMPLE
 
 RATE = 24000  # the Realtime API's audio/pcm
@@ -139,6 +142,132 @@ async def nats_pass(nats_url: str, pcm: bytes) -> list[float]:
     return [a - e for a, e in zip(arrivals, ends, strict=False)]
 
 
+# --- held-out recordings --------------------------------------------------------------------
+
+COMPLETED = "conversation.item.input_audio_transcription.completed"
+DELTA = "conversation.item.input_audio_transcription.delta"
+
+
+@dataclass
+class ClipRun:
+    """One recording through the websocket, beside the same session's finals off NATS."""
+
+    completed: list[str] = field(default_factory=list)  # the transcripts, in order
+    finals: list[str] = field(default_factory=list)     # the worker's finals for that session
+    in_order: bool = True      # every item: speech_started first, then stopped, committed, completed
+    delta_before_end: bool = False  # a delta arrived before the audio's end of speech was sent
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return " ".join(t for t in self.completed if t)
+
+
+def clip_pcm(path: Path, rate: int = RATE, tail_s: float = TAIL_S) -> tuple[bytes, float]:
+    """A recording as mono 16-bit PCM at ``rate`` with ``tail_s`` of silence after it (a live
+    microphone stays open), and where its speech ends (seconds)."""
+    data, sr = soundfile.read(str(path), dtype="float32", always_2d=True)
+    mono = data.mean(axis=1, dtype=np.float32)
+    at16k = mono if sr == SAMPLE_RATE else soxr.resample(mono, sr, SAMPLE_RATE)
+    _, speech_end = speech_bounds(np.asarray(at16k, dtype=np.float32))
+    audio = np.asarray(soxr.resample(mono, sr, rate) if sr != rate else mono, dtype=np.float32)
+    return to_pcm16(np.concatenate([audio, np.zeros(int(tail_s * rate), np.float32)])), speech_end
+
+
+async def clip_through_websocket(client: Any, nc: Any, pcm: bytes, speech_end_s: float, *,
+                                 speed: float = 1.0, timeout_s: float = 60.0) -> ClipRun:
+    """Stream one recording through a new Realtime connection (server turn detection) at
+    ``speed`` times real time; wait until every item it announced is completed."""
+    run = ClipRun()
+    sent: list[tuple[float, float]] = []
+    first_delta: list[float] = []
+    async with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+        created = await conn.recv()
+        sid = created.session.id.removeprefix("sess_")
+
+        async def on_final(msg: Any) -> None:
+            m = protocol.unpack(msg.data)
+            if m.get("type") == "transcript" and m.get("is_final"):
+                run.finals.append(m["transcript"])
+
+        sub = await nc.subscribe(Subjects().output(sid), cb=on_final)
+        await nc.flush()
+        sender = asyncio.create_task(send_pcm(
+            conn, pcm, speed=speed, on_sent=lambda s: sent.append((s, time.monotonic()))))
+        order: dict[str, list[str]] = {}
+
+        async def read() -> None:
+            async for event in conn:
+                item = getattr(event, "item_id", None)
+                if item is not None:
+                    order.setdefault(item, []).append(event.type)
+                if event.type == "error":
+                    run.errors.append(event.error.message)
+                elif event.type == DELTA and not first_delta:
+                    first_delta.append(time.monotonic())
+                elif event.type == COMPLETED:
+                    run.completed.append(event.transcript)
+                # done: all audio sent, every announced item completed, NATS agrees
+                if (sender.done() and order and all(o[-1] == COMPLETED for o in order.values())
+                        and len(run.finals) == len(run.completed)):
+                    return
+
+        try:
+            await asyncio.wait_for(read(), timeout_s)
+        finally:
+            sender.cancel()
+            await sub.unsubscribe()
+    end_sent = next((t for s, t in sent if s >= speech_end_s), math.inf)
+    run.delta_before_end = bool(first_delta) and first_delta[0] < end_sent
+    run.in_order = all(o[0] == "input_audio_buffer.speech_started" and o[-3:] == [
+        "input_audio_buffer.speech_stopped", "input_audio_buffer.committed", COMPLETED]
+        for o in order.values())
+    return run
+
+
+async def held_out(base_url: str, nats_url: str, limit: int, corpus: Path) -> None:
+    """The corpus's recordings (not the bundled sample) through the official client at real
+    time, each then as a session of its own straight over NATS."""
+    from openai import AsyncOpenAI
+
+    from stt.client import stream_audio
+
+    client = AsyncOpenAI(api_key="unused", base_url=base_url, max_retries=0)
+    nc = await nats.connect(nats_url)
+    pairs_ws, pairs_nats, pairs_same = [], [], []
+    utterances = completed_ok = deltas_early = in_order = 0
+    try:
+        for rel, reference in corpus_rows(corpus)[:limit]:
+            pcm, speech_end = clip_pcm(corpus / rel)
+            run = await clip_through_websocket(client, nc, pcm, speech_end)
+            samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+            direct = await stream_audio(nc, samples, RATE)
+            pairs_ws.append((reference, run.text))
+            pairs_nats.append((reference, direct.text))
+            pairs_same.append((direct.text, run.text))
+            utterances += len(run.completed)
+            completed_ok += run.completed == run.finals
+            deltas_early += run.delta_before_end
+            in_order += run.in_order
+            print(f"{rel}: {len(run.completed)} completed, delta before end of speech "
+                  f"{'yes' if run.delta_before_end else 'no'}, WER websocket "
+                  f"{wer([pairs_ws[-1]]):.3f} / NATS {wer([pairs_nats[-1]]):.3f}"
+                  + (f", errors {run.errors}" if run.errors else ""), flush=True)
+    finally:
+        await nc.close()
+    n = len(pairs_ws)
+    print()
+    print(f"| {n} held-out recordings at real time | |")
+    print("| --- | --- |")
+    print(f"| `completed` events (one per worker final, same text) | {utterances} "
+          f"({completed_ok} of {n} recordings match NATS exactly) |")
+    print(f"| items in order (started, stopped, committed, completed) | {in_order} of {n} |")
+    print(f"| a delta before the end of speech was sent | {deltas_early} of {n} |")
+    print(f"| WER through the websocket | {wer(pairs_ws):.3f} |")
+    print(f"| WER of the same audio as its own NATS session | {wer(pairs_nats):.3f} |")
+    print(f"| websocket against NATS (difference in words) | {wer(pairs_same):.3f} |")
+
+
 def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "stt", *args], cwd=ROOT, env=env,
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT,
@@ -187,7 +316,7 @@ def row(name: str, values: list[float], scale: float = 1.0, unit: str = "s") -> 
     return f"| {name} | {len(values)} | {fmt(p50)} | {fmt(p95)} | {fmt(max(values))} |"
 
 
-async def run(passes: int) -> None:
+async def run(passes: int, corpus: Path | None = None, limit: int = 0) -> None:
     # 1.5 s of silence after the last sentence, as a live microphone has: every utterance ends
     # on the endpoint, in both passes (the NATS pass's `end` would otherwise finalize the last
     # one early, while the websocket, kept open, waits for STT_AUDIO_GAP_TIMEOUT)
@@ -202,6 +331,9 @@ async def run(passes: int) -> None:
                  _spawn(["realtime", "--port", str(port)], tmp / "bridge.log", env)]
         try:
             await _wait_ready(server.url, f"http://127.0.0.1:{port}/health", procs)
+            if corpus is not None:
+                await held_out(f"http://127.0.0.1:{port}/v1", server.url, limit, corpus)
+                return
             got: dict[str, list[float]] = {"nats": [], "websocket": [], "bridge": [],
                                            "direct": []}
             for i in range(passes):  # which goes first alternates
@@ -222,6 +354,9 @@ async def run(passes: int) -> None:
                     p.wait(20)
                 except subprocess.TimeoutExpired:
                     p.kill()
+    if corpus is not None:
+        print(f"\nlogs: {tmp}")
+        return
     print()
     print("| end of speech to ... | utterances | p50 | p95 | max |")
     print("| --- | --- | --- | --- | --- |")
@@ -236,9 +371,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.realtime",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--corpus", type=Path, nargs="?", const=DEFAULT_CORPUS, default=None,
+                        help="stream the corpus's held-out recordings instead (default corpus: "
+                             f"{DEFAULT_CORPUS}): WER, completed events, deltas before the end")
+    parser.add_argument("--limit", type=int, default=20, help="recordings with --corpus")
     args = parser.parse_args(argv)
     print(header("python -m bench.realtime " + " ".join(argv or sys.argv[1:]), load=True),
           flush=True)
+    if args.corpus is not None:
+        asyncio.run(run(0, args.corpus, args.limit))
+        return 0
     print(f"sample: {SAMPLE.name}, {len(PHRASES)} utterances per pass, {args.passes} passes at "
           f"real time, 24 kHz PCM in 40 ms appends", flush=True)
     asyncio.run(run(args.passes))

@@ -24,10 +24,19 @@ pytest.importorskip("websockets")
 pytest.importorskip("openai")
 
 from audio_util import encode
-from conftest import ROOT, SAMPLE, SAMPLE_TEXT, eventually, make_settings
+from conftest import ROOT, SAMPLE, SAMPLE_TEXT, corpus_clips, eventually, make_settings
 from realtime_util import bridge_server, openai_client
 
-from bench.realtime import PHRASES, RATE, sample_pcm, send_pcm
+from bench.realtime import (
+    COMPLETED,
+    DELTA,
+    PHRASES,
+    RATE,
+    clip_pcm,
+    clip_through_websocket,
+    sample_pcm,
+    send_pcm,
+)
 from stt import protocol
 from stt.audio import SAMPLE_RATE, load_16k_mono
 from stt.client import stream_audio
@@ -36,8 +45,6 @@ from stt.textnorm import wer
 
 INTENT = {"intent": "transcription"}
 SPEED = 3.0
-COMPLETED = "conversation.item.input_audio_transcription.completed"
-DELTA = "conversation.item.input_audio_transcription.delta"
 
 
 async def collect(conn: Any, until: int, timeout_s: float = 60.0) -> list[tuple[float, Any]]:
@@ -114,6 +121,33 @@ async def test_the_official_client_gets_deltas_and_the_workers_finals(
     assert all(e.delta for _, e in deltas)
 
 
+async def test_held_out_recordings_through_the_official_client(
+        nats_server: Any, worker_factory: Any, nc: Any, corpus: Any) -> None:
+    """Recordings of the corpus (not the sample the tests are written around), each through
+    its own connection and then as its own session over NATS; ``python -m bench.realtime
+    --corpus`` runs 20 at real time."""
+    worker = await worker_factory()
+    clips = corpus_clips(corpus)[1::23]  # three, spread over the corpus's speakers
+    assert len(clips) == 3
+    ws, direct = [], []
+    async with bridge_server(make_settings(nats_server.url), worker.status) as (url, _bridge):
+        client = openai_client(url)
+        for path, reference in clips:
+            pcm, speech_end = clip_pcm(path)
+            run = await clip_through_websocket(client, nc, pcm, speech_end, speed=SPEED)
+            # one completed per utterance: each is one of the worker's finals, in order
+            assert run.completed and run.completed == run.finals, run
+            assert run.in_order and not run.errors, run
+            # deltas before the end of speech (at 3x real time a short clip is over first)
+            assert run.delta_before_end or speech_end < 6, path
+            samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+            over_nats = await stream_audio(nc, samples, RATE, speed=SPEED)
+            ws.append((reference, run.text))
+            direct.append((reference, over_nats.text))
+    assert wer(ws) <= wer(direct) + 0.02, (ws, direct)
+    assert wer(ws) < 0.2, ws
+
+
 async def test_bad_events_get_error_events_and_the_connection_goes_on(
         nats_server: Any, worker_factory: Any) -> None:
     worker = await worker_factory()
@@ -163,11 +197,10 @@ async def test_clients_that_disconnect_mid_utterance_leave_no_session(
             await send_pcm(conn, speech, speed=0)
             await conn.close()  # no commit, no goodbye
 
-        # 10, not more: each leaves the worker a final to decode on the full window (0.5 s of
-        # CPU here), so this test's time is the worker's
-        await asyncio.gather(*(drop() for _ in range(10)))
-        await eventually(lambda: worker.status().sessions_started >= 10, 20)
-        await eventually(lambda: worker.status().sessions == 0 and bridge.open == 0, 30)
+        # each leaves the worker a final to decode on the full window (0.5 s of CPU here)
+        await asyncio.gather(*(drop() for _ in range(20)))
+        await eventually(lambda: worker.status().sessions_started >= 20, 30)
+        await eventually(lambda: worker.status().sessions == 0 and bridge.open == 0, 60)
 
 
 async def test_manual_commits_one_item_per_commit_and_g711(
