@@ -20,8 +20,8 @@ COPY stt ./stt
 # Not the `local` extra: no torch, no openai-whisper. `otel` so OTEL_ENABLED/HYPERDX_ENABLED work;
 # `turn` and the model file (checksum-verified) for end-of-turn detection (STT_ENDPOINTING=model).
 RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check "/src[otel,turn]" \
-    && /opt/venv/bin/python -m stt.turn_model install \
-    && /opt/venv/bin/python -c "import stt.cli, stt.connection, stt.engines.http, stt.otel, nkeys"
+    && /opt/venv/bin/python -m stt.engines.turn_model install \
+    && /opt/venv/bin/python -c "import stt.cli, stt.transport.connection, stt.engines.http, stt.ops.otel, nkeys"
 
 # --- runtime ------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -44,5 +44,5 @@ EXPOSE 8080
 STOPSIGNAL SIGTERM
 # /livez, not /readyz: an unhealthy mark during a NATS outage would only restart the worker.
 HEALTHCHECK --interval=15s --timeout=4s --start-period=20s --retries=3 \
-    CMD ["python", "-m", "stt.health"]
+    CMD ["python", "-m", "stt.ops.health"]
 ENTRYPOINT ["python", "/app/stt_streaming.py"]

@@ -18,13 +18,13 @@ import nats
 import numpy as np
 import psutil
 
-from stt import protocol
-from stt.audio import to_pcm16
 from stt.config import Settings
+from stt.core.audio import to_pcm16
 from stt.engines import create_engine
-from stt.nats_server import NatsServer
-from stt.protocol import Subjects
-from stt.worker import TRIM_INTERVAL_S, Worker
+from stt.transport.nats_server import NatsServer
+from stt.transport.worker import TRIM_INTERVAL_S, Worker
+from stt.wire import protocol
+from stt.wire.protocol import Subjects
 
 from .common import machine
 

@@ -43,10 +43,10 @@ from typing import Any
 import numpy as np
 
 from bench.common import DEFAULT_CORPUS, ROOT, CorpusUnavailable, corpus_rows, machine
-from stt.audio import SAMPLE_RATE, load_16k_mono
 from stt.config import Settings
+from stt.core.audio import SAMPLE_RATE, load_16k_mono
+from stt.core.textnorm import wer
 from stt.engines import Engine, TranscribeOptions, create_engine
-from stt.textnorm import wer
 
 ENGINES = ("faster-whisper", "whisper")
 CONCURRENCY = (1, 4, 8, 16)

@@ -3,7 +3,7 @@
     python -m bench.chaos                          # 100 sessions, 90 s
     python -m bench.chaos --sessions 150 --duration-s 120
 
-Everything is a real process on loopback: nats-server (``stt.nats_server``), ``stt serve`` as the
+Everything is a real process on loopback: nats-server (``stt.transport.nats_server``), ``stt serve`` as the
 HTTP engine's service, ``stt worker`` with ``STT_ENGINE=http`` (exactly as deployed), and this
 process as every client. The service answers with the benchmark-only instant engine
 (``bench/null_engine.py``), so what is measured is the worker's resilience, not recognition,
@@ -44,10 +44,10 @@ import nats
 import numpy as np
 import psutil
 
-from stt import protocol
-from stt.audio import SAMPLE_RATE, to_pcm16
-from stt.nats_server import NatsServer, free_port
-from stt.protocol import Subjects
+from stt.core.audio import SAMPLE_RATE, to_pcm16
+from stt.transport.nats_server import NatsServer, free_port
+from stt.wire import protocol
+from stt.wire.protocol import Subjects
 
 from .common import DEFAULT_CORPUS, ROOT, header
 from .scenarios import load_corpus, select

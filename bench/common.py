@@ -13,8 +13,8 @@ import soundfile
 import soxr
 import webrtcvad
 
-from stt.audio import SAMPLE_RATE, to_pcm16
-from stt.vad import FRAME_S, FRAME_SAMPLES
+from stt.core.audio import SAMPLE_RATE, to_pcm16
+from stt.core.vad import FRAME_S, FRAME_SAMPLES
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = ROOT.parent / "shared" / "corpus"

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from stt.audio import SAMPLE_RATE, Converter
 from stt.config import Settings
-from stt.segmenter import PCM_FRAME_BYTES, Ended, Segmenter, SegmenterParams, frame_inputs
-from stt.vad import FRAME_S, FRAME_SAMPLES
+from stt.core.audio import SAMPLE_RATE, Converter
+from stt.core.segmenter import PCM_FRAME_BYTES, Ended, Segmenter, frame_inputs
+from stt.core.vad import FRAME_S, FRAME_SAMPLES
 
 from .common import DEFAULT_CORPUS, Clip, CorpusUnavailable, header, load_corpus, percentile
 from .evaluate import parse_assignment
@@ -47,7 +47,7 @@ def stream(clips: list[Clip], seed: int) -> tuple[np.ndarray, list[float]]:
 
 def decisions(audio: np.ndarray, settings: Settings) -> list[float]:
     """Stream time (s) of every endpoint the segmenter decided."""
-    seg = Segmenter(SegmenterParams.from_settings(settings))
+    seg = Segmenter(settings.segmenter_params())
     n = audio.size // FRAME_SAMPLES
     frames = audio[: n * FRAME_SAMPLES].reshape(n, FRAME_SAMPLES)
     pcm, energies = frame_inputs(frames)

@@ -18,7 +18,7 @@ the multi scenario once per value, with a fresh worker each, and prints boundary
 figures per value: used to choose the default ``STT_CHUNK_TIMEOUT``).
 
 What runs: for each configuration this process starts a real ``nats-server`` on a free loopback
-port and an in-process :class:`stt.worker.Worker` (the default engine, real Whisper, unless
+port and an in-process :class:`stt.transport.worker.Worker` (the default engine, real Whisper, unless
 ``--engine`` or ``--set`` says otherwise), streams every scenario as one live session (start, 40 ms
 chunks on an absolute real-time schedule, each sent when its capture interval ends as a
 microphone would, then ``end``), ``K`` sessions at a time, and stops everything it started.
@@ -104,14 +104,14 @@ from typing import Any
 import nats
 import numpy as np
 
-from stt.audio import SAMPLE_RATE, to_pcm16
-from stt.client import Listener, send
 from stt.config import ConfigError, Settings
+from stt.core.audio import SAMPLE_RATE, to_pcm16
+from stt.core.textnorm import normalize, word_errors
 from stt.engines import TranscribeOptions, create_engine
-from stt.nats_server import NatsServer
-from stt.protocol import Subjects
-from stt.textnorm import normalize, word_errors
-from stt.worker import Worker
+from stt.transport.client import Listener, send
+from stt.transport.nats_server import NatsServer
+from stt.transport.worker import Worker
+from stt.wire.protocol import Subjects
 
 from .common import DEFAULT_CORPUS, CorpusUnavailable
 from .scenarios import (
@@ -138,7 +138,7 @@ MERGE_OVERLAP_S = 0.2        # a final "holds" a clip when they share this much 
 MISSED_CUT_MARGIN_S = 0.15   # a pause this much over the chunk timeout should have been cut
 MIN_INTERRUPT_SPEECH_S = 0.5  # barge-ins at least this long must raise an interrupt
 SIZE_CUT_SEARCH_S = 3.0      # a size-limit cut lands up to this far before the limit
-                             # (stt.session.CUT_SEARCH_S: it looks back for a quiet point)
+                             # (stt.core.session.CUT_SEARCH_S: it looks back for a quiet point)
 LAG_WARN_MS = 20.0           # chunk sends later than this (p99) mean real time was not kept
 
 
@@ -161,7 +161,7 @@ async def play(nc: Any, subjects: Subjects, sc: Scenario, speed: float,
                chunk_ms: int = CHUNK_MS, seed: bool = False) -> Played:
     """Stream ``sc`` as a live session, sending its ``state_change`` messages on time.
 
-    Not :func:`stt.client.stream_audio`: that sends each chunk when its capture *starts* and has
+    Not :func:`stt.transport.client.stream_audio`: that sends each chunk when its capture *starts* and has
     no mid-stream state changes; here chunk ``i`` leaves when its 40 ms have been "recorded",
     so stream time and the worker's view of the audio agree. ``seed``: chunks as the seed's
     front-ends send them (``audio_b64`` and ``timestamp``, no ``seq``).

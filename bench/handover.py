@@ -49,14 +49,14 @@ import msgpack
 import nats
 import numpy as np
 
-from stt import protocol
-from stt.audio import SAMPLE_RATE, load_16k_mono, to_pcm16
-from stt.cluster import REPLICA_HEADER, heartbeats, poll_until, wait_balanced
+from stt.cluster.membership import REPLICA_HEADER, heartbeats, poll_until, wait_balanced
 from stt.config import Settings
+from stt.core.audio import SAMPLE_RATE, load_16k_mono, to_pcm16
+from stt.core.textnorm import normalize, word_errors
+from stt.core.transcription import TranscribeOptions
 from stt.engines import create_engine
-from stt.engines.base import TranscribeOptions
-from stt.nats_server import REPLICAS_PARTITIONS, NatsServer
-from stt.textnorm import normalize, word_errors
+from stt.transport.nats_server import REPLICAS_PARTITIONS, NatsServer
+from stt.wire import protocol
 
 from .common import header
 from .replicas import CHUNK_S, LAPSED, MID_HANDOVER, PHRASES, SAMPLE, Replica

@@ -54,11 +54,12 @@ from typing import Any
 
 import msgpack
 
-from stt import protocol
 from stt.config import Settings
-from stt.engines.base import Transcription
-from stt.session import Close, Publish, Session, Transcribe
-from stt.vad import Framer
+from stt.core.actions import Close, Publish, Transcribe
+from stt.core.session import Session
+from stt.core.transcription import Transcription
+from stt.core.vad import Framer
+from stt.wire import protocol
 
 from .common import DEFAULT_CORPUS, ROOT, load_corpus
 
@@ -77,7 +78,7 @@ def build_messages(corpus: Path, sessions: int, duration_s: float,
     plans = make_plans(clips, sessions, duration_s, CHUNK_MS, settings.chunk_timeout_s, seed)
     per_clip, silence = _payload_tables(clips, {p.sample_rate for p in plans}, CHUNK_MS, False)
     streams = [_expand(p, per_clip, silence) for p in plans]
-    subjects = protocol.Subjects.of(settings)
+    subjects = settings.subjects
     subject = [subjects.input(p.session_id) for p in plans]
     pack = msgpack.packb
     out = [(subject[i], pack({"type": "start", "session_id": p.session_id,
@@ -121,7 +122,7 @@ def pass_parse(messages: list[tuple[str, bytes]]) -> None:
 
 
 def _pass_audio(messages: list[tuple[str, bytes]], framed: bool) -> None:
-    from stt.audio import Converter
+    from stt.core.audio import Converter
 
     parse, unpack = protocol.parse, protocol.unpack
     conv: dict[str, Converter] = {}
@@ -172,6 +173,7 @@ class Digest:
 
 def pass_session(messages: list[tuple[str, bytes]], digest: Digest | None = None) -> None:
     settings = Settings.from_env(environ={})
+    profile = settings.session_profile()
     parse, unpack = protocol.parse, protocol.unpack
     sessions: dict[str, Session] = {}
     ticks = _ticks(messages)
@@ -181,7 +183,7 @@ def pass_session(messages: list[tuple[str, bytes]], digest: Digest | None = None
         event = parse(unpack(data))
         session = sessions.get(sid)
         if session is None:
-            session = sessions[sid] = Session(sid, settings, now)
+            session = sessions[sid] = Session(sid, profile, now)
         pending = session.handle(event, now)
         while pending:  # the engine answers every job at once
             action = pending.pop(0)
@@ -196,11 +198,11 @@ def pass_session(messages: list[tuple[str, bytes]], digest: Digest | None = None
 
 
 def settings_subjects(settings: Settings) -> protocol.Subjects:
-    return protocol.Subjects.of(settings)
+    return settings.subjects
 
 
 def pass_worker(messages: list[tuple[str, bytes]]) -> None:
-    from stt.worker import Worker
+    from stt.transport.worker import Worker
 
     from .null_engine import InstantEngine
 
@@ -217,11 +219,8 @@ def pass_worker(messages: list[tuple[str, bytes]]) -> None:
                 last = now
                 for _ in range(3):
                     await asyncio.sleep(0)
-                for session in list(worker.sessions.values()):
-                    if now >= session.deadline:
-                        worker._execute(session, session.tick(now))
-                while not worker._outbox.empty():
-                    worker._outbox.get_nowait()
+                worker.tick(now)
+                worker.take_outbound()
             clock[0] = now
             worker.stats.messages_in += 1
             handle(subject, data, None)
@@ -311,7 +310,7 @@ async def _floor_serve(stats_out: Path) -> None:
     import nats
 
     settings = Settings.from_env()
-    subjects = protocol.Subjects.of(settings)
+    subjects = settings.subjects
     nc = await nats.connect(settings.nats_url)
     count = [0, 0]  # messages, chunks
     unpackb = msgpack.unpackb
@@ -326,7 +325,7 @@ async def _floor_serve(stats_out: Path) -> None:
         elif m.get("type") == "chunk":
             count[1] += 1
 
-    from stt.worker import SUBSCRIPTION_LIMITS
+    from stt.transport.worker import SUBSCRIPTION_LIMITS
 
     await nc.subscribe(settings.input_subject, queue=settings.queue_group, cb=on_msg,
                        **SUBSCRIPTION_LIMITS)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from stt.config import Settings
-from stt.nats_server import NatsServer
+from stt.transport.nats_server import NatsServer
 
 from .common import DEFAULT_CORPUS, ROOT, CorpusUnavailable, header, load_corpus
 from .load import LATENCY_PARTS, RunConfig, _f, run_once

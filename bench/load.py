@@ -5,7 +5,7 @@
 
 What runs where (the machine may have only 2 cores, so CPU is accounted per process):
 
-* this process only orchestrates: it starts a real ``nats-server`` (:class:`stt.nats_server.NatsServer`),
+* this process only orchestrates: it starts a real ``nats-server`` (:class:`stt.transport.nats_server.NatsServer`),
   the worker (``bench.probe``: the product's Worker with per-message timing on) and the load
   generator(s), samples their CPU and memory with psutil, and prints the figures;
 * the load generator runs in its own process (``--gen-procs`` splits the sessions across more):
@@ -68,10 +68,9 @@ import msgpack
 import nats
 import psutil
 
-from stt.cluster import wait_balanced
+from stt.cluster.membership import wait_balanced
 from stt.config import Settings
-from stt.nats_server import REPLICAS_PARTITIONS, NatsServer
-from stt.protocol import Subjects
+from stt.transport.nats_server import REPLICAS_PARTITIONS, NatsServer
 
 from .common import (
     DEFAULT_CORPUS,
@@ -252,7 +251,7 @@ def _expand(plan: SessionPlan, per_clip: dict[int, list[Any]], silence: dict[int
 
 async def _generate(conn: Connection, url: str, plans: list[SessionPlan], clips: list[Clip],
                     chunk_ms: int, raw: bool, end_timeout_s: float, gen_index: int) -> GenResult:
-    subjects = Subjects.of(Settings.from_env())
+    subjects = Settings.from_env().subjects
     per_clip, silence = _payload_tables(clips, {p.sample_rate for p in plans}, chunk_ms, raw)
     streams = [_expand(p, per_clip, silence) for p in plans]
     end_chunks = [{u.end_chunk for u in utterances(p, clips, chunk_ms)} for p in plans]

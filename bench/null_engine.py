@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from stt.audio import SAMPLE_RATE
 from stt.config import Settings
-from stt.engines.base import Engine, TranscribeOptions, Transcription
+from stt.core.audio import SAMPLE_RATE
+from stt.core.transcription import TranscribeOptions, Transcription
+from stt.engines.base import Engine
 
 TEXT = "benchmark"
 

@@ -29,13 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stt import logs
 from stt.config import Settings
+from stt.core.actions import Job
 from stt.engines import create_engine
-from stt.protocol import Transcript
-from stt.session import Job
-from stt.telemetry import Telemetry
-from stt.worker import Worker
+from stt.ops import logs
+from stt.ops.telemetry import Telemetry
+from stt.transport.worker import Worker
+from stt.wire.protocol import Transcript
 
 PARENT_POLL_S = 1.0
 

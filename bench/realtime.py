@@ -15,7 +15,7 @@ table, ``bench.replicas.PHRASES``):
 * ``websocket``: the ``conversation.item.input_audio_transcription.completed`` event;
 * ``bridge``: the difference, utterance by utterance (what NATS -> bridge -> websocket adds).
 
-And the same audio as a session of its own straight over NATS (``stt.client.stream_audio``, no
+And the same audio as a session of its own straight over NATS (``stt.transport.client.stream_audio``, no
 bridge; before or after the websocket's, alternately), end of speech to its final: what a
 front-end on NATS sees.
 """
@@ -43,11 +43,11 @@ import numpy as np
 import soundfile
 import soxr
 
-from stt import protocol
-from stt.audio import SAMPLE_RATE, to_pcm16
-from stt.nats_server import NatsServer, free_port
-from stt.protocol import Subjects
-from stt.textnorm import wer
+from stt.core.audio import SAMPLE_RATE, to_pcm16
+from stt.core.textnorm import wer
+from stt.transport.nats_server import NatsServer, free_port
+from stt.wire import protocol
+from stt.wire.protocol import Subjects
 
 from .common import DEFAULT_CORPUS, ROOT, corpus_rows, header, percentile, speech_bounds
 from .replicas import PHRASES, SAMPLE
@@ -125,7 +125,7 @@ async def websocket_pass(base_url: str, nats_url: str, pcm: bytes) -> dict[str, 
 
 
 async def nats_pass(nats_url: str, pcm: bytes) -> list[float]:
-    from stt.client import stream_audio
+    from stt.transport.client import stream_audio
 
     samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
     nc = await nats.connect(nats_url)
@@ -230,7 +230,7 @@ async def held_out(base_url: str, nats_url: str, limit: int, corpus: Path) -> No
     time, each then as a session of its own straight over NATS."""
     from openai import AsyncOpenAI
 
-    from stt.client import stream_audio
+    from stt.transport.client import stream_audio
 
     client = AsyncOpenAI(api_key="unused", base_url=base_url, max_retries=0)
     nc = await nats.connect(nats_url)

@@ -4,7 +4,7 @@
     python -m bench.replicas failover --kills 20     # two workers, 12 live sessions, 20 SIGKILLs
 
 Everything is a real process on loopback: nats-server with ``k8s/nats/nats-server.conf``
-(:meth:`stt.nats_server.NatsServer.for_replicas`) and, for ``failover``, ``stt worker`` processes
+(:meth:`stt.transport.nats_server.NatsServer.for_replicas`) and, for ``failover``, ``stt worker`` processes
 with ``STT_PARTITIONS=32`` and the benchmark-only instant engine (``bench/null_engine.py``), so
 what is measured is the handover machinery, not recognition.
 
@@ -47,10 +47,10 @@ from typing import Any
 import msgpack
 import nats
 
-from stt import protocol
-from stt.audio import load_16k_mono, to_pcm16
-from stt.cluster import REPLICA_HEADER, heartbeats, partition_of, wait_balanced
-from stt.nats_server import REPLICAS_PARTITIONS, NatsServer
+from stt.cluster.membership import REPLICA_HEADER, heartbeats, partition_of, wait_balanced
+from stt.core.audio import load_16k_mono, to_pcm16
+from stt.transport.nats_server import REPLICAS_PARTITIONS, NatsServer
+from stt.wire import protocol
 
 from .common import ROOT, header, percentile
 from .load import _cpu_s

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stt.audio import SAMPLE_RATE, load_16k_mono
+from stt.core.audio import SAMPLE_RATE, load_16k_mono
 
 from .common import corpus_rows, speech_bounds
 

@@ -28,14 +28,14 @@ from typing import Any
 import nats
 import numpy as np
 
-from stt.audio import SAMPLE_RATE, to_pcm16
-from stt.client import Listener, send
 from stt.config import Settings
+from stt.core.audio import SAMPLE_RATE, to_pcm16
+from stt.core.textnorm import wer
 from stt.engines import create_engine
-from stt.nats_server import NatsServer
-from stt.protocol import Subjects
-from stt.textnorm import wer
-from stt.worker import Worker
+from stt.transport.client import Listener, send
+from stt.transport.nats_server import NatsServer
+from stt.transport.worker import Worker
+from stt.wire.protocol import Subjects
 
 from .common import DEFAULT_CORPUS, header
 from .evaluate import parse_assignment
@@ -84,7 +84,7 @@ async def run(args: argparse.Namespace) -> int:
     print(f"engine {settings.engine}; stall {args.stall_s:g} s mid-word; {len(clips)} clips; "
           f"STT_AUDIO_GAP_TIMEOUT {settings.audio_gap_timeout_s:g} s, STT_STALL_TIMEOUT_S "
           f"{settings.stall_timeout_s:g} s", flush=True)
-    subjects = Subjects.of(settings)
+    subjects = settings.subjects
     rows = []
     with NatsServer() as server:
         settings = Settings.from_env(overrides={**dict(args.set), "nats_url": server.url})

@@ -18,7 +18,7 @@ Then, with no more model or engine calls, each detector's decision time for ever
 * **silence**: a fixed silence (knob: its length);
 * **Smart Turn alone**: the model asked at every point of the grid from ``min`` on, the turn
   ends at the first probability over the threshold, else at ``max`` (knobs: threshold, min, max);
-* **combined** (the worker's :class:`stt.turn.Turn`, run as the session runs it): the model at
+* **combined** (the worker's :class:`stt.core.turn.Turn`, run as the session runs it): the model at
   ``query_s``, the words when their decode is done, thresholds per silence, the bonus for a
   finished sentence, ``max_silence_s``.
 
@@ -46,14 +46,14 @@ from typing import Any
 
 import numpy as np
 
-from stt.audio import SAMPLE_RATE
 from stt.config import Settings
+from stt.core.audio import SAMPLE_RATE
+from stt.core.segmenter import PCM_FRAME_BYTES, Segmenter, SegmenterParams, frame_inputs
+from stt.core.textnorm import UNFINISHED_LAST_WORDS, normalize
+from stt.core.transcription import TranscribeOptions
+from stt.core.turn import Turn, TurnParams, Verdict
+from stt.core.vad import FRAME_S, FRAME_SAMPLES
 from stt.engines import create_engine
-from stt.engines.base import TranscribeOptions
-from stt.segmenter import PCM_FRAME_BYTES, Segmenter, SegmenterParams, frame_inputs
-from stt.textnorm import UNFINISHED_LAST_WORDS, normalize
-from stt.turn import Turn, TurnParams, Verdict
-from stt.vad import FRAME_S, FRAME_SAMPLES
 
 from .common import DEFAULT_CORPUS, header, percentile
 from .scenarios import CorpusClip, load_corpus, room_tone, select
@@ -142,7 +142,7 @@ def silence_start(audio: np.ndarray) -> float | None:
 
 
 async def collect(clips: list[CorpusClip], seed: int) -> list[Case]:
-    from stt.turn_model import TurnModel
+    from stt.engines.turn_model import TurnModel
 
     settings = Settings()
     engine = create_engine(settings)

@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from stt.audio import SAMPLE_RATE
 from stt.config import Settings
+from stt.core.audio import SAMPLE_RATE
+from stt.core.textnorm import wer
 from stt.engines import TranscribeOptions, create_engine
-from stt.textnorm import wer
 
 from .common import DEFAULT_CORPUS, header, percentile
 from .evaluate import Played, run_config

@@ -1,5 +1,8 @@
 """One typed settings object, built from the environment and command-line flags.
 
+Long because every one of the ~90 settings is declared here once, with its variable, flag, help
+and check (the README's table and ``--help`` are generated from them).
+
 Every knob lives here once: its environment variable, its command-line flag (derived from
 the field name), its unit (in the field name) and its default. ``stt worker --help`` and the
 README's configuration table are generated from the same fields, so they cannot drift.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -19,12 +23,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .turn import TurnParams
+from stt.core.params import SessionParams, SessionProfile
+from stt.core.segmenter import (
+    BYTES_PER_SECOND_16K,
+    ONSET_WINDOW_FRAMES,
+    VAD_START_WINDOW_MS,
+    SegmenterParams,
+)
+from stt.core.turn import TurnParams
+from stt.core.vad import FRAME_S
+from stt.wire.protocol import ENDPOINTING, Subjects
 
 ENGINES = ("faster-whisper", "whisper", "http")
-VAD_START_WINDOW_MS = 150  # the window STT_VAD_START_MS of voiced audio must fall in
-ENCODINGS = ("pcm_s16le", "pcm_f32le", "mulaw", "alaw")
-ENDPOINTING = ("model", "silence", "adaptive")  # STT_ENDPOINTING and a start's "endpointing"
 COMPUTE_TYPES = ("auto", "int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16",
                  "bfloat16", "float32")
 
@@ -208,10 +218,10 @@ class Settings:
     nats_tls_key: str = setting("", "NATS_TLS_KEY", "Client key for NATS mTLS.", group="nats")
     nats_name: str = setting("stt-worker", "NATS_CLIENT_NAME", "Client name shown by the server.",
                              group="nats")
-    input_subject: str = setting("ai.voice.stream.*", "STT_INPUT_SUBJECT",
+    input_subject: str = setting(Subjects.input_subject, "STT_INPUT_SUBJECT",
                                  "Subscription subject; the last token is the session id.",
                                  group="nats")
-    output_subject_prefix: str = setting("ai.voice.transcription", "STT_OUTPUT_SUBJECT_PREFIX",
+    output_subject_prefix: str = setting(Subjects.output_prefix, "STT_OUTPUT_SUBJECT_PREFIX",
                                          "Transcripts go to PREFIX.{session_id}.", group="nats")
     queue_group: str = setting("", "STT_QUEUE_GROUP",
                                "NATS queue group ('' = none). Only safe when each session's "
@@ -487,6 +497,69 @@ class Settings:
         for name in ("nats_creds", "nats_nkey_seed", "nats_tls_ca", "nats_tls_cert", "nats_tls_key"):
             path = getattr(self, name)
             need(not path or os.path.isfile(path), name, f"file not found: {path}")
+
+    # --- what the sans-I/O core is built from ---------------------------------------------
+
+    def segmenter_params(self, endpoint_s: float | None = None) -> SegmenterParams:
+        """Every segmentation rule in frames. ``endpoint_s``: the longest trailing silence (the
+        session's endpointing decides it: the model's or adaptive endpointing's maximum, which
+        the session usually undercuts); by default STT_CHUNK_TIMEOUT."""
+        endpoint = max(1, math.ceil((endpoint_s or self.chunk_timeout_s) / FRAME_S))
+        # STT_BUFFER_SIZE_BYTES is bytes of 16 kHz 16-bit mono, the seed's format: the limit is a
+        # length of speech that does not shrink 12x when a browser sends 48 kHz stereo float.
+        longest_s = min(self.buffer_size_bytes / BYTES_PER_SECOND_16K, self.max_segment_s)
+        vad = self.enable_vad
+        return SegmenterParams(
+            vad_enabled=vad, vad_aggressiveness=self.vad_aggressiveness,
+            onset_frames=max(1, math.ceil(self.vad_start_ms / 1000 / FRAME_S)) if vad else 1,
+            preroll_frames=max(ONSET_WINDOW_FRAMES, round(self.preroll_ms / 1000 / FRAME_S)),
+            endpoint_frames=endpoint,
+            hangover_frames=max(0, round(self.hangover_ms / 1000 / FRAME_S)),
+            gate_db=self.noise_gate_db if vad else 0.0,
+            max_frames=max(endpoint + 2, int(longest_s / FRAME_S)),
+            pitch_frames=math.ceil(self.min_pitched_ms / 1000 / FRAME_S) if vad else 0)
+
+    def session_params(self, mode: str) -> SessionParams:
+        """A session's parameters under one endpointing mode (model, silence or adaptive)."""
+        turn = self.turn_params(mode)
+        speculative = (max(1, round(self.speculative_ms / 1000 / FRAME_S))
+                       if self.speculative_ms > 0 else 0)
+        if mode == "adaptive":
+            endpoint_s = self.endpoint_max_s
+        elif turn.uses_model:
+            # the final's decode starts at STT_SPECULATIVE_MS, or sooner when the model says
+            # the turn is probably over (Session.turn_scored)
+            endpoint_s = turn.max_silence_s
+        else:
+            endpoint_s = self.chunk_timeout_s
+        return SessionParams(
+            segmenter=self.segmenter_params(endpoint_s),
+            audio_gap_s=max(self.audio_gap_timeout_s, self.chunk_timeout_s),
+            partial_frames=(round(self.partial_interval_s / FRAME_S)
+                            if self.partial_interval_s > 0 else 0),
+            partial_window_frames=round(self.partial_window_s / FRAME_S),
+            interrupt_frames=max(1, math.ceil(self.interrupt_min_speech_ms / 1000 / FRAME_S)),
+            speculative_frames=speculative,
+            stall_s=self.stall_timeout_s,
+            adaptive=mode == "adaptive",
+            endpoint_fixed_frames=max(1, math.ceil(self.chunk_timeout_s / FRAME_S)),
+            endpoint_min_frames=max(1, math.ceil(self.endpoint_min_s / FRAME_S)),
+            turn=turn)
+
+    def session_profile(self, model: bool = True) -> SessionProfile:
+        """What every session of this worker reads. ``model``: whether the end-of-turn model
+        can be asked (without it, a session that asks for model endpointing gets silence)."""
+        params = {mode: self.session_params(mode if mode != "model" or model else "silence")
+                  for mode in ENDPOINTING}
+        return SessionProfile(
+            params=params, endpointing=self.endpointing, idle_timeout_s=self.session_idle_timeout_s,
+            language=self.language or None, max_chunk_bytes=self.max_chunk_bytes,
+            max_segment_s=self.max_segment_s, interrupts=self.enable_interrupt_detection,
+            final_window=self.final_window, max_pending_segments=self.max_pending_segments)
+
+    @property
+    def subjects(self) -> Subjects:
+        return Subjects(self.input_subject, self.output_subject_prefix)
 
     def turn_params(self, mode: str | None = None) -> TurnParams:
         """The end-of-turn rules (``mode``: a start's choice, else STT_ENDPOINTING's)."""

@@ -1,4 +1,4 @@
-"""Test-side audio encoders, independent of stt.audio (G.711 through the stdlib's audioop)."""
+"""Test-side audio encoders, independent of stt.core.audio (G.711 through the stdlib's audioop)."""
 
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ import pytest
 from stt.config import Settings
 from stt.engines import create_engine
 from stt.engines.base import Engine
-from stt.nats_server import NatsServer
-from stt.worker import Worker
+from stt.transport.nats_server import NatsServer
+from stt.transport.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "stt" / "data" / "sample.flac"

@@ -9,10 +9,10 @@ from typing import Any
 
 import uvicorn
 
+from stt.api.realtime import MAX_MESSAGE_BYTES, Bridge, create_app
 from stt.config import Settings
-from stt.nats_server import free_port
-from stt.realtime import MAX_MESSAGE_BYTES, Bridge, create_app
-from stt.status import Status
+from stt.ops.status import Status
+from stt.transport.nats_server import free_port
 
 
 @contextlib.asynccontextmanager

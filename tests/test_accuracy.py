@@ -19,11 +19,11 @@ from conftest import corpus_clips
 
 from bench.common import speech_bounds
 from bench.scenarios import click_train, db, door_slam, pink, white
-from stt.audio import SAMPLE_RATE, load_16k_mono
-from stt.client import stream_audio
-from stt.engines.base import TranscribeOptions
+from stt.core.audio import SAMPLE_RATE, load_16k_mono
+from stt.core.textnorm import normalize, wer, word_errors
+from stt.core.transcription import TranscribeOptions
 from stt.engines.faster_whisper import FasterWhisperEngine
-from stt.textnorm import normalize, wer, word_errors
+from stt.transport.client import stream_audio
 
 pytestmark = pytest.mark.corpus
 

@@ -1,5 +1,6 @@
-"""Dependencies inside ``stt/`` point one way: no import cycle, type-checking imports included,
-and only the CLI (which wires everything together) imports the worker."""
+"""Dependencies inside ``stt/`` point one way: the folders are layers (``LAYERS``: what each may
+import), no import cycle (type-checking imports included), and only the CLI, which wires
+everything together, imports the worker."""
 
 from __future__ import annotations
 
@@ -52,15 +53,67 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+# Each folder of the package and what it may import besides itself, bottom up. The session is
+# sans-I/O (core), built from its own parameters; the wire format knows nothing else; config
+# builds the core's parameters from the environment; engines, operations and the cluster sit
+# on those; the NATS transport runs them; the HTTP/websocket front doors use the transport;
+# the CLI wires everything.
+LAYERS: dict[str, set[str]] = {
+    "wire": set(),
+    "core": {"wire"},
+    "config": {"wire", "core"},
+    "engines": {"wire", "core", "config"},
+    "ops": {"wire", "core", "config"},
+    "cluster": {"wire", "core", "config"},
+    "transport": {"wire", "core", "config", "engines", "ops", "cluster"},
+    "api": {"wire", "core", "config", "engines", "ops", "transport"},
+    "cli": {"wire", "core", "config", "engines", "ops", "cluster", "transport", "api"},
+}
+
+
+def layer(module: str) -> str:
+    """``stt.core.session`` -> core, ``stt.config`` -> config, ``stt`` -> stt."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def violations(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((m, d) for m, deps in graph.items() for d in deps
+                  if layer(m) in LAYERS and layer(d) != layer(m)
+                  and layer(d) not in LAYERS[layer(m)] and d != "stt")
+
+
+def test_every_module_is_in_a_layer() -> None:
+    graph = import_graph()
+    outside = sorted(m for m in graph if layer(m) not in LAYERS and m not in ("stt", "stt.__main__"))
+    assert outside == [], "a module outside the layers: put it in a folder of LAYERS"
+
+
+def test_dependencies_point_down_the_layers() -> None:
+    assert violations(import_graph()) == []
+
+
+def test_the_layer_check_finds_a_violation() -> None:
+    assert violations({"stt.core.session": {"stt.transport.worker", "stt.wire.protocol"}}) == [
+        ("stt.core.session", "stt.transport.worker")]
+
+
+def test_the_session_is_built_without_settings() -> None:
+    """The core takes its own typed parameters (``Settings.session_profile`` builds them)."""
+    for path in (PACKAGE / "core").glob("*.py"):
+        assert "Settings" not in path.read_text().replace("Settings.session_profile", ""), path
+
+
 def test_no_import_cycle_in_the_package() -> None:
     graph = import_graph()
-    assert "stt.worker" in graph and "stt.status" in graph
+    assert "stt.transport.worker" in graph and "stt.ops.status" in graph
     assert cycles(graph) == []
 
 
 def test_only_the_cli_imports_the_worker() -> None:
     graph = import_graph()
-    assert sorted(m for m, deps in graph.items() if "stt.worker" in deps) == ["stt.cli"]
+    importers = {m for m, deps in graph.items() if "stt.transport.worker" in deps}
+    assert importers and {layer(m) for m in importers} == {"cli"}, importers
 
 
 def test_the_cycle_finder_finds_cycles() -> None:
@@ -70,13 +123,14 @@ def test_the_cycle_finder_finds_cycles() -> None:
 
 def test_a_session_reads_no_clock_and_does_no_io() -> None:
     """The session and its parts get the time as an argument; only the worker has a clock."""
-    banned = {"time", "datetime", "asyncio", "socket", "nats", "threading", "stt.worker",
+    banned = {"time", "datetime", "asyncio", "socket", "nats", "threading", "stt.transport.worker",
               "stt.engines.local", "stt.engines.http"}
-    for name in ("session", "segmenter", "stabilizer", "protocol"):
+    for name in ("core/session", "core/segmenter", "core/stabilizer", "core/turn",
+                 "wire/protocol"):
         tree = ast.parse((PACKAGE / f"{name}.py").read_text())
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert not imported & banned, (name, imported & banned)
     graph = import_graph()
-    for part in ("stt.segmenter", "stt.stabilizer"):  # below the session: no protocol either
-        assert not graph[part] & {"stt.session", "stt.protocol"}, (part, graph[part])
+    for part in ("stt.core.segmenter", "stt.core.stabilizer"):  # below the session: no protocol either
+        assert not graph[part] & {"stt.core.session", "stt.wire.protocol"}, (part, graph[part])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from audio_util import audioop, encode
 
-from stt.audio import Converter, decode
-from stt.protocol import ProtocolError
+from stt.core.audio import Converter, decode
+from stt.wire.protocol import ProtocolError
 
 
 @pytest.mark.parametrize("encoding,reference", [("mulaw", audioop.ulaw2lin),

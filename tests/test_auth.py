@@ -2,7 +2,7 @@
 
 user/password, token, nkey, creds (operator mode: operator, account and user JWTs made here with
 the ``nkeys`` package), TLS and mTLS (a CA, server and client certificates made here with
-``cryptography``). For each: :func:`stt.connection.connect`, ``stt tail`` and ``stt stream``
+``cryptography``). For each: :func:`stt.transport.connection.connect`, ``stt tail`` and ``stt stream``
 (real processes, configured only by the documented variables) connect with the right
 credentials, and with wrong ones fail within seconds with one line that names the variable to
 fix, and a non-zero exit.
@@ -29,8 +29,8 @@ import pytest
 from conftest import ROOT, SAMPLE
 
 from stt.config import Settings
-from stt.connection import FATAL_TRIES, ConnectionFatal, NatsUnreachable, connect
-from stt.nats_server import NatsServer, free_port
+from stt.transport.connection import FATAL_TRIES, ConnectionFatal, NatsUnreachable, connect
+from stt.transport.nats_server import NatsServer, free_port
 
 nkeys = pytest.importorskip("nkeys")
 x509 = pytest.importorskip("cryptography.x509")
@@ -186,7 +186,7 @@ def url_of(case: Case, server: NatsServer) -> str:
     return f"{case.scheme}://127.0.0.1:{server.port}"
 
 
-# --- stt.connection.connect -----------------------------------------------------------------
+# --- stt.transport.connection.connect -----------------------------------------------------------------
 
 @pytest.mark.parametrize("name", CASES)
 async def test_connect_with_right_and_wrong_credentials(cases: dict[str, Case], name: str) -> None:

@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 from bench.common import speech_bounds
-from stt.audio import load_16k_mono
+from stt.core.audio import load_16k_mono
 
 
 @pytest.mark.parametrize("module", ["bench.load", "bench.evaluate", "bench.bench_engines",

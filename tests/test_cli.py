@@ -12,8 +12,8 @@ from typing import Any
 from conftest import ROOT, SAMPLE, make_settings
 
 from stt.engines import create_engine
-from stt.nats_server import NatsServer
-from stt.worker import Worker
+from stt.transport.nats_server import NatsServer
+from stt.transport.worker import Worker
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -109,7 +109,7 @@ def test_stream_says_in_one_line_what_is_wrong(tmp_path: Any) -> None:
     text.write_text("not audio at all\n")
     line = one_line_error(stt("stream", str(text)))
     assert line.startswith(f"stt stream: {text}: not an audio file")
-    from stt.nats_server import free_port
+    from stt.transport.nats_server import free_port
 
     nowhere = f"nats://127.0.0.1:{free_port()}"
     out = stt("stream", str(SAMPLE), "--nats-url", nowhere, timeout=30)
@@ -154,7 +154,7 @@ async def test_http_engine_start_up_check_names_whisper_url(caplog: Any) -> None
     from stt.config import Settings
     from stt.engines.base import EngineUnavailable
     from stt.engines.http import HttpEngine
-    from stt.nats_server import free_port
+    from stt.transport.nats_server import free_port
 
     def engine_for(**env: str) -> tuple[Settings, HttpEngine]:
         settings = Settings.from_env(environ={"STT_ENGINE": "http", **env})

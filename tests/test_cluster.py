@@ -1,4 +1,4 @@
-"""The pure parts of stt.cluster: the partition function, snapshots on the wire, the
+"""The pure parts of stt.cluster.membership: the partition function, snapshots on the wire, the
 balancing plan; one handover step against a real server. The rest of the NATS side is
 exercised by tests/test_replicas.py."""
 
@@ -14,7 +14,7 @@ import pytest
 from conftest import make_settings
 from nats.js.errors import KeyNotFoundError
 
-from stt.cluster import (
+from stt.cluster.membership import (
     SEGMENTS_AHEAD,
     SEQUENCE_AHEAD,
     SESSION_TTL_S,
@@ -22,17 +22,15 @@ from stt.cluster import (
     Heartbeat,
     Move,
     _bucket,
-    decode_snapshot,
-    encode_snapshot,
     fair_share,
     next_moves,
     partition_of,
     preferred,
     session_key,
 )
-from stt.nats_server import REPLICAS_PARTITIONS, NatsServer
-from stt.protocol import Start, State
-from stt.session import SessionSnapshot
+from stt.core.snapshot import SessionSnapshot
+from stt.transport.nats_server import REPLICAS_PARTITIONS, NatsServer
+from stt.wire.protocol import Start, State
 
 
 def test_partition_of_is_fnv1a_modulo_n() -> None:
@@ -50,14 +48,15 @@ def test_session_keys_are_safe_for_the_bucket() -> None:
 
 def test_a_snapshot_survives_the_wire() -> None:
     start = Start(sample_rate=8000, channels=1, encoding="mulaw", state=State.RESPONDING,
-                  speaker_id="spk", language="de", prompt="names", word_timestamps=True)
+                  speaker_id="spk", language="de", prompt="names", word_timestamps=True,
+                  endpointing="silence")  # a session's own endpointing goes with it
     snap = SessionSnapshot(start=start, next_sequence=12, next_segment_id=3, last_seq=41,
                            frames=900, finals=2, exact=True, last_message="9f" * 16,
                            context="the last final")
-    sid, back, at = decode_snapshot(encode_snapshot("s1", snap, 123.5))
+    sid, back, at = SessionSnapshot.from_dict(snap.to_dict("s1", 123.5))
     assert (sid, back, at) == ("s1", snap, 123.5)
     with pytest.raises(KeyError):
-        decode_snapshot({"session_id": "s1"})
+        SessionSnapshot.from_dict({"session_id": "s1"})
 
 
 def test_heartbeats_survive_the_wire() -> None:
@@ -198,11 +197,12 @@ async def take_over_from_a_gone_replica(cluster: Cluster, nc: Any, snap: Session
     """Step 4 of a handover on its own: the buckets without the lease loop, a handover note for
     partition 5 from a replica that is gone, and the takeover it starts."""
     js = nc.jetstream()
+    cluster._js, cluster._names = js, ("stt-leases", "stt-sessions")
     cluster._leases = await _bucket(js, "stt-leases", 2.0)
     cluster._store = await _bucket(js, "stt-sessions", SESSION_TTL_S)
     cluster.taking[5] = ("gone", time.monotonic())
     note = {"from": "gone", "to": cluster.replica_id,
-            "sessions": {"s1": encode_snapshot("s1", snap, time.time())}}
+            "sessions": {"s1": snap.to_dict("s1", time.time())}}
     await cluster._leases.put("h.5", json.dumps(note).encode())
     await cluster._finish_takeovers({"h.5"}, {})
 
@@ -226,7 +226,7 @@ async def test_a_taker_reserves_numbers_before_it_publishes() -> None:
         try:
             await take_over_from_a_gone_replica(cluster, nc, snap)
             assert host.adopted == ["s1"]
-            _, kept, _ = decode_snapshot(json.loads((await cluster._store.get(
+            _, kept, _ = SessionSnapshot.from_dict(json.loads((await cluster._store.get(
                 session_key(5, "s1"))).value))
             assert kept.next_sequence == 40 + SEQUENCE_AHEAD and not kept.exact
             assert kept.next_segment_id == 3 + SEGMENTS_AHEAD and kept.frames == 900

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from conftest import SAMPLE, corpus_clips
 
-from stt.audio import load_16k_mono
-from stt.convert import ConvertError, add_parser, convert, load_model, read_model_bin
+from stt.core.audio import load_16k_mono
+from stt.engines.convert import ConvertError, add_parser, convert, load_model, read_model_bin
 from stt.engines.decoding import Guards
 
 torch = pytest.importorskip("torch")
@@ -312,7 +312,7 @@ async def test_whisper_engine_on_converted_weights_equals_faster_whisper_engine(
     """The product's two local engines on the same real weights, greedy, fp32, full window:
     the whisper engine with no model set converts the embedded tiny.en itself (into
     STT_MODEL_CACHE), and its text equals the faster-whisper engine's on every corpus clip."""
-    from stt.engines.base import TranscribeOptions
+    from stt.core.transcription import TranscribeOptions
     from stt.engines.faster_whisper import FasterWhisperEngine
     from stt.engines.whisper import WhisperEngine
 

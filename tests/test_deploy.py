@@ -44,7 +44,7 @@ SCHEMA_VERSIONS = ("1.29", "1.37")  # oldest we claim to support, newest the val
 IMAGES = {"stt-worker": "Dockerfile", "stt-local": "Dockerfile.rocm"}
 SETTINGS_ENV = {f.metadata["env"]: f for f in dataclasses.fields(Settings)}
 SECRET_ENV = {env for env, f in SETTINGS_ENV.items() if f.metadata["secret"]}
-# Read by the OpenTelemetry SDK and stt.otel rather than by Settings.
+# Read by the OpenTelemetry SDK and stt.ops.otel rather than by Settings.
 OTEL_ENV = {"OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_EXPORTER_OTLP_ENDPOINT",
             "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_HEADERS", "OTEL_TRACES_SAMPLER",
             "OTEL_TRACES_SAMPLER_ARG", "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER",
@@ -145,7 +145,7 @@ def test_overlay_objects_validate_against_kubernetes_schemas(
 
 def test_opt_in_components_render_and_hold_together(
         render: Callable[[Path], list[dict[str, Any]]], opt_in_overlay: Path) -> None:
-    from stt.metrics import METRICS
+    from stt.ops.metrics import METRICS
 
     docs = render(opt_in_overlay)
     (deployment,) = by_kind(docs, "Deployment")
@@ -269,9 +269,9 @@ class Idle(Engine):
 
 def worker_paths() -> set[str]:
     """GET paths the worker's health server answers."""
-    from stt.health import HealthServer
-    from stt.metrics import MetricsTelemetry
-    from stt.worker import Worker
+    from stt.ops.health import HealthServer
+    from stt.ops.metrics import MetricsTelemetry
+    from stt.transport.worker import Worker
 
     worker = Worker(Settings.from_env({}), Idle())
     server = HealthServer(worker.status, MetricsTelemetry(worker.status), "127.0.0.1", 0)
@@ -281,7 +281,7 @@ def worker_paths() -> set[str]:
 
 def serve_paths() -> set[str]:
     """GET paths of `stt serve`."""
-    serve = pytest.importorskip("stt.serve")
+    serve = pytest.importorskip("stt.api.serve")
     pytest.importorskip("starlette")
     app = serve.create_app(Idle(), Settings.from_env({}))
     return {route.path for route in app.routes if "GET" in getattr(route, "methods", ())}
@@ -353,7 +353,7 @@ def test_dockerfile_shape(dockerfile: str) -> None:
     assert "HEALTHCHECK" in words
     health = [rest for w, rest in final if w == "HEALTHCHECK"][-1]
     check = json.loads(health[health.index("CMD") + 3:].strip())
-    assert check[1:] == ["-m", "stt.health"], check
+    assert check[1:] == ["-m", "stt.ops.health"], check
     assert exec_form(final, "ENTRYPOINT") or exec_form(final, "CMD")
 
 
@@ -365,7 +365,7 @@ def test_http_image_has_no_torch_and_the_local_image_can_run_both() -> None:
     rocm = (ROOT / "Dockerfile.rocm").read_text()
     assert re.search(r"ARG BASE_IMAGE=rocm/pytorch:rocm[\w.]+", rocm)
     assert "--build-arg BASE_IMAGE=pytorch/pytorch:" in rocm, "CUDA build documented"
-    assert "ARG WHISPER_MODEL=" in rocm and "/src[serve,otel,turn]" in rocm and "stt.turn_model install" in rocm
+    assert "ARG WHISPER_MODEL=" in rocm and "/src[serve,otel,turn]" in rocm and "stt.engines.turn_model install" in rocm
 
 
 def test_dockerfiles_pass_hadolint() -> None:
@@ -397,7 +397,7 @@ def test_image_commands_exist(dockerfile: str, argv: list[str]) -> None:
         assert args[0] in copied, f"{args[0]} is not copied into the image"
         args = [str(ROOT / Path(args[0]).name), *args[1:]]
     if args[-1:] == ["serve"]:
-        pytest.importorskip("stt.serve")
+        pytest.importorskip("stt.api.serve")
     out = subprocess.run([sys.executable, *args, "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -452,8 +452,8 @@ def test_build_context_builds_the_package(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("stt_streaming-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for needed in ("stt_streaming.py", "stt_streaming_local.py", "stt/cli.py", "stt/health.py",
-                   "stt/otel.py", "stt/discovery.py", "stt/engines/http.py"):
+    for needed in ("stt_streaming.py", "stt_streaming_local.py", "stt/cli/__init__.py", "stt/ops/health.py",
+                   "stt/ops/otel.py", "stt/transport/discovery.py", "stt/engines/http.py"):
         assert needed in names, f"{needed} missing from the wheel"
     metadata = next(n for n in names if n.endswith("METADATA"))
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
@@ -463,7 +463,7 @@ def test_build_context_builds_the_package(tmp_path: Path) -> None:
 
 def test_dockerignore_matcher_follows_docker_rules() -> None:
     patterns = ["*", "!stt/", "**/__pycache__"]
-    assert dockerignore_allows("stt/cli.py", patterns)
+    assert dockerignore_allows("stt/cli/__init__.py", patterns)
     assert not dockerignore_allows("stt/__pycache__/x.pyc", patterns)
     assert not dockerignore_allows("tests/x.py", patterns)
     assert not glob_regex("*").fullmatch("a/b")

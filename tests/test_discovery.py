@@ -9,9 +9,9 @@ from typing import Any
 import nats
 import pytest
 
-from stt.client import send
-from stt.discovery import SERVICE_NAME, Discovery
-from stt.protocol import Subjects
+from stt.transport.client import send
+from stt.transport.discovery import SERVICE_NAME, Discovery
+from stt.wire.protocol import Subjects
 
 
 async def gather(nc: Any, subject: str, expect: int = 0,

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from conftest import ROOT, SAMPLE, eventually
 
-from stt import protocol
-from stt.audio import load_16k_mono, to_pcm16
-from stt.client import Listener, send, stream_audio
-from stt.nats_server import NatsServer, free_port
-from stt.protocol import Subjects
+from stt.core.audio import load_16k_mono, to_pcm16
+from stt.transport.client import Listener, send, stream_audio
+from stt.transport.nats_server import NatsServer, free_port
+from stt.wire import protocol
+from stt.wire.protocol import Subjects
 
 SR = 16000
 SPEECH = load_16k_mono(str(SAMPLE))

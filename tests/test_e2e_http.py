@@ -15,11 +15,11 @@ from conftest import SAMPLE, eventually, make_settings
 from test_serve import ServeProcess
 from whisper_checkpoint import write_checkpoint
 
-from stt.audio import SAMPLE_RATE, load_16k_mono, to_pcm16
-from stt.client import Listener, send, stream_audio
+from stt.core.audio import SAMPLE_RATE, load_16k_mono, to_pcm16
 from stt.engines.http import BreakerState, HttpEngine
-from stt.nats_server import NatsServer
-from stt.protocol import Subjects
+from stt.transport.client import Listener, send, stream_audio
+from stt.transport.nats_server import NatsServer
+from stt.wire.protocol import Subjects
 
 
 def http_engine(nats: NatsServer, url: str, **overrides: Any) -> HttpEngine:

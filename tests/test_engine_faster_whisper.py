@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 from conftest import SAMPLE, SAMPLE_TEXT, loop_gaps, make_settings
 
-from stt.audio import SAMPLE_RATE, load_16k_mono
+from stt.core.audio import SAMPLE_RATE, load_16k_mono
+from stt.core.textnorm import normalize, wer
+from stt.core.transcription import TranscribeOptions
 from stt.engines import create_engine
-from stt.engines.base import EngineError, EngineUnavailable, TranscribeOptions
+from stt.engines.base import EngineError, EngineUnavailable
 from stt.engines.decoding import Guards, UnsupportedLanguage, is_stock_phrase
 from stt.engines.faster_whisper import FasterWhisperEngine
-from stt.models import EMBEDDED, resolve_ct2
-from stt.textnorm import normalize, wer
+from stt.engines.models import EMBEDDED, resolve_ct2
 
 pytest.importorskip("faster_whisper")
 ctranslate2 = pytest.importorskip("ctranslate2")
@@ -59,14 +60,14 @@ def test_default_model_is_the_embedded_tiny_en_with_its_checksum_verified() -> N
 def test_a_changed_upload_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import dataclasses
 
-    import stt.models
+    import stt.engines.models
 
     fake = tmp_path / "pkg" / "model"
     fake.mkdir(parents=True)
     (fake / "model.bin").write_bytes(b"not the pinned weights")
     model = dataclasses.replace(EMBEDDED["tiny.en"])
     monkeypatch.setattr(type(model), "package_dirs", lambda self: [fake])
-    monkeypatch.setitem(stt.models.EMBEDDED, "tiny.en", model)
+    monkeypatch.setitem(stt.engines.models.EMBEDDED, "tiny.en", model)
     with pytest.raises(EngineUnavailable, match=r"SHA-256 .* expected 1a5afae0.*Reinstall"):
         resolve_ct2("")
 

@@ -18,8 +18,10 @@ import pytest
 from conftest import SAMPLE
 from test_serve import API_KEY, ServeProcess
 
-from stt.audio import SAMPLE_RATE, load_16k_mono
-from stt.engines.base import EngineError, TranscribeOptions, Word
+from stt.core.audio import SAMPLE_RATE, load_16k_mono
+from stt.core.textnorm import normalize
+from stt.core.transcription import TranscribeOptions, Word
+from stt.engines.base import EngineError
 from stt.engines.http import (
     BreakerState,
     CircuitBreaker,
@@ -28,8 +30,7 @@ from stt.engines.http import (
     encode_wav,
     retry_after_s,
 )
-from stt.nats_server import free_port
-from stt.textnorm import normalize
+from stt.transport.nats_server import free_port
 
 VERBOSE = {
     "task": "transcribe", "language": "english", "duration": 1.0, "text": " hello world",

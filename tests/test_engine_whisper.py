@@ -20,10 +20,10 @@ import pytest
 from conftest import SAMPLE, loop_gaps, make_settings
 from whisper_checkpoint import TEST_DIMS, TINY_DIMS, write_checkpoint
 
-from stt.audio import SAMPLE_RATE, load_16k_mono
-from stt.client import stream_audio
+from stt.core.audio import SAMPLE_RATE, load_16k_mono
+from stt.core.transcription import Segment, TranscribeOptions, Word
 from stt.engines import create_engine
-from stt.engines.base import EngineError, EngineUnavailable, Segment, TranscribeOptions, Word
+from stt.engines.base import EngineError, EngineUnavailable
 from stt.engines.batching import MicroBatcher
 from stt.engines.decoding import (
     WINDOW_FRAMES,
@@ -33,6 +33,7 @@ from stt.engines.decoding import (
     trim_repetitions,
 )
 from stt.engines.whisper import WhisperEngine, resolve_device
+from stt.transport.client import stream_audio
 
 torch = pytest.importorskip("torch")
 whisper = pytest.importorskip("whisper")

@@ -23,11 +23,12 @@ import numpy as np
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from stt import protocol
 from stt.config import Settings
-from stt.engines.base import Transcription, Word
-from stt.protocol import Chunk, End, ProtocolError, Start, State, StateChange, encode
-from stt.session import Cancel, Close, Publish, Session, Transcribe
+from stt.core.actions import Cancel, Close, Publish, Transcribe
+from stt.core.session import Session
+from stt.core.transcription import Transcription, Word
+from stt.wire import protocol
+from stt.wire.protocol import Chunk, End, ProtocolError, Start, State, StateChange, encode
 
 FUZZ = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -91,7 +92,7 @@ class Checked:
 
     def __init__(self, s: Settings) -> None:
         self.now = 100.0
-        self.session = Session("fuzz", s, self.now)
+        self.session = Session("fuzz", s.session_profile(), self.now)
         self.settings = s
         self.messages: list[dict[str, Any]] = []
         self.closed = False
@@ -115,7 +116,7 @@ class Checked:
         assert len(ends) <= 1 and (not ends or ends[0] == len(self.messages) - 1)
         seg = self.session.segmenter.segment
         assert seg is None or len(seg) <= self.session.params.segmenter.max_frames
-        assert len(self.session._queue) <= self.settings.max_pending_segments
+        assert len(self.session._jobs.queue) <= self.settings.max_pending_segments
         assert len(self.session.in_flight) <= 3
         partials: dict[int, list[dict[str, Any]]] = {}
         for m in self.messages:

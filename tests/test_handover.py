@@ -1,7 +1,7 @@
 """A session handed from one replica to another publishes every word once (issue 26).
 
 Two in-process workers share one partition subject on a real nats-server, and the test plays
-stt.cluster's part by hand, step by step, so every interleaving is deterministic: the taker
+stt.cluster.membership's part by hand, step by step, so every interleaving is deterministic: the taker
 subscribes and holds, the giver keeps serving (it consumes chunks the taker also holds), hands
 over, the taker adopts. The engine reads words the test can count: each "word" is a 0.3 s
 harmonic tone whose pitch names it (``w{k}``), so a repeated or dropped word shows in the
@@ -25,15 +25,16 @@ import pytest
 from conftest import SAMPLE, eventually, make_settings
 
 from bench.replicas import PHRASES
-from stt import protocol
-from stt.audio import load_16k_mono
+from stt.core.audio import load_16k_mono
+from stt.core.session import Session
+from stt.core.transcription import TranscribeOptions, Transcription
+from stt.core.vad import FRAME_S
 from stt.engines import create_engine
-from stt.engines.base import Engine, TranscribeOptions, Transcription
-from stt.nats_server import NatsServer
-from stt.protocol import Chunk, Start
-from stt.session import Session
-from stt.vad import FRAME_S
-from stt.worker import Worker
+from stt.engines.base import Engine
+from stt.transport.nats_server import NatsServer
+from stt.transport.worker import Worker
+from stt.wire import protocol
+from stt.wire.protocol import Chunk, Start
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -139,7 +140,7 @@ class Client:
 
 
 async def adopt(taker: Worker, snaps: dict[str, Any]) -> None:
-    """Step 4 as stt.cluster takes it: what the server sent is held, then the sessions resume."""
+    """Step 4 as stt.cluster.membership takes it: what the server sent is held, then the sessions resume."""
     await taker.catch_up(P)
     taker.adopt_partition(P, snaps, {}, handed_over=True)
 
@@ -242,7 +243,7 @@ async def test_an_utterance_in_progress_ends_on_the_giver_in_one_final(seq: bool
 
 def test_an_onset_under_way_is_not_a_pause() -> None:
     """Voiced frames that have not opened an utterance yet would be lost to both replicas."""
-    session = Session("s", make_settings("nats://x"), 0.0, Start(), turn_model=False)
+    session = Session("s", make_settings("nats://x").session_profile(model=False), 0.0, Start())
     pcm = (np.concatenate([silence(1.0), word(3)[:int(0.06 * SR)]]) * 32767).astype("<i2")
     session.handle(Chunk(pcm[:SR].tobytes()), 1.0)
     assert session.quiet
@@ -288,16 +289,17 @@ async def test_an_end_is_answered_once_whichever_replica_had_it() -> None:
 def test_the_next_final_decodes_with_the_same_context_on_the_taker() -> None:
     """The previous final is the next one's decoding context; a handover keeps it, so the
     taker's words are the ones a single replica would have decoded."""
-    from stt.session import Transcribe
+    from stt.core.actions import Transcribe
 
     settings = make_settings("nats://x")
-    giver = Session("s", settings, 0.0, Start(), turn_model=False)
+    giver = Session("s", settings.session_profile(model=False), 0.0, Start())
     pcm = (np.concatenate([utter(1, 2), silence(1.5)]) * 32767).astype("<i2").tobytes()
     (job,) = [a.job for a in giver.handle(Chunk(pcm), 1.0)
               if isinstance(a, Transcribe) and a.job.is_final]
     giver.transcribed(job.job_id, Transcription("one two."), 1.1)
     giver.hand_over(1.2)
-    taker = Session.resume("s", settings, 2.0, giver.snapshot(exact=True), turn_model=False)
+    taker = Session.resume("s", settings.session_profile(model=False), 2.0,
+                           giver.snapshot(exact=True))
     (job,) = [a.job for a in taker.handle(Chunk(pcm), 3.0)
               if isinstance(a, Transcribe) and a.job.is_final]
     assert job.options.context == "one two."

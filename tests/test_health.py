@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from conftest import ROOT, SAMPLE, eventually, make_settings
 
-from stt.audio import load_16k_mono
-from stt.client import stream_audio
-from stt.engines.base import Engine, TranscribeOptions, Transcription
-from stt.health import HealthServer
-from stt.metrics import MetricsTelemetry
-from stt.nats_server import NatsServer, free_port
-from stt.worker import Worker
+from stt.core.audio import load_16k_mono
+from stt.core.transcription import TranscribeOptions, Transcription
+from stt.engines.base import Engine
+from stt.ops.health import HealthServer
+from stt.ops.metrics import MetricsTelemetry
+from stt.transport.client import stream_audio
+from stt.transport.nats_server import NatsServer, free_port
+from stt.transport.worker import Worker
 
 SR = 16000
 SENTENCE = load_16k_mono(str(SAMPLE))[int(8.2 * SR): int(11.8 * SR)]  # "he was not an ill..."
@@ -191,20 +192,20 @@ async def test_routes_methods_and_bad_requests(nats_server: NatsServer) -> None:
 
 
 async def test_container_health_check_command(nats_server: NatsServer) -> None:
-    """``python -m stt.health`` is the images' HEALTHCHECK: 0 when /livez answers, 1 when not."""
+    """``python -m stt.ops.health`` is the images' HEALTHCHECK: 0 when /livez answers, 1 when not."""
     worker = Worker(make_settings(nats_server.url), GatedEngine())
     server = HealthServer(worker.status, MetricsTelemetry(worker.status), "127.0.0.1", 0)
     await server.start()
     env = {**os.environ, "STT_HEALTH_PORT": str(server.port)}
     env.pop("STT_HEALTHCHECK_URL", None)
     try:
-        ok = await asyncio.create_subprocess_exec(sys.executable, "-m", "stt.health", env=env,
+        ok = await asyncio.create_subprocess_exec(sys.executable, "-m", "stt.ops.health", env=env,
                                                   cwd=ROOT)
         assert await ok.wait() == 0
     finally:
         await server.stop()
     down = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "stt.health", f"http://127.0.0.1:{free_port()}/livez",
+        sys.executable, "-m", "stt.ops.health", f"http://127.0.0.1:{free_port()}/livez",
         stderr=asyncio.subprocess.PIPE, cwd=ROOT)
     _, stderr = await down.communicate()
     assert down.returncode == 1 and b"failed" in stderr

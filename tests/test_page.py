@@ -20,7 +20,7 @@ from conftest import ROOT, SAMPLE, SAMPLE_TEXT, corpus_clips, make_settings
 from realtime_util import bridge_server
 
 from bench.replicas import PHRASES
-from stt.textnorm import wer
+from stt.core.textnorm import wer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(

@@ -37,11 +37,11 @@ from bench.realtime import (
     sample_pcm,
     send_pcm,
 )
-from stt import protocol
-from stt.audio import SAMPLE_RATE, load_16k_mono
-from stt.client import stream_audio
-from stt.protocol import Subjects
-from stt.textnorm import wer
+from stt.core.audio import SAMPLE_RATE, load_16k_mono
+from stt.core.textnorm import wer
+from stt.transport.client import stream_audio
+from stt.wire import protocol
+from stt.wire.protocol import Subjects
 
 INTENT = {"intent": "transcription"}
 SPEED = 3.0

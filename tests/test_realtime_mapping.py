@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from stt.realtime_config import ClientError, SessionConfig, update, update_beta
-from stt.realtime_mapping import COMMIT_GRACE_S, Actions, RealtimeSession, settled
+from stt.api.realtime_config import ClientError, SessionConfig, update, update_beta
+from stt.api.realtime_mapping import COMMIT_GRACE_S, Actions, RealtimeSession, settled
 
 
 def client(rs: RealtimeSession, event: dict[str, Any], now: float = 0.0) -> Actions:

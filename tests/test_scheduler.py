@@ -6,9 +6,9 @@ import asyncio
 
 import numpy as np
 
-from stt.engines.base import TranscribeOptions
-from stt.scheduler import Scheduler, final_reserve
-from stt.session import Job
+from stt.core.actions import Job
+from stt.core.transcription import TranscribeOptions
+from stt.transport.scheduler import Scheduler, final_reserve
 
 
 def job(job_id: int, final: bool, session: str = "s") -> Job:

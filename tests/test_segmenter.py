@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from conftest import SAMPLE
 
-from stt.audio import load_16k_mono, to_pcm16
 from stt.config import Settings
-from stt.segmenter import (
+from stt.core.audio import load_16k_mono, to_pcm16
+from stt.core.segmenter import (
     Ended,
     Opened,
     Segmenter,
     SegmenterParams,
     VoiceState,
 )
-from stt.vad import FRAME_S, FRAME_SAMPLES, PERIODIC_THRESHOLD, periodicity
+from stt.core.vad import FRAME_S, FRAME_SAMPLES, PERIODIC_THRESHOLD, periodicity
 
 SR = 16000
 _SPEECH = load_16k_mono(str(SAMPLE))
@@ -51,7 +51,7 @@ def push_all(seg: Segmenter, audio: np.ndarray) -> list[tuple[int, object, Voice
 def params(**overrides: object) -> SegmenterParams:
     values: dict[str, object] = {"chunk_timeout_s": 0.6}
     values.update(overrides)
-    return SegmenterParams.from_settings(Settings.from_env(environ={}, overrides=values))
+    return Settings.from_env(environ={}, overrides=values).segmenter_params()
 
 
 def test_params_are_derived_from_the_settings_in_frames() -> None:

@@ -17,9 +17,9 @@ import pytest
 from conftest import ROOT, SAMPLE
 from whisper_checkpoint import write_checkpoint
 
-from stt.audio import SAMPLE_RATE, load_16k_mono
+from stt.core.audio import SAMPLE_RATE, load_16k_mono
 from stt.engines.http import encode_wav
-from stt.nats_server import free_port
+from stt.transport.nats_server import free_port
 
 API_KEY = "test-key"
 
@@ -311,9 +311,9 @@ def test_logs_carry_no_colour_codes_and_no_doubled_prefix(caplog: pytest.LogCapt
 
     from starlette.testclient import TestClient
 
+    from stt.api.serve import create_app
     from stt.config import Settings
     from stt.engines.base import EngineError
-    from stt.serve import create_app
 
     with ServeProcess("--whisper-cpu-threads", "1",
                       env={"STT_LOG_LEVEL": "INFO", "STT_LOG_FORMAT": "json"}) as served:
@@ -335,10 +335,10 @@ def test_logs_carry_no_colour_codes_and_no_doubled_prefix(caplog: pytest.LogCapt
             raise EngineError("the GPU fell off")
 
     client = TestClient(create_app(Broken(), Settings.from_env({})))  # type: ignore[arg-type]
-    with caplog.at_level("WARNING", logger="stt.serve"):
+    with caplog.at_level("WARNING", logger="stt.api.serve"):
         response = client.post("/v1/audio/transcriptions",
                                files={"file": ("a.wav", wav_bytes(np.ones(8000, np.float32) / 4))})
     assert response.status_code == 500
     assert response.json()["error"]["message"] == "Transcription failed: the GPU fell off"
-    messages = [r.getMessage() for r in caplog.records if r.name == "stt.serve"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "stt.api.serve"]
     assert messages == ["Transcription failed: the GPU fell off"], messages

@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 from conftest import SAMPLE
 
-import stt.session as session_module
-import stt.stabilizer as stabilizer_module
-from stt.audio import load_16k_mono, to_pcm16
+import stt.core.session as session_module
+import stt.core.stabilizer as stabilizer_module
 from stt.config import Settings
-from stt.engines.base import Transcription, Word
-from stt.protocol import (
+from stt.core.actions import Cancel, Close, Job, Publish, Transcribe
+from stt.core.audio import load_16k_mono, to_pcm16
+from stt.core.session import Session
+from stt.core.transcription import Transcription, Word
+from stt.wire.protocol import (
     Chunk,
     End,
     EndReason,
@@ -31,7 +33,6 @@ from stt.protocol import (
     encode,
     parse,
 )
-from stt.session import Cancel, Close, Job, Publish, Session, Transcribe
 
 SR = 16000
 CHUNK_S = 0.04
@@ -63,7 +64,8 @@ class Harness:
 
     def __init__(self, start: Start | None = None, **overrides: Any) -> None:
         self.now = 1000.0
-        self.session = Session("s1", settings(**overrides), self.now)
+        self.settings = settings(**overrides)
+        self.session = Session("s1", self.settings.session_profile(), self.now)
         self.published: list[dict[str, Any]] = []
         self.jobs: list[Job] = []
         self.cancelled: list[int] = []
@@ -237,7 +239,7 @@ def test_buffer_size_cuts_long_speech_at_a_quiet_point_and_continues() -> None:
 
 
 def test_buffer_size_means_the_same_length_of_speech_in_every_format() -> None:
-    limits = {Session("a", settings(buffer_size_bytes=64000), 0.0, start).params.segmenter.max_frames
+    limits = {Session("a", settings(buffer_size_bytes=64000).session_profile(), 0.0, start).params.segmenter.max_frames
               for start in (Start(), Start(sample_rate=8000, encoding="mulaw"),
                             Start(sample_rate=48000, channels=2, encoding="pcm_f32le"))}
     assert limits == {66}  # 2 s of 30 ms frames
@@ -378,7 +380,7 @@ def test_sequence_increases_by_one_across_every_message_type() -> None:
 
 
 def parse_error_code() -> Any:
-    from stt.protocol import ErrorCode
+    from stt.wire.protocol import ErrorCode
 
     return ErrorCode.BAD_MESSAGE
 
@@ -388,7 +390,7 @@ def test_finals_queue_is_bounded() -> None:
     h.feed(LONG_SPEECH)  # several cuts while the first final is still in flight
     errors = h.of("error")
     assert errors and errors[0]["code"] == "overloaded"
-    assert len(h.session._queue) <= 1
+    assert len(h.session._jobs.queue) <= 1
 
 
 def test_engine_failure_on_a_final_is_an_error_and_the_session_goes_on() -> None:

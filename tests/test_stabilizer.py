@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from stt.engines.base import Word
-from stt.stabilizer import SETTLED_MARGIN_S, Stabilizer, align_prefix, common_prefix, overlap
+from stt.core.stabilizer import SETTLED_MARGIN_S, Stabilizer, align_prefix, common_prefix, overlap
+from stt.core.transcription import Word
 
 
 def timed(text: str, step: float = 0.3, start: float = 0.0) -> tuple[list[str], list[Word]]:

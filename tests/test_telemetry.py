@@ -27,15 +27,15 @@ import numpy as np
 import pytest
 from conftest import ROOT, SAMPLE, eventually, make_settings
 
-from stt.audio import load_16k_mono, to_pcm16
 from stt.cli import build_telemetry
-from stt.client import send
+from stt.core.audio import load_16k_mono, to_pcm16
 from stt.engines import create_engine
-from stt.metrics import MetricsTelemetry
-from stt.nats_server import NatsServer, free_port
-from stt.protocol import Subjects
-from stt.telemetry import Telemetry
-from stt.worker import Worker
+from stt.ops.metrics import MetricsTelemetry
+from stt.ops.telemetry import Telemetry
+from stt.transport.client import send
+from stt.transport.nats_server import NatsServer, free_port
+from stt.transport.worker import Worker
+from stt.wire.protocol import Subjects
 
 pytest.importorskip("opentelemetry.sdk")
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -45,7 +45,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
 
-from stt.otel import OtelTelemetry
+from stt.ops.otel import OtelTelemetry
 
 SR = 16000
 SENTENCE = load_16k_mono(str(SAMPLE))[int(8.2 * SR): int(11.8 * SR)]  # "he was not an ill..."
@@ -155,7 +155,7 @@ def parse_traceparent(value: str) -> tuple[str, str]:
 @contextlib.asynccontextmanager
 async def collect(nc: Any, session_id: str) -> AsyncIterator[list[tuple[dict[str, Any], dict[str, str]]]]:
     """(message, headers) for each message published for ``session_id``."""
-    from stt import protocol
+    from stt.wire import protocol
 
     got: list[tuple[dict[str, Any], dict[str, str]]] = []
 
@@ -244,7 +244,7 @@ async def test_trace_runs_from_front_end_through_worker_and_engine_to_transcript
     # metrics went out over OTLP too
     names = otel_env.metric_names()
     assert {"stt.sessions.active", "stt.chunks", "stt.transcription.duration",
-            "stt.final.latency", "stt.audio.received"} <= names
+            "stt.final.latency", "stt.core.audio.received"} <= names
     assert names == otel_env.metric_names("/hyperdx")
 
     # logs about the session carry its trace id
@@ -336,7 +336,7 @@ import sys
 from stt.cli import build_telemetry
 from stt.config import Settings
 from stt.engines.base import Engine
-from stt.worker import Worker
+from stt.transport.worker import Worker
 
 class Silent(Engine):
     async def transcribe(self, audio, options):
@@ -401,7 +401,7 @@ async def test_worker_process_with_telemetry_on(nats_server: NatsServer, otel_en
 
 def test_unknown_exporter_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from stt.config import ConfigError
-    from stt.otel import exporters
+    from stt.ops.otel import exporters
 
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
     with pytest.raises(ConfigError, match="OTEL_TRACES_EXPORTER"):

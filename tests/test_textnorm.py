@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stt.textnorm import normalize, reads_finished, wer
+from stt.core.textnorm import normalize, reads_finished, wer
 
 
 def test_normalize_and_wer() -> None:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from test_session import SENTENCE_1, SENTENCE_2, Harness, silence
 
-from stt.engines.base import Transcription
-from stt.protocol import End, Start, State, StateChange
-from stt.session import ScoreTurn
-from stt.turn import Turn, TurnParams, Verdict, words_signal
+from stt.core.actions import ScoreTurn
+from stt.core.transcription import Transcription
+from stt.core.turn import Turn, TurnParams, Verdict, words_signal
+from stt.wire.protocol import End, Start, State, StateChange
 
 PARAMS = TurnParams(query_s=(0.15, 0.45, 0.9), thresholds=((0.15, 0.9), (0.45, 0.8), (0.9, 0.6)),
                     finished_bonus=0.15, eager=0.6, max_silence_s=1.6, fallback_s=0.8)
@@ -197,7 +197,7 @@ def test_a_start_can_ask_for_silence_endpointing() -> None:
 
 def test_without_the_model_the_session_ends_turns_on_silence() -> None:
     h = TurnHarness([0.99], chunk_timeout_s=0.6)
-    h.session = type(h.session)("s2", h.session.settings, h.now, turn_model=False)
+    h.session = type(h.session)("s2", h.settings.session_profile(model=False), h.now)
     assert not h.session.params.turn.uses_model
     assert h.session.params.segmenter.endpoint_frames == 20
 
@@ -250,7 +250,7 @@ def test_queries_hear_at_most_eight_seconds() -> None:
 
 async def test_worker_ends_turns_with_the_real_model_at_real_time(worker_factory: Any,
                                                                   nc: Any) -> None:
-    from stt.client import stream_audio
+    from stt.transport.client import stream_audio
 
     worker = await worker_factory(endpointing="model", partial_interval_s=0.5)
     assert worker.turn_model is not None

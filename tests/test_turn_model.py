@@ -1,4 +1,4 @@
-"""Smart Turn v3.2 (stt/turn_model.py): the installed model is the pinned file, a different one
+"""Smart Turn v3.2 (stt/engines/turn_model.py): the installed model is the pinned file, a different one
 is refused with the fix named, and ``features``/``predict`` give the reference's numbers.
 
 The reference is pipecat's own code, extracted from the pinned wheel by ``install()`` into
@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from conftest import SAMPLE, corpus_clips
 
-from stt import turn_model
-from stt.audio import SAMPLE_RATE, load_16k_mono
-from stt.turn_model import TurnModel, TurnModelError, features, install, verify
+from stt.core.audio import SAMPLE_RATE, load_16k_mono
+from stt.engines import turn_model
+from stt.engines.turn_model import TurnModel, TurnModelError, features, install, verify
 
 FEATURE_TOL = 1e-4      # max abs difference of the log-mel features (observed: 0, bit-identical)
 PROBABILITY_TOL = 1e-4  # of P(complete) (observed: 0)
@@ -166,7 +166,7 @@ def assert_refused(path: Path, problem: str) -> None:
             load(path)
         message = str(error.value)
         assert str(path) in message and problem in message, message
-        assert "script/setup" in message and "python -m stt.turn_model install" in message
+        assert "script/setup" in message and "python -m stt.engines.turn_model install" in message
 
 
 def test_a_corrupted_model_is_refused(copy: Path) -> None:

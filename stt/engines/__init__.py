@@ -6,8 +6,9 @@ import importlib
 from collections.abc import Callable
 from typing import cast
 
-from ..config import Settings
-from .base import Engine, EngineError, EngineUnavailable, TranscribeOptions, Transcription, Word
+from stt.config import Settings
+from stt.core.transcription import TranscribeOptions, Transcription, Word
+from stt.engines.base import Engine, EngineError, EngineUnavailable
 
 __all__ = ["Engine", "EngineError", "EngineUnavailable", "TranscribeOptions", "Transcription",
            "Word", "create_engine"]
@@ -21,15 +22,15 @@ def create_engine(settings: Settings) -> Engine:
     """
     name = settings.engine
     if name == "faster-whisper":
-        from .faster_whisper import FasterWhisperEngine
+        from stt.engines.faster_whisper import FasterWhisperEngine
 
         return FasterWhisperEngine.from_settings(settings)
     if name == "whisper":
-        from .whisper import WhisperEngine
+        from stt.engines.whisper import WhisperEngine
 
         return WhisperEngine.from_settings(settings)
     if name == "http":
-        from .http import HttpEngine
+        from stt.engines.http import HttpEngine
 
         return HttpEngine.from_settings(settings)
     module_name, _, class_name = name.partition(":")

@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from ..audio import SAMPLE_RATE
-from ..textnorm import normalize
-from .base import EngineError, Segment, TranscribeOptions, Transcription, Word
+from stt.core.audio import SAMPLE_RATE
+from stt.core.textnorm import normalize
+from stt.core.transcription import Segment, TranscribeOptions, Transcription, Word
+from stt.engines.base import EngineError
 
 WINDOW_S = 30                 # Whisper's input window (whisper.audio.CHUNK_LENGTH)
 HOP = 160                     # samples per mel frame (10 ms)

@@ -1,5 +1,5 @@
 """Whisper on CTranslate2 through faster-whisper: the default engine (int8 on CPU, float16 on
-CUDA), with OpenAI's tiny.en embedded from the package registry (:mod:`stt.models`).
+CUDA), with OpenAI's tiny.en embedded from the package registry (:mod:`stt.engines.models`).
 
 Theory of operation
 -------------------
@@ -30,18 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from ..audio import SAMPLE_RATE
-from ..config import Settings
-from ..languages import LANGUAGE_CODES
-from ..models import DEFAULT_MODEL, resolve_ct2
-from .base import (
-    EngineError,
-    EngineUnavailable,
-    Segment,
-    TranscribeOptions,
-    Transcription,
-)
-from .decoding import (
+from stt.config import Settings
+from stt.core.audio import SAMPLE_RATE
+from stt.core.transcription import Segment, TranscribeOptions, Transcription
+from stt.engines.base import EngineError, EngineUnavailable
+from stt.engines.decoding import (
     FALLBACK_TEMPERATURES,
     HOP,
     Guards,
@@ -58,7 +51,9 @@ from .decoding import (
     uses_short_window,
     window_frames,
 )
-from .local import LocalWhisperEngine
+from stt.engines.languages import LANGUAGE_CODES
+from stt.engines.local import LocalWhisperEngine
+from stt.engines.models import DEFAULT_MODEL, resolve_ct2
 
 MAX_LENGTH = 448                 # Whisper's text context
 MAX_INITIAL_TIMESTAMP_INDEX = 50  # the first timestamp within 1 s, as Whisper's transcribe()
@@ -161,9 +156,7 @@ class FasterWhisperEngine(LocalWhisperEngine):
                  options.temperature))
 
     def _codes(self) -> tuple[str, ...]:
-        from faster_whisper.tokenizer import _LANGUAGE_CODES
-
-        return tuple(_LANGUAGE_CODES)
+        return tuple(self.model.supported_languages)  # ["en"] for an English-only model
 
     def _tokenizer(self, language: str | None) -> Any:
         tokenizer = self._tokenizers.get(language)

@@ -1,5 +1,8 @@
 """A Whisper HTTP service behind the OpenAI-compatible ``POST /v1/audio/transcriptions``.
 
+Long because of what a remote service needs: retries, a circuit breaker, a concurrency limit
+and the answers of six different servers.
+
 Works with OpenAI itself, speaches/faster-whisper-server, vLLM, whisper.cpp's server, LocalAI
 and ``stt serve``. Each segment goes up as a 16 kHz mono WAV in a multipart form (``model``,
 ``language``, ``prompt``, ``response_format``, ``temperature``, and word timestamps when the
@@ -37,11 +40,12 @@ from typing import Any
 import httpx
 import numpy as np
 
-from ..audio import SAMPLE_RATE, to_pcm16
-from ..config import Settings
-from ..languages import LANGUAGE_CODES
-from .base import Engine, EngineError, Segment, TranscribeOptions, Transcription, Word
-from .decoding import Guards, UnsupportedLanguage
+from stt.config import Settings
+from stt.core.audio import SAMPLE_RATE, to_pcm16
+from stt.core.transcription import Segment, TranscribeOptions, Transcription, Word
+from stt.engines.base import Engine, EngineError
+from stt.engines.decoding import Guards, UnsupportedLanguage
+from stt.engines.languages import LANGUAGE_CODES
 
 log = logging.getLogger("stt.engines.http")
 

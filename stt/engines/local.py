@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from ..audio import SAMPLE_RATE
-from ..config import Settings
-from ..models import DEFAULT_MODEL, ModelSource
-from .base import Engine, EngineError, TranscribeOptions, Transcription
-from .batching import MicroBatcher
-from .decoding import HOP, WINDOW_S, Guards, Request, context_prompt, is_digital_silence
+from stt.config import Settings
+from stt.core.audio import SAMPLE_RATE
+from stt.core.transcription import TranscribeOptions, Transcription
+from stt.engines.base import Engine, EngineError
+from stt.engines.batching import MicroBatcher
+from stt.engines.decoding import HOP, WINDOW_S, Guards, Request, context_prompt, is_digital_silence
+from stt.engines.models import DEFAULT_MODEL, ModelSource
 
 log = logging.getLogger("stt.engines")
 

@@ -1,6 +1,9 @@
 """Local Whisper: openai-whisper on PyTorch, on NVIDIA CUDA, AMD ROCm (PyTorch's ``cuda``
 device) or CPU.
 
+Long because openai-whisper decodes one file at a time: batched decoding, short windows and
+word alignment are done here.
+
 Theory of operation
 -------------------
 * The model loads once at start-up (by name into the download cache, or from a checkpoint
@@ -43,18 +46,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..audio import SAMPLE_RATE
-from ..config import Settings
-from ..models import EMBEDDED, ModelSource, cache_dir, resolve_ct2
-from .base import (
-    EngineError,
-    EngineUnavailable,
-    Segment,
-    TranscribeOptions,
-    Transcription,
-    Word,
-)
-from .decoding import (
+from stt.config import Settings
+from stt.core.audio import SAMPLE_RATE
+from stt.core.transcription import Segment, TranscribeOptions, Transcription, Word
+from stt.engines.base import EngineError, EngineUnavailable
+from stt.engines.decoding import (
     FALLBACK_TEMPERATURES,
     HOP,
     Guards,
@@ -72,7 +68,8 @@ from .decoding import (
     uses_short_window,
     window_frames,
 )
-from .local import LocalWhisperEngine
+from stt.engines.local import LocalWhisperEngine
+from stt.engines.models import EMBEDDED, ModelSource, cache_dir, resolve_ct2
 
 if TYPE_CHECKING:
     import torch
@@ -128,7 +125,7 @@ def _flexible_encoder_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 def converted_checkpoint(source: ModelSource) -> Path:
     """The openai-whisper checkpoint of a CTranslate2 model, converted once into the cache
     (keyed by the checksum of embedded models, by path, size and time of a directory's)."""
-    from ..convert import convert
+    from stt.engines.convert import convert
 
     model_bin = source.path / "model.bin"
     stat = model_bin.stat()
@@ -194,7 +191,7 @@ class WhisperEngine(LocalWhisperEngine):
     def _load(self) -> None:
         import whisper
 
-        from ..convert import load_model
+        from stt.engines.convert import load_model
 
         name = self.model_name.strip()
         try:
@@ -222,6 +219,8 @@ class WhisperEngine(LocalWhisperEngine):
 
         name = self.model_name
         if name in whisper.available_models():
+            # the file a name downloads to: openai-whisper (20250625) has no public table of its
+            # URLs, only _MODELS ("turbo" is large-v3-turbo.pt); a release without it: NAME.pt
             url = getattr(whisper, "_MODELS", {}).get(name, f"/{name}.pt")
             root = self.download_root or os.path.join(
                 os.getenv("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "whisper")
