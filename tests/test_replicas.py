@@ -30,8 +30,8 @@ from conftest import ROOT, SAMPLE
 
 from bench.replicas import CHUNK_S, GAP_S, INSTANT, PHRASES  # the sample's sentences, 1.4 s apart
 from bench.replicas import Replica as ReplicaProcess
+from stt.cluster import membership as cluster
 from stt.cluster.membership import REPLICA_HEADER, Heartbeat, heartbeats, partition_of, poll_until
-from stt.cluster.membership import membership as cluster
 from stt.core.audio import SAMPLE_RATE, load_16k_mono
 from stt.core.textnorm import normalize
 from stt.transport.nats_server import REPLICAS_CONFIG, REPLICAS_PARTITIONS, NatsServer

@@ -244,7 +244,7 @@ async def test_trace_runs_from_front_end_through_worker_and_engine_to_transcript
     # metrics went out over OTLP too
     names = otel_env.metric_names()
     assert {"stt.sessions.active", "stt.chunks", "stt.transcription.duration",
-            "stt.final.latency", "stt.core.audio.received"} <= names
+            "stt.final.latency", "stt.audio.received"} <= names
     assert names == otel_env.metric_names("/hyperdx")
 
     # logs about the session carry its trace id
