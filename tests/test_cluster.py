@@ -5,6 +5,7 @@ exercised by tests/test_replicas.py."""
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -93,7 +94,52 @@ def test_two_partitions_above_the_fewest_is_one_too_many() -> None:
 def test_a_busier_replica_hands_a_partition_of_half_the_gap_to_the_least_loaded() -> None:
     loads = {0: 1, 1: 3, 2: 5, 3: 2}
     view = {"me": hb("me", 4, 11), "low": hb("low", 4, 4)}
-    assert next_moves("me", view, loads, 8) == [Move(1, "low")]  # gap 7: at most 3 moves
+    assert next_moves("me", view, loads, 8) == [Move(1, "low", "sessions")]  # gap 7: at most 3
+
+
+def settle(seed: int, replicas: int = 3, sessions: int = 60, partitions: int = 32,
+           rounds: int = 40, cooldown: int = 6) -> tuple[list[tuple[int, Move, int]], list[int]]:
+    """The balancing plan played out: hashed sessions, every replica at its fair share of
+    partitions (as they claim them), then round after round one replica's moves applied (the
+    cluster's one-giver-at-a-time rule), partitions received lately frozen. The moves made
+    (round, move, its sessions) and the sessions per replica at the end."""
+    rng = random.Random(seed)
+    names = [f"r{i}" for i in range(replicas)]
+    owner = {p: names[i % replicas] for i, p in enumerate(rng.sample(range(partitions), partitions))}
+    load = [0] * partitions
+    for i in range(sessions):
+        load[partition_of(f"s{i}-{rng.getrandbits(24):x}", partitions)] += 1
+    received: dict[int, int] = {}
+    made: list[tuple[int, Move, int]] = []
+    for rnd in range(rounds):
+        for r in rng.sample(names, replicas):
+            view = {n: Heartbeat(n, sorted(q for q, o in owner.items() if o == n),
+                                 sum(load[q] for q, o in owner.items() if o == n)) for n in names}
+            moves = next_moves(r, view, {q: load[q] for q, o in owner.items() if o == r},
+                               partitions, [q for q, at in received.items() if rnd - at < cooldown])
+            for m in moves:
+                owner[m.partition], received[m.partition] = m.to, rnd
+                made.append((rnd, m, load[m.partition]))
+            if moves:
+                break
+    return made, [sum(load[q] for q, o in owner.items() if o == n) for n in names]
+
+
+def test_balancing_settles_and_never_sends_sessions_back() -> None:
+    """200 random placements: the spread ends within 1.5x, the last move comes within a few
+    rounds, and no partition with sessions moves twice (each move is a chance to lose or
+    repeat words)."""
+    last, moved = [], []
+    for seed in range(200):
+        made, per_replica = settle(seed)
+        assert max(per_replica) <= 1.5 * min(per_replica), (seed, per_replica)
+        loaded = [m.partition for _, m, n in made if n]
+        assert len(loaded) == len(set(loaded)), (seed, made)
+        assert {m.reason for _, m, _ in made} <= {"partitions", "sessions"}
+        last.append(max((rnd for rnd, _, _ in made), default=0))
+        moved.append(sum(n for _, _, n in made))
+    assert max(last) <= 10, max(last)
+    assert sum(moved) / len(moved) < 8, sum(moved) / len(moved)  # of 60 sessions
 
 
 def test_balanced_enough_means_no_move() -> None:
@@ -105,7 +151,8 @@ def test_balanced_enough_means_no_move() -> None:
 def test_partitions_received_lately_stay() -> None:
     loads = {0: 1, 1: 3, 2: 5, 3: 2}
     view = {"me": hb("me", 4, 11), "low": hb("low", 4, 4)}
-    assert next_moves("me", view, loads, 8, frozen=[1]) == [Move(3, "low"), Move(0, "low")]
+    # "low" is at its share (4 of 8): one partition more at most, the fullest that fits
+    assert next_moves("me", view, loads, 8, frozen=[1]) == [Move(3, "low", "sessions")]
     assert next_moves("me", view, loads, 8, frozen=[0, 1, 3]) == []
 
 

@@ -67,6 +67,7 @@ def test_a_server_without_the_mapping_is_one_clear_error(tmp_path: Path) -> None
 
 DRAIN_S = 15.0
 TERM_LIMIT_S = 0.6 * DRAIN_S  # how long a SIGTERMed replica waits for its sessions' pauses
+STEADY_S = 20.0  # steady load after the spread settles, in which balancing should rest
 
 
 class Replica(ReplicaProcess):
@@ -281,6 +282,16 @@ def timeline(load: Load, replicas: list[Replica], sid: str, u: Utterance,
     return "\n".join(lines)
 
 
+def moves_since(replicas: list[Replica], since_wall: float) -> dict[str, int]:
+    """Partitions handed over since a time (``time.time()``), by reason, from the logs."""
+    moves: dict[str, int] = defaultdict(int)
+    for r in replicas:
+        for rec in r.logs():
+            if rec.get("msg") == "partition handed over" and rec.get("ts", 0) > since_wall:
+                moves[rec.get("reason", "?")] += 1
+    return dict(moves)
+
+
 def check_sequences(load: Load, sid: str, crash_at: float | None = None) -> None:
     """``sequence`` +1 for every message; across a crash strictly increasing (a gap)."""
     msgs = load.received[sid]
@@ -331,6 +342,11 @@ async def test_three_replicas_sixty_sessions_kill_stop_join(tmp_path: Path) -> N
                 await asyncio.sleep(1)
             print(f"sessions per replica after {time.monotonic() - settle_by + 90:.0f} s:",
                   dict(per_replica))
+            # a steady load: balancing settles (every move is a chance to lose or repeat words)
+            steady_from = time.time()
+            await asyncio.sleep(STEADY_S)
+            steady = moves_since(replicas, steady_from)
+            print(f"partitions moved in the next {STEADY_S:.0f} s of steady load: {steady}")
 
             # --- 2. SIGKILL the replica with the most sessions
             killed = max(replicas, key=lambda r: per_replica.get(r.id, 0))

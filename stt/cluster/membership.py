@@ -168,6 +168,7 @@ def preferred(replica: str, candidates: Iterable[int]) -> list[int]:
 class Move:
     partition: int
     to: str
+    reason: str = "partitions"  # partitions (over the fair share) or sessions (load)
 
 
 def next_moves(me: str, view: Mapping[str, Heartbeat], loads: Mapping[int, int],
@@ -196,18 +197,21 @@ def next_moves(me: str, view: Mapping[str, Heartbeat], loads: Mapping[int, int],
     moved = 0  # sessions
     for q in sorted(loads, key=lambda q: (q in stay, loads[q], q))[:max(0, room)]:
         moved += loads[q]
-        if loads[q] and fewest.sessions + moved > mine - moved:
+        # sessions move for the count only when it is off by more than one partition: one
+        # over the share is what a move by sessions leaves, and undoing it would ping-pong
+        if loads[q] and (fewest.sessions + moved > mine - moved or len(loads) - share < 2):
             break
-        moves.append(Move(q, fewest.replica))
+        moves.append(Move(q, fewest.replica, "partitions"))
     if moves or any(hb.giving for hb in peers.values()):
         return moves
     least = min(peers.values(), key=lambda hb: (hb.sessions, len(hb.partitions), hb.replica))
     gap = mine - least.sessions
     if gap >= LOAD_SLACK and mine > LOAD_RATIO * least.sessions:
         budget = gap // 2
+        room = share + 1 - len(least.partitions)  # never more than one over its share
         for q in sorted(loads, key=lambda q: (-loads[q], q)):  # the fullest that fit, at once
-            if q not in stay and 0 < loads[q] <= budget:
-                moves.append(Move(q, least.replica))
+            if q not in stay and 0 < loads[q] <= budget and len(moves) < room:
+                moves.append(Move(q, least.replica, "sessions"))
                 budget -= loads[q]
     return moves
 
@@ -258,6 +262,10 @@ class Cluster:
         self.leaving = False
         self.joined = asyncio.Event()
         self.handovers = 0
+        # partitions handed over, by why: partitions (over the fair share), sessions (load),
+        # leaving (SIGTERM); every move is a chance for a session to lose or repeat words
+        self.moves: dict[str, int] = {}
+        self._reasons: dict[int, str] = {}
         self.takeovers = 0
         self._js: Any = None
         self._names = ("", "")  # the leases' and the sessions' buckets
@@ -348,7 +356,7 @@ class Cluster:
             loads = self.host.partition_loads()
             for i, p in enumerate(sorted(set(self.owned) - set(self.giving),
                                          key=lambda q: -loads.get(q, 0))):
-                self._offer(p, peers[i % len(peers)].replica)
+                self._offer(p, peers[i % len(peers)].replica, "leaving")
             await asyncio.sleep(self.period_s)
         if self._task is not None:
             self._task.cancel()
@@ -380,7 +388,7 @@ class Cluster:
     def status(self) -> dict[str, Any]:
         return {"replica": self.replica_id, "partitions": sorted(self.owned),
                 "replicas": len(self.view), "giving": dict(self.giving),
-                "taking": sorted(self.taking), "handovers": self.handovers,
+                "taking": sorted(self.taking), "handovers": self.handovers, "moves": dict(self.moves),
                 "takeovers": self.takeovers}
 
     # --- session snapshots ---------------------------------------------------------------------
@@ -482,13 +490,14 @@ class Cluster:
             frozen = [p for p, at in self._received.items() if now - at < MOVE_COOLDOWN_S]
             for move in next_moves(self.replica_id, view, self.host.partition_loads(),
                                    self.partitions, frozen):
-                log.info("handing a partition over", extra={"partition": move.partition,
-                                                            "to": move.to})
-                self._offer(move.partition, move.to)
+                log.info("handing a partition over", extra={
+                    "partition": move.partition, "to": move.to, "reason": move.reason})
+                self._offer(move.partition, move.to, move.reason)
 
-    def _offer(self, p: int, to: str) -> None:
+    def _offer(self, p: int, to: str, reason: str) -> None:
         """Step 1: name the taker (in the next heartbeat)."""
         self.giving[p] = to
+        self._reasons[p] = reason
         self._offered[p] = time.monotonic()
 
     def _withdraw_stale_offers(self, view: Mapping[str, Heartbeat]) -> None:
@@ -504,6 +513,7 @@ class Cluster:
                             else "did not answer", extra={"partition": p, "to": to})
                 del self.giving[p]
                 self._offered.pop(p, None)
+                self._reasons.pop(p, None)
 
     async def _renew(self) -> None:
         for p, rev in list(self.owned.items()):
@@ -546,7 +556,9 @@ class Cluster:
             await self._leases.put(f"h.{p}", json.dumps({"from": self.replica_id, "to": to,
                                                          "sessions": sessions}).encode())
             self.handovers += 1
-            log.info("partition handed over", extra={"partition": p, "to": to,
+            reason = self._reasons.pop(p, "partitions")
+            self.moves[reason] = self.moves.get(reason, 0) + 1
+            log.info("partition handed over", extra={"partition": p, "to": to, "reason": reason,
                                                      "sessions": len(sessions)})
         except Exception as exc:
             log.warning("handover failed: %s", exc, extra={"partition": p, "to": to})

@@ -149,6 +149,10 @@ def _table() -> tuple[Metric, ...]:
                lambda t: _one(t.pending_inbound)),
         Metric("outbound.pending", "gauge", "{message}", "Messages waiting to be published.",
                lambda t: _one(t.pending_outbound)),
+        Metric("cluster.moves", "counter", "{partition}",
+               "Partitions handed to another replica, by reason: partitions (over the fair "
+               "share), sessions (load), leaving (SIGTERM).",
+               lambda t: _by("reason", (t.cluster or {}).get("moves", {}))),
         Metric("ready", "gauge", "", "1 when connected, loaded and not draining (/readyz).",
                lambda t: _one(t.ready)),
         Metric("draining", "gauge", "", "1 while shutting down.",
