@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import signal
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -374,3 +375,118 @@ async def test_real_speech_moved_twice_reads_as_on_one_replica() -> None:
     print("moved twice:", c.finals())
     assert c.finals() == one.finals()
     check_output(c)
+
+
+# --- real Whisper, replica processes, moved by a join and by a SIGTERM ----------------------------
+
+
+async def reference_finals(url: str, clips: list[np.ndarray]) -> list[str]:
+    """The sentences on one worker alone, each final awaited before the next sentence."""
+    nc = await nats.connect(url)
+    settings = make_settings(url, partial_interval_s=0, speculative_ms=0)
+    w = Worker(settings, create_engine(settings), turn_model=None)
+    await w.start()
+    try:
+        await w.subscribe_partition(P)
+        w.adopt_partition(P, {}, {})
+        one = Client(nc, "reference", False)
+        await one.listen()
+        await one.publish({"type": "start", "sample_rate": SR})
+        for n, clip in enumerate(clips, 1):
+            await one.send(np.concatenate([silence(0.5), clip, silence(GAP_S)]))
+            await eventually(lambda n=n: len(one.finals()) == n, 60)  # type: ignore[misc]
+        return one.finals()
+    finally:
+        await w.shutdown()
+        await nc.close()
+
+
+GAP_S = 2.5
+
+
+@pytest.mark.timeout(300)
+async def test_real_whisper_sessions_moved_by_a_join_and_a_sigterm_read_as_on_one_replica(
+        tmp_path: Any) -> None:
+    """Replica processes on the shipped server configuration, faster-whisper tiny.en, the seed's
+    chunks (``audio_b64`` and ``timestamp``, no ``seq``) at real time: four sessions speak the
+    sample's first four sentences with 2.5 s pauses. Replica A is alone; B joins 5 s in and
+    balancing hands it sessions (mid-sentence: the giver finishes the sentence first); 20 s in
+    B is SIGTERMed and hands them back. Every session's finals equal the same sentences on one
+    worker, word for word (no tolerance: the hand-over falls between utterances and carries
+    the decoding context; greedy decoding on CPU repeats itself; silence endpointing, no
+    partials, no speculative finals, so nothing depends on timing). Every session ends once,
+    its ``sequence`` unbroken; the moves are counted by reason."""
+    from bench.replicas import Replica
+    from stt.cluster.membership import partition_of, wait_balanced
+    from stt.transport.nats_server import REPLICAS_PARTITIONS
+
+    speech = load_16k_mono(str(SAMPLE))
+    clips = [speech[int(a * SR):int(b * SR)] for a, b in PHRASES[:4]]
+    script = np.concatenate([np.concatenate([silence(0.5), c, silence(GAP_S)]) for c in clips])
+    pcm = (np.clip(script, -1, 1) * 32767).astype("<i2").tobytes()
+    step = int(CHUNK_S * SR) * 2
+    sids: list[str] = []
+    p = 0
+    while len(sids) < 4:  # four sessions in four partitions, so balancing can split them
+        sid = f"moved{p}"
+        if partition_of(sid, REPLICAS_PARTITIONS) not in {partition_of(s, REPLICAS_PARTITIONS)
+                                                          for s in sids}:
+            sids.append(sid)
+        p += 1
+    env = {"STT_ENDPOINTING": "silence", "STT_SPECULATIVE_MS": "0", "WHISPER_CPU_THREADS": "1",
+           "OMP_NUM_THREADS": "1", "STT_DRAIN_TIMEOUT_S": "30"}
+    with NatsServer.for_replicas() as server:
+        expected = await reference_finals(server.url, clips)
+        nc = await nats.connect(server.url)
+        out: dict[str, list[dict[str, Any]]] = {s: [] for s in sids}
+
+        async def on(msg: Any) -> None:
+            out[msg.subject.rsplit(".", 1)[-1]].append(msgpack.unpackb(msg.data))
+
+        await nc.subscribe("ai.voice.transcription.*", cb=on)
+        a = Replica(server.url, tmp_path / "a.log", "faster-whisper", **env)
+        b: Any = None
+        term_sent = False
+        try:
+            await wait_balanced(nc, 1, REPLICAS_PARTITIONS, 120)
+            for sid in sids:
+                await nc.publish(f"ai.voice.stream.{sid}",
+                                 protocol.pack({"type": "start", "sample_rate": SR}))
+            t0, captured = time.monotonic(), time.time()
+            for tick, at in enumerate(range(0, len(pcm), step)):
+                await asyncio.sleep(max(0.0, t0 + tick * CHUNK_S - time.monotonic()))
+                body = protocol.pack({"type": "chunk", "timestamp": captured + tick * CHUNK_S,
+                                      "audio_b64": base64.b64encode(pcm[at:at + step]).decode()})
+                for sid in sids:
+                    await nc.publish(f"ai.voice.stream.{sid}", body)
+                if b is None and tick * CHUNK_S >= 5.0:
+                    b = Replica(server.url, tmp_path / "b.log", "faster-whisper", **env)
+                elif b is not None and not term_sent and tick * CHUNK_S >= 20.0:
+                    b.proc.send_signal(signal.SIGTERM)  # waited for below, off the loop
+                    term_sent = True
+            for sid in sids:
+                await nc.publish(f"ai.voice.stream.{sid}", protocol.pack({"type": "end"}))
+            await eventually(lambda: all(any(m.get("type") == "end" for m in out[s])
+                                         for s in sids), 120)
+            assert await asyncio.to_thread(b.proc.wait, 60) == 0
+        finally:
+            for r in (a, b):
+                if r is not None:
+                    r.stop()
+            await nc.close()
+    served_by_b = [s for s in sids if any(r.get("msg") == "session resumed from another replica"
+                                          and r.get("session_id") == s for r in b.logs())]
+    moves = [r for r in (*a.logs(), *b.logs()) if r.get("msg") == "partition handed over"
+             and r.get("sessions")]
+    print("reference:", expected)
+    print("sessions moved to B and back:", served_by_b, "; moves with sessions:",
+          [(r["reason"], r["sessions"]) for r in moves])
+    assert served_by_b, "balancing moved no session to the joining replica"
+    assert {r["reason"] for r in moves} <= {"partitions", "sessions", "leaving"}
+    for sid in sids:
+        finals = [m["transcript"] for m in out[sid] if m.get("type") == "transcript"
+                  and m.get("is_final") and m["transcript"]]
+        assert finals == expected, (sid, sid in served_by_b, finals)
+        sequences = [m["sequence"] for m in out[sid]]
+        assert sequences == list(range(1, len(sequences) + 1)), (sid, sequences)
+        assert [m["type"] for m in out[sid]].count("end") == 1 and out[sid][-1]["type"] == "end"

@@ -335,10 +335,10 @@ def test_logs_carry_no_colour_codes_and_no_doubled_prefix(caplog: pytest.LogCapt
             raise EngineError("the GPU fell off")
 
     client = TestClient(create_app(Broken(), Settings.from_env({})))  # type: ignore[arg-type]
-    with caplog.at_level("WARNING", logger="stt.api.serve"):
+    with caplog.at_level("WARNING", logger="stt.serve"):
         response = client.post("/v1/audio/transcriptions",
                                files={"file": ("a.wav", wav_bytes(np.ones(8000, np.float32) / 4))})
     assert response.status_code == 500
     assert response.json()["error"]["message"] == "Transcription failed: the GPU fell off"
-    messages = [r.getMessage() for r in caplog.records if r.name == "stt.api.serve"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "stt.serve"]
     assert messages == ["Transcription failed: the GPU fell off"], messages
