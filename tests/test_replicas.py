@@ -67,7 +67,8 @@ def test_a_server_without_the_mapping_is_one_clear_error(tmp_path: Path) -> None
 
 DRAIN_S = 15.0
 TERM_LIMIT_S = 0.6 * DRAIN_S  # how long a SIGTERMed replica waits for its sessions' pauses
-STEADY_S = 20.0  # steady load after the spread settles, in which balancing should rest
+QUIET_S = 8.0    # no partition moved for this long: balancing has settled ...
+STEADY_S = 15.0  # ... and nothing moves in this much steady load after
 
 
 class Replica(ReplicaProcess):
@@ -282,6 +283,12 @@ def timeline(load: Load, replicas: list[Replica], sid: str, u: Utterance,
     return "\n".join(lines)
 
 
+def last_move(replicas: list[Replica]) -> float:
+    """When a partition was last offered or handed over (``time.time()``), from the logs."""
+    return max((rec.get("ts", 0.0) for r in replicas for rec in r.logs() if rec.get("msg") in
+                ("handing a partition over", "partition handed over")), default=0.0)
+
+
 def moves_since(replicas: list[Replica], since_wall: float) -> dict[str, int]:
     """Partitions handed over since a time (``time.time()``), by reason, from the logs."""
     moves: dict[str, int] = defaultdict(int)
@@ -342,11 +349,19 @@ async def test_three_replicas_sixty_sessions_kill_stop_join(tmp_path: Path) -> N
                 await asyncio.sleep(1)
             print(f"sessions per replica after {time.monotonic() - settle_by + 90:.0f} s:",
                   dict(per_replica))
-            # a steady load: balancing settles (every move is a chance to lose or repeat words)
+            # a steady load: balancing settles (every move is a chance to lose or repeat words).
+            # Once no partition has moved for QUIET_S (within a minute), none moves in the
+            # next STEADY_S.
+            settled_by = time.time() + 60
+            while time.time() - last_move(replicas) < QUIET_S:
+                assert time.time() < settled_by, "balancing did not settle in a minute"
+                await asyncio.sleep(0.5)
             steady_from = time.time()
             await asyncio.sleep(STEADY_S)
             steady = moves_since(replicas, steady_from)
-            print(f"partitions moved in the next {STEADY_S:.0f} s of steady load: {steady}")
+            print(f"settled {steady_from - settled_by + 60:.0f} s after the spread; partitions "
+                  f"moved in the next {STEADY_S:.0f} s of steady load: {steady}")
+            assert not steady, steady
 
             # --- 2. SIGKILL the replica with the most sessions
             killed = max(replicas, key=lambda r: per_replica.get(r.id, 0))
