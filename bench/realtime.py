@@ -196,8 +196,17 @@ async def clip_through_websocket(client: Any, nc: Any, pcm: bytes, speech_end_s:
             conn, pcm, speed=speed, on_sent=lambda s: sent.append((s, time.monotonic()))))
         order: dict[str, list[str]] = {}
 
+        def done() -> bool:  # all audio sent, every announced item completed, NATS agrees
+            return (sender.done() and bool(order)
+                    and all(o[-1] == COMPLETED for o in order.values())
+                    and len(run.finals) == len(run.completed))
+
         async def read() -> None:
-            async for event in conn:
+            while not done():
+                try:  # the last event may come before the last audio is sent: look again
+                    event = await asyncio.wait_for(conn.recv(), 0.25)
+                except TimeoutError:
+                    continue
                 item = getattr(event, "item_id", None)
                 if item is not None:
                     order.setdefault(item, []).append(event.type)
@@ -207,10 +216,6 @@ async def clip_through_websocket(client: Any, nc: Any, pcm: bytes, speech_end_s:
                     first_delta.append(time.monotonic())
                 elif event.type == COMPLETED:
                     run.completed.append(event.transcript)
-                # done: all audio sent, every announced item completed, NATS agrees
-                if (sender.done() and order and all(o[-1] == COMPLETED for o in order.values())
-                        and len(run.finals) == len(run.completed)):
-                    return
 
         try:
             await asyncio.wait_for(read(), timeout_s)
