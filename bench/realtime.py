@@ -242,7 +242,8 @@ async def held_out(base_url: str, nats_url: str, limit: int, corpus: Path) -> No
     pairs_ws, pairs_nats, pairs_same = [], [], []
     utterances = completed_ok = deltas_early = in_order = 0
     try:
-        for rel, reference in corpus_rows(corpus)[:limit]:
+        rows = corpus_rows(corpus)
+        for rel, reference in rows[::max(1, len(rows) // limit)][:limit]:  # every speaker
             pcm, speech_end = clip_pcm(corpus / rel)
             run = await clip_through_websocket(client, nc, pcm, speech_end)
             samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
