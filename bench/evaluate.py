@@ -849,6 +849,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scenarios", default=",".join(GROUPS))
     p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="clips per scenario; 0 = all")
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
+    p.add_argument("--seed-chunks", action="store_true",
+                   help="chunks as the seed's front-ends send them (audio_b64 and timestamp, no "
+                        "seq) instead of raw audio with seq")
     p.add_argument("--json", type=Path)
     p.add_argument("--png", type=Path)
     p.add_argument("--set", dest="sets", action="append", type=parse_assignment, default=[],
@@ -912,7 +915,8 @@ async def run(args: argparse.Namespace) -> int:
         label = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "defaults"
         print(f"\n== {label}", flush=True)
         played, settings, worker_info = await run_config(args.engine, overrides, scenarios,
-                                                         args.speed, args.concurrency, label)
+                                                         args.speed, args.concurrency, label,
+                                                         args.seed_chunks)
         columns, details = score_all(played, offline, settings)
         present = [g for g in COLUMNS if columns[g].sessions]
         if len([c for c in present if c in SPEECH_COLUMNS]) > 1:

@@ -243,7 +243,7 @@ async def held_out(base_url: str, nats_url: str, limit: int, corpus: Path) -> No
     utterances = completed_ok = deltas_early = in_order = 0
     try:
         rows = corpus_rows(corpus)
-        for rel, reference in rows[::max(1, len(rows) // limit)][:limit]:  # every speaker
+        for rel, reference in rows[::max(1, len(rows) // limit)][:limit]:  # spread, both speakers
             pcm, speech_end = clip_pcm(corpus / rel)
             run = await clip_through_websocket(client, nc, pcm, speech_end)
             samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
