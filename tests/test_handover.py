@@ -309,6 +309,20 @@ def test_the_next_final_decodes_with_the_same_context_on_the_taker() -> None:
 # --- real Whisper, real speech ------------------------------------------------------------------
 
 
+async def alone(w: Worker, nc: Any, sid: str, clips: list[np.ndarray], gap_s: float) -> Client:
+    """The sentences on one worker alone, at a talker's pace: each sentence's final before the
+    next sentence (the previous final is the next one's context)."""
+    await w.subscribe_partition(P)
+    w.adopt_partition(P, {}, {})
+    one = Client(nc, sid, False)
+    await one.listen()
+    await one.publish({"type": "start", "sample_rate": SR})
+    for n, clip in enumerate(clips, 1):
+        await one.send(np.concatenate([silence(0.5), clip, silence(gap_s)]))
+        await eventually(lambda n=n: len(one.finals()) == n, 60)  # type: ignore[misc]
+    return one
+
+
 async def test_real_speech_moved_twice_reads_as_on_one_replica() -> None:
     """The sample's sentences with 2 s pauses, seed chunks, faster-whisper tiny.en, each sentence's
     final awaited before the next (a talker's pace: the previous final is the next one's
@@ -332,15 +346,7 @@ async def test_real_speech_moved_twice_reads_as_on_one_replica() -> None:
             workers.append(w)
         a, b = workers
         try:
-            # alone, at a talker's pace: each sentence's final before the next sentence
-            await a.subscribe_partition(P)
-            a.adopt_partition(P, {}, {})
-            one = Client(nc, "one", False)
-            await one.listen()
-            await one.publish({"type": "start", "sample_rate": SR})
-            for n, clip in enumerate(clips, 1):
-                await one.send(np.concatenate([silence(0.5), clip, silence(2.0)]))
-                await eventually(lambda n=n: len(one.finals()) == n, 60)  # type: ignore[misc]
+            one = await alone(a, nc, "one", clips, 2.0)
             await one.publish({"type": "end"})
             await eventually(one.ended, 60)
             # moved a -> b and b -> a, each while a sentence is under way
@@ -387,15 +393,7 @@ async def reference_finals(url: str, clips: list[np.ndarray]) -> list[str]:
     w = Worker(settings, create_engine(settings), turn_model=None)
     await w.start()
     try:
-        await w.subscribe_partition(P)
-        w.adopt_partition(P, {}, {})
-        one = Client(nc, "reference", False)
-        await one.listen()
-        await one.publish({"type": "start", "sample_rate": SR})
-        for n, clip in enumerate(clips, 1):
-            await one.send(np.concatenate([silence(0.5), clip, silence(GAP_S)]))
-            await eventually(lambda n=n: len(one.finals()) == n, 60)  # type: ignore[misc]
-        return one.finals()
+        return (await alone(w, nc, "reference", clips, GAP_S)).finals()
     finally:
         await w.shutdown()
         await nc.close()
