@@ -12,11 +12,6 @@ from collections.abc import Callable
 import numpy as np
 import webrtcvad
 
-try:
-    import _webrtcvad  # the C extension webrtcvad.Vad wraps
-except ImportError:  # pragma: no cover - another build of webrtcvad
-    _webrtcvad = None
-
 from stt.core.audio import SAMPLE_RATE
 
 FRAME_MS = 30
@@ -72,17 +67,12 @@ def _always_speech(pcm: bytes) -> bool:
 
 
 def _speech_check(vad: webrtcvad.Vad) -> Callable[[bytes], bool]:
-    """One 30 ms frame of 16 kHz int16 little-endian audio -> is it speech?"""
-    process = getattr(_webrtcvad, "process", None) if _webrtcvad is not None else None
-    handle = getattr(vad, "_vad", None)
-    if process is None or handle is None:
-        def check(pcm: bytes) -> bool:
-            return bool(vad.is_speech(pcm, SAMPLE_RATE))
-        return check
-
-    def check_c(pcm: bytes) -> bool:
-        return bool(process(handle, SAMPLE_RATE, pcm, len(pcm) >> 1))
-    return check_c
+    """One 30 ms frame of 16 kHz int16 little-endian audio -> is it speech? (The public
+    ``is_speech``: calling the C extension directly saved 0.5 µs a frame, not worth a private
+    attribute.)"""
+    def check(pcm: bytes) -> bool:
+        return bool(vad.is_speech(pcm, SAMPLE_RATE))
+    return check
 
 
 # --- periodicity: is there a pitch? ------------------------------------------------------------
