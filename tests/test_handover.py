@@ -408,8 +408,8 @@ async def test_real_whisper_sessions_moved_by_a_join_and_a_sigterm_read_as_on_on
     """Replica processes on the shipped server configuration, faster-whisper tiny.en, the seed's
     chunks (``audio_b64`` and ``timestamp``, no ``seq``) at real time: four sessions speak the
     sample's first four sentences with 2.5 s pauses. Replica A is alone; B joins 5 s in and
-    balancing hands it sessions (mid-sentence: the giver finishes the sentence first); 20 s in
-    B is SIGTERMed and hands them back. Every session's finals equal the same sentences on one
+    balancing hands it sessions (each at a pause between its sentences); 20 s in B is
+    SIGTERMed and hands them back. Every session's finals equal the same sentences on one
     worker, word for word (no tolerance: the hand-over falls between utterances and carries
     the decoding context; greedy decoding on CPU repeats itself; silence endpointing, no
     partials, no speculative finals, so nothing depends on timing). Every session ends once,
