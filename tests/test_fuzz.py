@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from stt.config import Settings
-from stt.core.actions import Cancel, Close, Publish, Transcribe
+from stt.core.actions import Cancel, Close, Publish, ScoreTurn, Transcribe
 from stt.core.session import Session
 from stt.core.transcription import Transcription, Word
 from stt.wire import protocol
@@ -77,6 +77,8 @@ op = st.one_of(
     st.tuples(st.just("tick"), st.floats(0.0, 3.0)),
     st.tuples(st.just("fail"), st.integers(0, 2)),
     st.tuples(st.just("bad"),),
+    # the end-of-turn model's answer to the oldest question asked (None: the query failed)
+    st.tuples(st.just("score"), st.one_of(st.none(), st.floats(0.0, 1.0))),
 )  # and ``end`` at the end of every example, with what is in flight answered
 
 
@@ -97,6 +99,7 @@ class Checked:
         self.messages: list[dict[str, Any]] = []
         self.closed = False
         self.end_asked = False
+        self.queries: list[int] = []  # end-of-turn questions not answered yet
 
     def apply(self, actions: list[Any]) -> None:
         for a in actions:
@@ -105,6 +108,9 @@ class Checked:
                 self.messages.append(encode(a.message, a.sequence, self.now))
             elif isinstance(a, Close):
                 self.closed = True
+            elif isinstance(a, ScoreTurn):
+                assert a.audio.size > 0
+                self.queries.append(a.query_id)
             else:
                 assert isinstance(a, Transcribe | Cancel)
         self.check()
@@ -169,6 +175,10 @@ def test_random_sessions_keep_every_invariant(ops: list[Any], vad: bool, window:
             c.apply(sess.handle(End(), c.now))
         elif kind == "bad":
             c.apply(sess.reject(ProtocolError(protocol.ErrorCode.BAD_MESSAGE, "bad"), c.now))
+        elif kind == "score" and c.queries:
+            query, c.now = c.queries.pop(0), c.now + 0.01
+            c.apply(sess.turn_failed(query, c.now) if o[1] is None
+                    else sess.turn_scored(query, o[1], c.now))
     if not c.closed:  # answer whatever is in flight, then end: it must close
         c.end_asked = True
         c.apply(c.session.handle(End(), c.now))
