@@ -86,6 +86,8 @@ def _malloc_trim() -> Callable[[], object] | None:
     except (OSError, AttributeError):
         return None
     return lambda: trim(0)
+
+
 SESSION_TOTALS = ("chunks_ok", "chunks_duplicate", "chunks_late", "chunks_dropped", "finals",
                   "partials", "interrupts")  # Session.Counters summed over sessions
 FIRST_RETRY_S, LAST_RETRY_S = 0.5, 4.0  # backoff between tries of a failed final
@@ -169,10 +171,11 @@ class Worker:
         self.settings = settings
         self.engine = engine
         self.turn_model: TurnScorer | None = None
-        self._profile: tuple[bool, SessionProfile] | None = None
         self._load_turn_model = turn_model is True
         if turn_model is not True and turn_model:
             self.turn_model = turn_model
+        # what every session here reads; rebuilt once the end-of-turn model is known (start)
+        self.profile: SessionProfile = settings.session_profile(self.turn_model is not None)
         self._turn_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._turn_pending = 0
         self.clock = clock
@@ -257,20 +260,13 @@ class Worker:
                 log_at = log.warning if self.settings.endpointing == "model" else log.info
                 log_at("end-of-turn model unavailable, turns end on silence "
                        "(STT_CHUNK_TIMEOUT): %s", exc)
+            self.profile = self.settings.session_profile(self.turn_model is not None)
         if self.turn_model is not None and self._turn_pool is None:
             self._turn_pool = concurrent.futures.ThreadPoolExecutor(
                 self.settings.turn_threads, thread_name_prefix="turn")
             log.info("end-of-turn model ready", extra={
                 "model": str(getattr(self.turn_model, "path", type(self.turn_model).__name__)),
                 "endpointing": self.settings.endpointing})
-
-    @property
-    def profile(self) -> SessionProfile:
-        """What every session here reads (the end-of-turn model may come up after the start)."""
-        model = self.turn_model is not None
-        if self._profile is None or self._profile[0] != model:
-            self._profile = (model, self.settings.session_profile(model))
-        return self._profile[1]
 
     def new_session(self, session_id: str, now: float) -> Session:
         return Session(session_id, self.profile, now)
