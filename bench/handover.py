@@ -3,13 +3,15 @@ real Whisper, checked against the sample's text beside one decode of each sessio
 
     python -m bench.handover                  # 3 replicas, 6 sessions, seed chunks (no seq)
     python -m bench.handover --seq --runs 3   # chunks with the seq extension, three runs
+    python -m bench.handover --modes core,durable   # STT_DURABLE off, then on, side by side
 
 Real processes on loopback: nats-server with ``k8s/nats/nats-server.conf``, three ``stt worker``
 replicas with ``STT_PARTITIONS=32`` and the worker defaults (faster-whisper tiny.en, model
 endpointing, partials). This process streams six live sessions at real time, each three of the
 sample's sentences with ``--gap-s`` (2 s) of silence after each, as the seed's front-ends send
 them: ``audio_b64`` and a capture ``timestamp``, no ``seq`` unless ``--seq``. ``--kill-at-s``
-(9 s) in, the replica holding most partitions is SIGKILLed; ``--term-after-s`` (10 s) later,
+(9 s) in, the replica serving most of the six sessions (then: holding most partitions) is
+SIGKILLed; ``--term-after-s`` (10 s) later,
 another is SIGTERMed; the last one serves everything to the end, when every session sends
 ``end``. Then each session's whole audio is decoded in this process with the same engine.
 
@@ -25,7 +27,13 @@ Printed per session and in total:
 * repeated phrases: any 4 words in a row that the finals hold twice or more, and more often
   than the text;
 * each session's ``end`` messages (one expected), ``sequence`` numbers repeated or going back;
-* partitions per replica before the kill and after it (max/min), SIGTERM's exit code.
+* partitions per replica before the kill and after it (max/min), SIGTERM's exit code;
+* what each mode costs (``--modes``; ``durable`` is ``STT_DURABLE=1``, ``durable-memory`` that
+  with ``STT_DURABLE_STORAGE=memory``; a SIGKILL then must lose nothing): nats-server's and the replicas' CPU per chunk sent (from their start to the last
+  ``end``), end of speech -> final p50/p95 (finals of utterances that ended more than 5 s away
+  from the SIGKILL and the SIGTERM), and the failover time: SIGKILL ->
+  partitions claimed (the last), and -> the first message another replica published for each
+  session the killed one served (median / max).
 """
 
 from __future__ import annotations
@@ -49,7 +57,13 @@ import msgpack
 import nats
 import numpy as np
 
-from stt.cluster.membership import REPLICA_HEADER, heartbeats, poll_until, wait_balanced
+from stt.cluster.membership import (
+    REPLICA_HEADER,
+    heartbeats,
+    partition_of,
+    poll_until,
+    wait_balanced,
+)
 from stt.config import Settings
 from stt.core.audio import SAMPLE_RATE, load_16k_mono, to_pcm16
 from stt.core.textnorm import normalize, word_errors
@@ -58,7 +72,7 @@ from stt.engines import create_engine
 from stt.transport.nats_server import REPLICAS_PARTITIONS, NatsServer
 from stt.wire import protocol
 
-from .common import header
+from .common import cpu_s, header, percentile
 from .replicas import CHUNK_S, LAPSED, MID_HANDOVER, PHRASES, SAMPLE, Replica
 
 SAMPLE_TEXT = SAMPLE.with_suffix(".txt")  # the sample's sentences, one a line (PHRASES)
@@ -111,7 +125,7 @@ def matched_per_utterance(refs: list[list[str]], hyp: list[str]) -> list[float]:
 
 
 async def one_run(args: argparse.Namespace, run: int, engine: Any, speech: np.ndarray,
-                  tmp: Path) -> dict[str, Any]:
+                  tmp: Path, mode: str = "core") -> dict[str, Any]:
     sessions = [Session(f"h{run}s{i}-{os.urandom(2).hex()}",
                         [(i + k) % len(PHRASES) for k in range(3)]) for i in range(args.sessions)]
     for s in sessions:
@@ -120,9 +134,15 @@ async def one_run(args: argparse.Namespace, run: int, engine: Any, speech: np.nd
     step = int(CHUNK_S * SAMPLE_RATE)
     with NatsServer.for_replicas() as server:
         nc = await nats.connect(server.url)
-        replicas = [Replica(server.url, tmp / f"run{run}-r{i}.log", args.engine,
-                            STT_PARTIAL_INTERVAL=str(Settings.from_env({}).partial_interval_s))
+        replicas = [Replica(server.url, tmp / f"{mode}-run{run}-r{i}.log", args.engine,
+                            STT_PARTIAL_INTERVAL=str(Settings.from_env({}).partial_interval_s),
+                            STT_DURABLE="0" if mode == "core" else "1",
+                            STT_DURABLE_STORAGE="memory" if mode == "durable-memory" else "file",
+                            # k8s/nats/nats-server.conf keeps 256 MB of memory for all streams
+                            STT_DURABLE_MAX_BYTES=str(64 << 20))
                     for i in range(3)]
+        cpu0: dict[int, float] = {}  # pid -> CPU seconds when the sessions started
+        cpu_end: dict[int, float] = {}
         try:
             hbs = await wait_balanced(nc, 3, REPLICAS_PARTITIONS, timeout_s=120)
             for r in replicas:
@@ -137,6 +157,8 @@ async def one_run(args: argparse.Namespace, run: int, engine: Any, speech: np.nd
 
             await nc.subscribe("ai.voice.transcription.*", cb=on_out)
             await nc.flush()
+            procs = [server.proc.pid if server.proc else 0, *(r.proc.pid for r in replicas)]
+            cpu0 = {pid: cpu_s(pid) for pid in procs}
             for s in sessions:
                 await nc.publish(f"ai.voice.stream.{s.sid}", protocol.pack(
                     {"type": "start", "sample_rate": SAMPLE_RATE}))
@@ -172,29 +194,67 @@ async def one_run(args: argparse.Namespace, run: int, engine: Any, speech: np.nd
             t0 = time.monotonic()
             await asyncio.sleep(args.kill_at_s)
             hbs = await heartbeats(nc)
-            victim = max(replicas, key=lambda r: len(hbs[r.id].partitions) if r.id in hbs else 0)
+            wanted = [partition_of(s.sid, REPLICAS_PARTITIONS) for s in sessions]
+            # the replica serving most of the sessions (then: most partitions), so a crash
+            # has utterances in flight to lose
+            victim = max(replicas, key=lambda r: (sum(p in hbs[r.id].partitions for p in wanted),
+                                                  len(hbs[r.id].partitions)) if r.id in hbs
+                         else (-1, 0))
+            cpu_end[victim.proc.pid] = cpu_s(victim.proc.pid)
             victim.proc.kill()
             victim.proc.wait()
             kill_at, kill_wall = time.monotonic() - t0, time.time()
-            await asyncio.sleep(args.term_after_s)
+            # failover: until the live replicas' heartbeats hold every partition again
+            claimed_at = None
+            while claimed_at is None and time.monotonic() - t0 - kill_at < args.term_after_s:
+                held = {p for r, hb in (await heartbeats(nc)).items() if r != victim.id
+                        for p in hb.partitions}
+                if len(held) == REPLICAS_PARTITIONS:
+                    claimed_at = time.monotonic() - t0 - kill_at
+                else:
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(max(0.0, t0 + kill_at + args.term_after_s - time.monotonic()))
             hbs = await heartbeats(nc)
             spread_2 = [len(hb.partitions) for r, hb in hbs.items() if r != victim.id]
             rest = [r for r in replicas if r is not victim]
             claims = [t for r in rest for t in
                       r.claims(kill_wall, 20, messages=(LAPSED, MID_HANDOVER)).values()]
             stopped = max(rest, key=lambda r: len(hbs[r.id].partitions) if r.id in hbs else 0)
+            cpu_end[stopped.proc.pid] = cpu_s(stopped.proc.pid)  # (its drain is not counted)
             stopped.proc.send_signal(signal.SIGTERM)
             term_at = time.monotonic() - t0
             term_rc = await asyncio.to_thread(stopped.proc.wait, 60)
             await pumping
             await poll_until(lambda: all(any(m.get("type") == "end" for _, m, _ in s.out)
                                          for s in sessions), 60)
+            cpu_end.update({pid: cpu_s(pid) for pid in procs if pid not in cpu_end})
         finally:
             for r in replicas:
                 r.stop()
             await nc.close()
 
-    claimed_s = max(claims, default=5.0)
+    claimed_s = max(claims, default=5.0)  # (when the check counts an utterance lost at the kill)
+    server_pid = procs[0]
+    chunks = sum(len(s.audio) // step + 1 for s in sessions)
+    server_cpu = cpu_end.get(server_pid, 0.0) - cpu0.get(server_pid, 0.0)
+    worker_cpu = sum(cpu_end.get(pid, 0.0) - cpu0.get(pid, 0.0) for pid in procs[1:])
+    latencies, failover = [], []
+    for s in sessions:
+        ends = [s.started + b for _, b in s.spans]
+        for at, m, _ in s.out:
+            if not (m.get("type") == "transcript" and m.get("is_final") and m["transcript"]):
+                continue
+            before = [e for e in ends if e <= at]
+            if not before:
+                continue
+            end = max(before) - t0  # the speech end this final follows, in seconds of the run
+            if all(abs(end - x) > 5 for x in (kill_at, term_at)):
+                latencies.append(at - max(before))
+        killed = {r for _, _, r in s.out if r == victim.id}
+        after = [at - t0 - kill_at for at, _, r in s.out
+                 if r is not None and r != victim.id and at - t0 > kill_at]
+        if killed and after:
+            failover.append(min(after))
     print(f"run {run}: partitions per replica {sorted(spread_3)} (3 replicas), "
           f"{sorted(spread_2)} after the SIGKILL at {kill_at:.1f} s (claimed "
           f"{min(claims, default=float('nan')):.1f}-{claimed_s:.1f} s after); SIGTERM at "
@@ -250,7 +310,10 @@ async def one_run(args: argparse.Namespace, run: int, engine: Any, speech: np.nd
     totals["term_rc"] = term_rc
     totals["spread_3"] = max(spread_3) / max(1, min(spread_3))
     totals["spread_2"] = max(spread_2, default=0) / max(1, min(spread_2, default=1))
-    return dict(totals)
+    return {**totals, "server_us_per_chunk": 1e6 * server_cpu / max(1, chunks),
+            "worker_us_per_chunk": 1e6 * worker_cpu / max(1, chunks),
+            "latencies": latencies, "failover": failover,
+            "claimed_s": claimed_at if claimed_at is not None else float("nan")}
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -259,10 +322,14 @@ async def main_async(args: argparse.Namespace) -> int:
     await engine.start()
     tmp = Path(tempfile.mkdtemp(prefix="stt-handover-"))
     failed = 0
-    for run in range(1, args.runs + 1):
-        t = await one_run(args, run, engine, speech, tmp)
+    costs: dict[str, list[dict[str, Any]]] = {}
+    for run, mode in itertools.product(range(1, args.runs + 1), args.modes.split(",")):
+        print(f"--- {mode}, run {run}", flush=True)
+        t = await one_run(args, run, engine, speech, tmp, mode)
+        costs.setdefault(mode, []).append(t)
+        may_lose = 2 if mode == "core" else 0
         ok = (t.get("lost_term", 0) == 0 and t.get("lost_elsewhere", 0) == 0
-              and t.get("lost_kill", 0) <= 2 and t.get("repeated", 0) == 0
+              and t.get("lost_kill", 0) <= may_lose and t.get("repeated", 0) == 0
               and t["worst_wer"] <= 0.03 and not t.get("ends_missing") and not t.get("ends_extra")
               and not t.get("sequence_duplicates") and not t.get("sequence_backwards")
               and t["term_rc"] == 0 and t["spread_3"] <= 1.5 and t["spread_2"] <= 1.5)
@@ -278,9 +345,26 @@ async def main_async(args: argparse.Namespace) -> int:
               f"{t.get('sequence_duplicates', 0)}, backwards {t.get('sequence_backwards', 0)}; "
               f"partition spread {t['spread_3']:.2f} / {t['spread_2']:.2f}; SIGTERM exit "
               f"{t['term_rc']}", flush=True)
+        print_costs({mode: [t]})
+    print("\nwhat each mode costs, all runs")
+    print_costs(costs)
     await engine.close()
     print(f"logs in {tmp}")
     return 1 if failed else 0
+
+
+def print_costs(costs: dict[str, list[dict[str, Any]]]) -> None:
+    """Per chunk sent: nats-server CPU, the replicas' CPU (with Whisper); end of speech ->
+    final; SIGKILL -> partitions claimed, -> the killed replica's sessions heard from elsewhere."""
+    for mode, runs in costs.items():
+        lat = [x for t in runs for x in t["latencies"]]
+        fo = [x for t in runs for x in t["failover"]]
+        print(f"  {mode:14} server {np.mean([t['server_us_per_chunk'] for t in runs]):6.1f} us/chunk"
+              f", replicas {np.mean([t['worker_us_per_chunk'] for t in runs]):7.0f} us/chunk; "
+              f"final p50 {percentile(lat, 50) or 0:.2f} s, p95 {percentile(lat, 95) or 0:.2f} s "
+              f"({len(lat)} finals); claimed {max(t['claimed_s'] for t in runs):.1f} s, first "
+              f"word elsewhere median {percentile(fo, 50) or 0:.1f} s, max {max(fo, default=0):.1f}"
+              f" s ({len(fo)} sessions)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--sessions", type=int, default=6)
     parser.add_argument("--seq", action="store_true", help="chunks carry the seq extension")
+    parser.add_argument("--modes", default="core",
+                        help="comma-separated: core (STT_DURABLE=0), durable (STT_DURABLE=1), "
+                             "durable-memory (and STT_DURABLE_STORAGE=memory); each run plays "
+                             "every mode in turn")
     parser.add_argument("--gap-s", type=float, default=2.0)
     parser.add_argument("--kill-at-s", type=float, default=9.0)
     parser.add_argument("--term-after-s", type=float, default=10.0)

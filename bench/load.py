@@ -78,6 +78,7 @@ from .common import (
     Clip,
     CorpusUnavailable,
     code_revision,
+    cpu_s,
     header,
     load_corpus,
     machine,
@@ -510,14 +511,6 @@ def _system_busy_s() -> float:
     return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq"))
 
 
-def _cpu_s(pid: int) -> float:
-    try:
-        t = psutil.Process(pid).cpu_times()
-        return t.user + t.system
-    except psutil.Error:
-        return 0.0
-
-
 def _stop_process(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
     """SIGTERM, then SIGKILL; the worker runs in its own process group (it owns engine processes)."""
     if proc.poll() is None:
@@ -584,17 +577,17 @@ def run_once(cfg: RunConfig, server: NatsServer, clips: list[Clip]) -> dict[str,
             window_end = t0 + STAGGER_S + cfg.duration_s + cfg.chunk_ms / 1000
             _sleep_sampling(sampler, t0)
             cpu0 = sampler.cpu()
-            nats0 = _cpu_s(server.proc.pid) if server.proc else 0.0
-            gen0 = sum(_cpu_s(p.pid) for p, _ in gens if p.pid)
+            nats0 = cpu_s(server.proc.pid) if server.proc else 0.0
+            gen0 = sum(cpu_s(p.pid) for p, _ in gens if p.pid)
             sys0 = _system_busy_s()
-            me0 = _cpu_s(os.getpid())
+            me0 = cpu_s(os.getpid())
             _sleep_sampling(sampler, window_end)
             window_s = time.monotonic() - t0
             cpu1 = sampler.cpu()
-            nats_cpu = (_cpu_s(server.proc.pid) if server.proc else 0.0) - nats0
-            gen_cpu = sum(_cpu_s(p.pid) for p, _ in gens if p.pid) - gen0
+            nats_cpu = (cpu_s(server.proc.pid) if server.proc else 0.0) - nats0
+            gen_cpu = sum(cpu_s(p.pid) for p, _ in gens if p.pid) - gen0
             others = _system_busy_s() - sys0 - (cpu1[1] - cpu0[1]) - nats_cpu - gen_cpu \
-                - (_cpu_s(os.getpid()) - me0)
+                - (cpu_s(os.getpid()) - me0)
             results: list[GenResult] = []
             deadline = time.monotonic() + cfg.end_timeout_s + 60
             for p, c in gens:

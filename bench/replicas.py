@@ -52,8 +52,7 @@ from stt.core.audio import load_16k_mono, to_pcm16
 from stt.transport.nats_server import REPLICAS_PARTITIONS, NatsServer
 from stt.wire import protocol
 
-from .common import ROOT, header, percentile
-from .load import _cpu_s
+from .common import ROOT, cpu_s, header, percentile
 
 INSTANT = "bench.null_engine:InstantEngine"
 SAMPLE = ROOT / "stt" / "data" / "sample.flac"
@@ -124,9 +123,9 @@ async def mapping(messages: int) -> None:
         kinds = ("plain", "mapped", "jetstream")
         for i in range(len(kinds) * messages):
             kind = kinds[i % len(kinds)]
-            before = _cpu_s(server_pid)
+            before = cpu_s(server_pid)
             await one(kind)
-            server_cpu[kind] += _cpu_s(server_pid) - before
+            server_cpu[kind] += cpu_s(server_pid) - before
         await nc.close()
     for kind in kinds:
         print(f"{kind:>9}: one-way {spread(got[kind], 'µs', 1e6)}; nats-server CPU "

@@ -247,6 +247,24 @@ class Settings:
                                      "be between utterances; one still speaking then is handed "
                                      "when that utterance ends.")
 
+    durable: bool = setting(False, "STT_DURABLE",
+                            "With STT_PARTITIONS: the session audio rides a JetStream stream "
+                            "(PREFIX-audio from STT_CLUSTER_BUCKET), acknowledged once the words "
+                            "it holds are published, so a replica killed mid-utterance loses no "
+                            "words: the next owner replays what was not acknowledged. Costs "
+                            "server CPU and disk (docs/operations.md, durable mode).")
+    durable_max_age_s: float = setting(60.0, "STT_DURABLE_MAX_AGE_S",
+                                       "Audio older than this leaves the durable stream "
+                                       "(STT_DURABLE), acknowledged or not.")
+    durable_max_bytes: int = setting(256 << 20, "STT_DURABLE_MAX_BYTES",
+                                     "Size limit of the durable stream (STT_DURABLE); the oldest "
+                                     "audio goes first. A live session stores about 45 kB/s of "
+                                     "seed chunks: size it for sessions x 45 kB x max age.")
+    durable_storage: str = setting("file", "STT_DURABLE_STORAGE",
+                                   "Where the server keeps the durable stream: file (survives a "
+                                   "server restart) or memory (less server CPU).",
+                                   choices=("file", "memory"))
+
     # --- segmentation -------------------------------------------------------------------
     buffer_size_bytes: int = setting(480_000, "STT_BUFFER_SIZE_BYTES",
                                      "Longest segment before it is cut (at a quiet point) and "
@@ -490,6 +508,11 @@ class Settings:
              "must be empty with STT_PARTITIONS: partitions already give each session one worker")
         need(0.5 <= self.lease_ttl_s <= 60, "lease_ttl_s", "must be between 0.5 and 60 s")
         need(0 <= self.handover_wait_s <= 60, "handover_wait_s", "must be between 0 and 60 s")
+        need(not (self.durable and not self.partitions), "durable",
+             "needs STT_PARTITIONS: the stream's consumers are the partitions")
+        need(10 <= self.durable_max_age_s <= 86_400, "durable_max_age_s",
+             "must be between 10 s and a day")
+        need(self.durable_max_bytes >= 1 << 20, "durable_max_bytes", "must be at least 1 MiB")
         need(_token_ok(self.cluster_bucket), "cluster_bucket",
              "letters, digits, '-' and '_' only")
         need(all(_token_ok(t) for t in self.partition_subject.split(".")), "partition_subject",

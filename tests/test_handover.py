@@ -3,7 +3,7 @@
 Two in-process workers share one partition subject on a real nats-server, and the test plays
 stt.cluster.membership's part by hand, step by step, so every interleaving is deterministic: the taker
 subscribes and holds, the giver keeps serving (it consumes chunks the taker also holds), hands
-over, the taker adopts. The engine reads words the test can count: each "word" is a 0.3 s
+over, the taker adopts. The engine reads words the test can count (bench.tone): each "word" is a 0.3 s
 harmonic tone whose pitch names it (``w{k}``), so a repeated or dropped word shows in the
 finals' text exactly. Chunks come as the seed sends them (``audio_b64`` and a capture
 ``timestamp``, no ``seq``) and, separately, with the ``seq`` extension.
@@ -26,12 +26,12 @@ import pytest
 from conftest import SAMPLE, eventually, make_settings
 
 from bench.replicas import PHRASES
+from bench.tone import ToneEngine, read_words, silence, utter, word
 from stt.core.audio import load_16k_mono
 from stt.core.session import Session
-from stt.core.transcription import TranscribeOptions, Transcription
+from stt.core.transcription import Transcription
 from stt.core.vad import FRAME_S
 from stt.engines import create_engine
-from stt.engines.base import Engine
 from stt.transport.nats_server import NatsServer
 from stt.transport.worker import Worker
 from stt.wire import protocol
@@ -42,54 +42,6 @@ pytestmark = pytest.mark.timeout(120)
 SR = 16000
 P = 7  # the partition both workers serve
 CHUNK_S = 0.04
-
-
-def word(k: int, dur: float = 0.3) -> np.ndarray:
-    """A voiced, pitched 'word': harmonics of 110 + 20k Hz."""
-    t = np.arange(int(dur * SR)) / SR
-    f0 = 110 + 20 * k
-    sig = sum((1 / h) * np.sin(2 * np.pi * f0 * h * t) for h in range(1, 12))
-    env = np.minimum(1, np.minimum(t / 0.02, (dur - t) / 0.02))
-    return np.asarray(0.25 * sig * env / np.max(np.abs(sig)), np.float32)
-
-
-def utter(*ks: int) -> np.ndarray:
-    parts: list[np.ndarray] = []
-    for k in ks:
-        parts += [word(k), silence(0.12)]
-    return np.concatenate(parts)
-
-
-def silence(seconds: float) -> np.ndarray:
-    return np.zeros(int(seconds * SR), np.float32)
-
-
-def read_words(audio: np.ndarray) -> str:
-    """The engine's side: each run of 10 ms frames above -34 dBFS lasting 120 ms is one word,
-    named by its strongest frequency between 90 and 500 Hz (the fundamental)."""
-    fr = SR // 100
-    n = len(audio) // fr
-    loud = [float(np.sqrt(np.mean(audio[i * fr:(i + 1) * fr] ** 2))) > 0.02 for i in range(n)]
-    words, i = [], 0
-    while i < n:
-        j = i
-        while j < n and loud[j]:
-            j += 1
-        if j - i >= 12:
-            seg = audio[i * fr:j * fr]
-            spec = np.abs(np.fft.rfft(seg * np.hanning(len(seg)), 16 * len(seg)))
-            freqs = np.fft.rfftfreq(16 * len(seg), 1 / SR)
-            band = (freqs > 90) & (freqs < 500)
-            words.append(f"w{round((freqs[band][np.argmax(spec[band])] - 110) / 20)}")
-        i = max(j, i + 1)
-    return " ".join(words)
-
-
-class ToneEngine(Engine):
-    name = "tone"
-
-    async def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> Transcription:
-        return Transcription(text=read_words(audio), language="en", duration_s=audio.size / SR)
 
 
 def test_the_tone_words_read_back() -> None:

@@ -652,6 +652,8 @@ class Cluster:
             now = time.time()
             for sid, snap in snaps.items():  # as above, on the timeline as it ran on meanwhile
                 ran = int(max(0.0, now - written.get(sid, now)) / FRAME_S)
+                if self.settings.durable and snap.replay_from is not None:
+                    ran = 0  # the stream replays the audio from there
                 self.save(p, sid, replace(reserved(snap), frames=snap.frames + ran))
             await self._flush_saves()
         self.host.adopt_partition(p, snaps, written)

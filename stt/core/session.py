@@ -206,6 +206,26 @@ class Session:
         before the session closes here."""
         return self._utt is None and self._segmenter.state is VoiceState.QUIET
 
+    @property
+    def position(self) -> tuple[int, int | None]:
+        """Where the session's input stands: its timeline in frames and the last chunk ``seq``
+        used (what a replay of its later messages starts from)."""
+        return self._segmenter.frames, self._last_seq
+
+    @property
+    def settled_frames(self) -> int:
+        """Frames of the timeline whose words are published or that hold none: audio before
+        this is never needed again. The open utterance, every final not yet published and,
+        between utterances, the pre-roll the next one would start with lie after it."""
+        seg = self._segmenter
+        settled = seg.frames - self.params.segmenter.preroll_frames
+        if self._utt is not None:
+            settled = min(settled, self._utt.segment.first_frame)
+        for job in (*self._jobs.in_flight, *self._jobs.queue):  # a partial's utterance is open
+            if job.is_final:
+                settled = min(settled, round(job.segment_start_s / FRAME_S))
+        return max(0, settled)
+
     def hand_over(self, now: float) -> list[Action]:
         """Another replica carries the session on: finish the utterance in progress (its
         final is published here), then close without an ``end``."""

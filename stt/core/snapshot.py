@@ -32,6 +32,12 @@ class SessionSnapshot:
     exact: bool = False
     last_message: str | None = None  # digest of the last input message handled (exact only)
     context: str = ""      # the last final's text, the next final's decoding context
+    # durable mode (STT_DURABLE): the audio stream's sequence of the first message this state
+    # has not taken in (``frames`` and ``last_seq`` are the session's just before it); a
+    # replica resuming the session replays the stream from there and skips what lies before
+    replay_from: int | None = None
+    ended: bool = False    # durable mode: the session ended; its messages before replay_from are
+                           # not replayed (kept until the stream is acknowledged past them)
 
     def to_dict(self, session_id: str, wall: float) -> dict[str, Any]:
         """The JSON-able form, with the session's id and when it was written (epoch s)."""
@@ -43,7 +49,7 @@ class SessionSnapshot:
                 "next_sequence": self.next_sequence, "next_segment_id": self.next_segment_id,
                 "last_seq": self.last_seq, "frames": self.frames, "finals": self.finals,
                 "exact": self.exact, "last_message": self.last_message, "context": self.context,
-                "written_at": wall}
+                "replay_from": self.replay_from, "ended": self.ended, "written_at": wall}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> tuple[str, SessionSnapshot, float]:
@@ -54,11 +60,13 @@ class SessionSnapshot:
                       speaker_id=d.get("speaker_id"), language=d.get("language"),
                       prompt=d.get("prompt"), word_timestamps=bool(d.get("word_timestamps")),
                       endpointing=d.get("endpointing") or None)
-        last = d.get("last_seq")
+        last, replay = d.get("last_seq"), d.get("replay_from")
         snap = cls(start=start, next_sequence=int(d["next_sequence"]),
                    next_segment_id=int(d["next_segment_id"]),
                    last_seq=None if last is None else int(last), frames=int(d["frames"]),
                    finals=int(d["finals"]), exact=bool(d.get("exact")),
                    last_message=d.get("last_message") or None,
-                   context=str(d.get("context") or ""))
+                   context=str(d.get("context") or ""),
+                   replay_from=None if replay is None else int(replay),
+                   ended=bool(d.get("ended")))
         return str(d["session_id"]), snap, float(d.get("written_at") or 0.0)

@@ -70,6 +70,12 @@ def _one(value: float) -> list[Sample]:
     return [({}, float(value))]
 
 
+def _durable(t: Status, key: str) -> list[Sample]:
+    """A durable-mode counter; none without STT_DURABLE."""
+    durable = (t.cluster or {}).get("durable")
+    return _one(durable[key]) if durable else []
+
+
 def _by(label: str, values: Mapping[str, int] | Mapping[str, float]) -> list[Sample]:
     return [({label: key}, float(n)) for key, n in sorted(values.items())]
 
@@ -153,6 +159,14 @@ def _table() -> tuple[Metric, ...]:
                "Partitions handed to another replica, by reason: partitions (over the fair "
                "share), sessions (load), leaving (SIGTERM).",
                lambda t: _by("reason", (t.cluster or {}).get("moves", {}))),
+        Metric("durable.acks", "counter", "{ack}",
+               "Acknowledgements sent to the durable audio stream (STT_DURABLE), each up to "
+               "the oldest audio a session still needs.",
+               lambda t: _durable(t, "acks")),
+        Metric("durable.replay_skipped", "counter", "{message}",
+               "Messages a replay from the stream's ack floor skipped because the resumed "
+               "session had taken them in before (STT_DURABLE).",
+               lambda t: _durable(t, "replay_skipped")),
         Metric("ready", "gauge", "", "1 when connected, loaded and not draining (/readyz).",
                lambda t: _one(t.ready)),
         Metric("draining", "gauge", "", "1 while shutting down.",

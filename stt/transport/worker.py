@@ -56,6 +56,7 @@ from stt.engines.base import Engine
 from stt.ops.status import CHUNK_RESULTS, Status, not_ready_reasons, package_version
 from stt.ops.telemetry import CANCELLED, Telemetry
 from stt.transport import connection
+from stt.transport.durable import ACK, AudioLog
 from stt.transport.scheduler import Scheduler
 from stt.wire import protocol
 from stt.wire.protocol import EndReason, ErrorCode, ProtocolError
@@ -151,6 +152,12 @@ def _handled_there(held: list[tuple[str, bytes, dict[str, str] | None]],
     return skip
 
 
+def _settled(session: Session) -> tuple[int, int]:
+    """Durable mode: the frame before which the session's audio is never needed again, and its
+    timeline now."""
+    return session.settled_frames, session.position[0]
+
+
 def _starts(data: bytes) -> bool:
     """Whether a raw input message is a ``start``."""
     try:
@@ -208,6 +215,9 @@ class Worker:
         self._given: dict[int, dict[str, Session]] = {}  # partition -> its sessions handed so far
         self._last_in: dict[str, bytes] = {}  # session -> payload of the last message it handled
         self._last_refresh = 0.0
+        # STT_DURABLE: the partitions' audio from a JetStream stream, acknowledged once final
+        self.audio_log = AudioLog(settings, self._on_log_msg) if settings.durable else None
+        self._ended: dict[int, dict[str, int]] = {}  # partition -> ended session -> its last message
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -237,6 +247,8 @@ class Worker:
         self._spawn(self._publisher())
         self._spawn(self._ticker())
         if self.settings.partitions:  # the cluster subscribes to the partitions it takes
+            if self.audio_log is not None:
+                await self.audio_log.start(self.nc)
             self.cluster = Cluster(self.settings, self)
             await self.cluster.start(self.nc)
         else:
@@ -303,6 +315,8 @@ class Worker:
             except TimeoutError:
                 log.warning("drain timeout: sessions still waiting for the engine",
                             extra={"sessions": len(self.sessions)})
+        if self.audio_log is not None:  # what the sessions' last finals settled
+            self._acknowledge()
         try:  # every message handed to the NATS client before it drains
             await asyncio.wait_for(self._outbox.join(), 5)
         except TimeoutError:
@@ -381,6 +395,31 @@ class Worker:
             await self._on_msg(msg, partition)
         elif len(held) < HELD_LIMIT:  # being taken over: handled once the sessions are resumed
             held.append((msg.subject, msg.data, msg.headers))
+
+    async def _on_log_msg(self, partition: int, msg: Msg) -> None:
+        """A partition message from the durable stream (STT_DURABLE)."""
+        log_ = self.audio_log
+        assert log_ is not None
+        sid = msg.subject.rsplit(".", 1)[-1]
+        given = self._given.get(partition)
+        if given and sid in given:
+            return  # handed over already: the taker replays it from the stream
+        try:
+            seq = msg.metadata.sequence.stream
+        except Exception:  # not a JetStream delivery: nothing to acknowledge or replay by
+            log.warning("message without stream metadata on the durable consumer",
+                        extra={"subject": msg.subject})
+            return
+        if not log_.admit(partition, sid, seq, msg.reply):
+            session = self.sessions.get(sid)
+            if session is not None:
+                session.counters.chunks_duplicate += 1
+            return
+        session = self.sessions.get(sid)
+        before = session.position if session is not None else (0, None)
+        await self._on_msg(msg, partition)
+        session = self.sessions.get(sid)
+        log_.took(partition, sid, seq, before, None if session is None else session.position)
 
     def handle(self, subject: str, data: bytes, headers: dict[str, str] | None = None,
                partition: int | None = None) -> None:
@@ -508,9 +547,22 @@ class Worker:
                 and now.next_sequence < saved.next_sequence - SEQUENCE_AHEAD // 2
                 and now.next_segment_id < saved.next_segment_id - SEGMENTS_AHEAD // 2):
             return
-        ahead = session.snapshot(sequence_ahead=SEQUENCE_AHEAD, segments_ahead=SEGMENTS_AHEAD)
+        ahead = self._replayable(
+            session, session.snapshot(sequence_ahead=SEQUENCE_AHEAD, segments_ahead=SEGMENTS_AHEAD))
         self._saved[session.session_id] = ahead
         self.cluster.save(p, session.session_id, ahead)
+
+    def _replayable(self, session: Session, snap: SessionSnapshot,
+                    exact: bool = False) -> SessionSnapshot:
+        """In durable mode, the snapshot as of the first stream message a replay gives the
+        session again: its timeline and last ``seq`` then (``exact``: after its last message)."""
+        if self.audio_log is None:
+            return snap
+        mark = self.audio_log.replay_point(session.session_id, _settled(session), exact)
+        if mark is None:
+            return snap
+        return dataclasses.replace(snap, replay_from=mark.seq, frames=mark.frames,
+                                   last_seq=mark.last_seq)
 
     def _closed_in_cluster(self, session: Session, reason: EndReason) -> None:
         sid = session.session_id
@@ -518,25 +570,38 @@ class Worker:
         self._saved.pop(sid, None)
         if reason is EndReason.HANDOVER:
             self._handed[sid] = self._exact_snapshot(session)
-        else:
-            self._last_in.pop(sid, None)
-            if self.cluster is not None and p is not None:
-                self.cluster.forget(p, sid)
+            if self.audio_log is not None:
+                self.audio_log.forget(sid)
+            return
+        self._last_in.pop(sid, None)
+        if self.cluster is None or p is None:
+            return
+        after = self.audio_log.replay_point(sid, exact=True) if self.audio_log else None
+        if self.audio_log is None or after is None:
+            self.cluster.forget(p, sid)
+            return
+        # durable mode: a marker, so that a replay from an older floor does not take the
+        # session's messages for a new one; forgotten once the floor passes its last message
+        self._ended.setdefault(p, {})[sid] = after.seq - 1
+        self.cluster.save(p, sid, dataclasses.replace(
+            session.snapshot(exact=True), replay_from=after.seq, ended=True))
+        self.audio_log.forget(sid)
 
     def _exact_snapshot(self, session: Session, sequence_ahead: int = 0) -> SessionSnapshot:
         """The session as the next replica continues it after a handover: its numbers, and the
         digest of the last message it handled, so the taker skips what it holds up to there."""
         last = self._last_in.pop(session.session_id, None)
-        return dataclasses.replace(session.snapshot(exact=True, sequence_ahead=sequence_ahead),
-                                   last_message=None if last is None else message_digest(last))
+        snap = self._replayable(session, session.snapshot(exact=True, sequence_ahead=sequence_ahead),
+                                exact=True)
+        return dataclasses.replace(snap, last_message=None if last is None else message_digest(last))
 
     def _sessions_in(self, partition: int) -> list[Session]:
         return [s for sid, s in list(self.sessions.items())
                 if self._partition.get(sid) == partition]
 
     async def subscribe_partition(self, partition: int) -> None:
-        if partition in self._psubs or self.nc is None:
-            return
+        if partition in self._psubs or self.nc is None or self.audio_log is not None:
+            return  # durable: the stream keeps what arrives; consumed from adopt_partition on
         self._held[partition] = []
         self._psubs[partition] = await self.nc.subscribe(
             f"{self.settings.partition_subject}.{partition}.*",
@@ -544,6 +609,8 @@ class Worker:
         await self.nc.flush()  # the server has it: what is published from now on reaches us
 
     async def unsubscribe_partition(self, partition: int) -> None:
+        if self.audio_log is not None:
+            await self.audio_log.close(partition)
         sub = self._psubs.pop(partition, None)
         self._held.pop(partition, None)
         if sub is not None:
@@ -558,7 +625,7 @@ class Worker:
         PING; the client reads in order, then its callback moves each into the list."""
         sub = self._psubs.get(partition)
         if sub is None or self.nc is None:
-            return
+            return  # (durable mode: the stream has it all)
         with contextlib.suppress(Exception):  # NATS away: adopt with what arrived
             await self.nc.flush(timeout=5)
         await poll_until(lambda: not getattr(sub, "pending_msgs", 0), 5.0, step_s=0.005)
@@ -572,13 +639,22 @@ class Worker:
         a held message the giver handled itself (up to its last, by digest) is dropped."""
         now, wall = self.clock(), time.time()
         resumed: dict[str, str] = {}
+        skip: dict[str, int] = {}  # durable mode: session -> the first stream message it needs
         for sid, snap in snapshots.items():
             if sid in self.sessions:
                 continue
+            if self.audio_log is not None and snap.replay_from is not None:
+                skip[sid] = snap.replay_from
+            if snap.ended:  # its messages up to its end are not replayed
+                if snap.replay_from is not None:
+                    self._ended.setdefault(partition, {})[sid] = snap.replay_from - 1
+                continue
             frames = None  # after a crash: the timeline ran on in real time since it was written
-            if not snap.exact:
+            if not snap.exact and sid not in skip:  # (a replay gives it that audio again)
                 frames = snap.frames + int(max(0.0, wall - written_at.get(sid, wall)) / FRAME_S)
             session = Session.resume(sid, self.profile, now, snap, frames)
+            if self.audio_log is not None and snap.replay_from is not None:
+                self.audio_log.resumed(sid, snap.replay_from, snap.frames, snap.last_seq)
             self.sessions[sid] = session
             self._partition[sid] = partition
             self._saved[sid] = snap
@@ -589,6 +665,9 @@ class Worker:
                 "session_id": sid, "partition": partition, "handover": snap.exact,
                 "sample_rate": snap.start.sample_rate, "encoding": snap.start.encoding,
                 "state": snap.start.state.value})
+        if self.audio_log is not None:
+            self._spawn(self._consume(partition, skip))
+            return
         held = self._held.pop(partition, [])
         handled = _handled_there(held, resumed)
         for i, (subject, data, headers) in enumerate(held):
@@ -604,6 +683,19 @@ class Worker:
             except Exception:  # a bug must not take the partition down
                 log.exception("unexpected error handling a message", extra={"subject": subject})
 
+    async def _consume(self, partition: int, skip: dict[str, int]) -> None:
+        """Durable mode: read the partition from the stream, from its ack floor on (retried
+        while this replica holds the partition and NATS is away)."""
+        assert self.audio_log is not None
+        while self.cluster is not None and partition in self.cluster.owned:
+            try:
+                await self.audio_log.open(partition, skip)
+                return
+            except Exception as exc:
+                log.warning("durable consumer not opened, retrying: %s", exc,
+                            extra={"partition": partition})
+                await asyncio.sleep(1.0)
+
     async def give_partition(self, partition: int, wait_s: float) -> dict[str, SessionSnapshot]:
         """Hand the partition's sessions over, each as it reaches a pause between utterances
         (its final, if one is decoding, is published here first). One still speaking after
@@ -613,6 +705,8 @@ class Worker:
         session handed early is silent until the taker resumes the partition."""
         given: dict[str, Session] = {}
         self._given[partition] = given
+        if self.audio_log is not None:  # the taker replays from the floor as it stands now
+            self.audio_log.freeze(partition)
 
         def hand_over_the_quiet() -> bool:
             # one by one as each reaches a pause, so no utterance is cut even when the sessions
@@ -647,6 +741,10 @@ class Worker:
             else:
                 snaps[sid] = (self._handed.pop(sid) if sid in self._handed
                               else self._exact_snapshot(session))
+        for sid, last in self._ended.pop(partition, {}).items():  # durable: still replayable
+            snaps.setdefault(sid, SessionSnapshot(start=protocol.Start(), next_sequence=1,
+                                                  next_segment_id=1, last_seq=None, frames=0,
+                                                  finals=0, replay_from=last + 1, ended=True))
         return snaps
 
     def _longest_utterance_s(self) -> float:
@@ -658,12 +756,15 @@ class Worker:
 
     def drop_partition(self, partition: int) -> None:
         """The lease went to another replica: this one says nothing more for these sessions."""
+        self._ended.pop(partition, None)
         self._spawn(self.unsubscribe_partition(partition))
         for session in self._sessions_in(partition):
             self._forget_session(session)
 
     def _forget_session(self, session: Session) -> None:
         session.closed = True
+        if self.audio_log is not None:
+            self.audio_log.forget(session.session_id)
         self._last_in.pop(session.session_id, None)
         self.sessions.pop(session.session_id, None)
         self.scheduler.forget(session.session_id)
@@ -799,7 +900,10 @@ class Worker:
             while True:
                 try:
                     await self.nc.publish(subject, payload, headers=headers)
-                    self.stats.published += 1
+                    if payload is ACK and self.audio_log is not None:
+                        self.audio_log.acks += 1
+                    else:
+                        self.stats.published += 1
                     break
                 except nats.errors.OutboundBufferLimitError:
                     await asyncio.sleep(0.1)  # disconnected and the client buffer is full: wait
@@ -828,8 +932,27 @@ class Worker:
 
     def _input_backlog(self) -> bool:
         """Messages received and not handled yet (their sessions' audio did arrive)."""
-        return any(sub.pending_msgs for sub in [self._sub, *self._psubs.values()]
-                   if sub is not None)
+        return (any(sub.pending_msgs for sub in [self._sub, *self._psubs.values()]
+                    if sub is not None)
+                or (self.audio_log is not None and self.audio_log.pending_msgs() > 0))
+
+    def _acknowledge(self) -> None:
+        """Durable mode: acknowledge the stream up to what no session needs any more (queued
+        behind the finals that hold the audio before it), and forget the ended sessions'
+        markers the floor has passed."""
+        assert self.audio_log is not None
+
+        def settled(sid: str) -> tuple[int, int] | None:
+            session = self.sessions.get(sid)
+            return None if session is None or session.closed else _settled(session)
+
+        for p, (floor, reply) in self.audio_log.settle(settled).items():
+            self._outbox.put_nowait((reply, ACK, None))
+            ended = self._ended.get(p, {})
+            for sid in [sid for sid, last in ended.items() if last <= floor]:
+                del ended[sid]
+                if self.cluster is not None:
+                    self.cluster.forget(p, sid)
 
     async def _ticker(self) -> None:
         due = self.clock() + TICK_S
@@ -848,6 +971,8 @@ class Worker:
                     continue
             held_since = None
             self.tick(now)
+            if self.audio_log is not None:
+                self._acknowledge()
             if self.cluster is not None and now - self._last_refresh >= REFRESH_INTERVAL_S:
                 self._last_refresh = now
                 for session in list(self.sessions.values()):
@@ -901,7 +1026,9 @@ class Worker:
             turn_queries=dict(s.turn_queries), turn_seconds=s.turn_seconds,
             reconnects=s.reconnects, disconnects=s.disconnects, slow_consumers=s.slow_consumers,
             pending_inbound=self.pending_inbound, pending_outbound=self.pending_outbound,
-            cluster=self.cluster.status() if self.cluster is not None else None)
+            cluster=None if self.cluster is None else {
+                **self.cluster.status(),
+                **({"durable": self.audio_log.status()} if self.audio_log is not None else {})})
 
     def audio_received_s(self) -> float:
         return self.stats.audio_ended_s + sum(s.counters.audio_in_s
@@ -915,4 +1042,5 @@ class Worker:
     def pending_inbound(self) -> int:
         """Messages received from NATS and not yet handled (the event loop is behind)."""
         subs = [self._sub, *self._psubs.values()]
-        return sum(int(getattr(sub, "pending_msgs", 0) or 0) for sub in subs)
+        return (sum(int(getattr(sub, "pending_msgs", 0) or 0) for sub in subs)
+                + (self.audio_log.pending_msgs() if self.audio_log is not None else 0))
