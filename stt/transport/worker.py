@@ -43,6 +43,7 @@ from stt.cluster.membership import (
     SEQUENCE_AHEAD,
     Cluster,
     poll_until,
+    reserved,
 )
 from stt.config import Settings
 from stt.core.actions import Action, Cancel, Close, Job, Publish, ScoreTurn, Transcribe
@@ -745,6 +746,9 @@ class Worker:
             snaps.setdefault(sid, SessionSnapshot(start=protocol.Start(), next_sequence=1,
                                                   next_segment_id=1, last_seq=None, frames=0,
                                                   finals=0, replay_from=last + 1, ended=True))
+        if self.cluster is not None:  # kept too: should the taker die before it writes them, the
+            for sid, snap in snaps.items():  # replica that claims the partition starts from here
+                self.cluster.save(partition, sid, reserved(snap))
         return snaps
 
     def _longest_utterance_s(self) -> float:
