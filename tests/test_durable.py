@@ -17,7 +17,7 @@ import msgpack
 import nats
 import numpy as np
 import pytest
-from conftest import eventually
+from conftest import SAMPLE, eventually
 
 from bench.replicas import Replica
 from bench.tone import silence, utter
@@ -204,3 +204,93 @@ def test_a_session_settles_up_to_its_open_utterance_or_its_preroll() -> None:
     session.handle(Chunk(pcm[SR * 2:]), 2.0)  # the utterance, still open
     assert session.settled_frames < frames  # from its first frame (pre-roll included) on
     assert session.settled_frames >= frames - preroll - 1
+
+
+# --- real Whisper, real speech: SIGKILL mid-sentence ------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+async def test_real_whisper_sessions_on_a_sigkilled_replica_read_as_on_one_replica(
+        tmp_path: Any) -> None:
+    """Two replica processes with STT_DURABLE=1 and faster-whisper tiny.en on the shipped server
+    configuration; four sessions speak the sample's first four sentences with 2.5 s pauses in
+    the seed's chunks (no ``seq``), two on each replica. In the middle of the second sentence the
+    replica serving two of them is SIGKILLed: the other claims its partitions when the leases
+    lapse and replays their audio from the stream. Every session's finals equal the same
+    sentences on one worker, word for word (no tolerance: the replayed sentence is decoded from
+    the same audio with the same context, the previous final, kept in the snapshot; greedy
+    decoding on CPU repeats itself; silence endpointing, no partials, no speculative finals).
+    Without durable mode the killed replica's sessions lose that sentence."""
+    from test_handover import GAP_S, reference_finals
+
+    from bench.replicas import PHRASES
+    from stt.core.audio import load_16k_mono
+
+    speech = load_16k_mono(str(SAMPLE))
+    clips = [speech[int(a * SR):int(b * SR)] for a, b in PHRASES[:4]]
+    parts = [np.concatenate([silence(0.5), c, silence(GAP_S)]) for c in clips]
+    kill_s = (len(parts[0]) + SR * 0.5 + len(clips[1]) / 2) / SR  # mid-way through sentence 2
+    pcm = (np.clip(np.concatenate(parts), -1, 1) * 32767).astype("<i2").tobytes()
+    step = int(CHUNK_S * SR) * 2
+    env = {"STT_DURABLE": "1", "STT_ENDPOINTING": "silence", "STT_SPECULATIVE_MS": "0",
+           "STT_PARTIAL_INTERVAL": "0", "WHISPER_CPU_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    with NatsServer.for_replicas() as server:
+        expected = await reference_finals(server.url, clips)
+        nc = await nats.connect(server.url)
+        replicas = [Replica(server.url, tmp_path / f"r{i}.log", "faster-whisper", **env)
+                    for i in range(2)]
+        out: dict[str, list[dict[str, Any]]] = {}
+        try:
+            hbs = await wait_balanced(nc, 2, REPLICAS_PARTITIONS, 120)
+            for r in replicas:
+                r.learn_id()
+            victim, other = replicas
+            sids: list[str] = []
+            used: set[int] = set()
+            for r in (victim, other):  # two sessions in two partitions of each replica
+                i = 0
+                while len(sids) < 2 * (1 + (r is other)):
+                    sid, i = f"whisper{i}", i + 1
+                    p = partition_of(sid, REPLICAS_PARTITIONS)
+                    if p in hbs[r.id].partitions and p not in used:
+                        sids.append(sid)
+                        used.add(p)
+            out = {s: [] for s in sids}
+
+            async def on(msg: Any) -> None:
+                sid = msg.subject.rsplit(".", 1)[-1]
+                if sid in out:
+                    out[sid].append(msgpack.unpackb(msg.data))
+
+            await nc.subscribe("ai.voice.transcription.*", cb=on)
+            for sid in sids:
+                await nc.publish(f"ai.voice.stream.{sid}",
+                                 protocol.pack({"type": "start", "sample_rate": SR}))
+            t0, captured = time.monotonic(), time.time()
+            for tick, at in enumerate(range(0, len(pcm), step)):
+                await asyncio.sleep(max(0.0, t0 + tick * CHUNK_S - time.monotonic()))
+                body = protocol.pack({"type": "chunk", "timestamp": captured + tick * CHUNK_S,
+                                      "audio_b64": base64.b64encode(pcm[at:at + step]).decode()})
+                for sid in sids:
+                    await nc.publish(f"ai.voice.stream.{sid}", body)
+                if victim.proc.poll() is None and tick * CHUNK_S >= kill_s:
+                    victim.proc.kill()
+            for sid in sids:
+                await nc.publish(f"ai.voice.stream.{sid}", protocol.pack({"type": "end"}))
+            await eventually(lambda: all(any(m.get("type") == "end" for m in out[s])
+                                         for s in sids), 120)
+        finally:
+            for r in replicas:
+                r.stop()
+            await nc.close()
+    print("reference:", expected)
+    resumed = [r.get("session_id") for r in other.logs()
+               if r.get("msg") == "session resumed from another replica"]
+    assert sorted(resumed) == sorted(sids[:2]), resumed
+    for sid in sids:
+        finals = [m["transcript"] for m in out[sid] if m.get("type") == "transcript"
+                  and m.get("is_final") and m["transcript"]]
+        assert finals == expected, (sid, sid in resumed, finals)
+        sequences = [m["sequence"] for m in out[sid]]
+        assert sequences == sorted(set(sequences)), (sid, sequences)
+        assert [m["type"] for m in out[sid]].count("end") == 1 and out[sid][-1]["type"] == "end"
