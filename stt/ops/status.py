@@ -8,11 +8,16 @@ time, never per chunk) and nothing downstream can change it. Readiness is decide
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import metadata
 from typing import Any
 
-CHUNK_RESULTS = ("ok", "duplicate", "late", "dropped")
+from stt.core.session import Counters
+
+# the sessions' own tallies, declared once in Counters: what the worker sums over its sessions
+SESSION_TOTALS = tuple(f.name for f in fields(Counters) if f.type in ("int", int))
+CHUNK_RESULTS = tuple(name.removeprefix("chunks_") for name in SESSION_TOTALS
+                      if name.startswith("chunks_"))  # ok, duplicate, late, dropped
 
 
 def package_version() -> str:

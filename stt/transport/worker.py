@@ -54,7 +54,13 @@ from stt.core.snapshot import SessionSnapshot
 from stt.core.turn import TurnScorer
 from stt.core.vad import FRAME_S
 from stt.engines.base import Engine
-from stt.ops.status import CHUNK_RESULTS, Status, not_ready_reasons, package_version
+from stt.ops.status import (
+    CHUNK_RESULTS,
+    SESSION_TOTALS,
+    Status,
+    not_ready_reasons,
+    package_version,
+)
 from stt.ops.telemetry import CANCELLED, Telemetry
 from stt.transport import connection
 from stt.transport.durable import ACK, AudioLog
@@ -90,8 +96,6 @@ def _malloc_trim() -> Callable[[], object] | None:
     return lambda: trim(0)
 
 
-SESSION_TOTALS = ("chunks_ok", "chunks_duplicate", "chunks_late", "chunks_dropped", "finals",
-                  "partials", "interrupts")  # Session.Counters summed over sessions
 FIRST_RETRY_S, LAST_RETRY_S = 0.5, 4.0  # backoff between tries of a failed final
 OUTBOX_LIMIT = 200_000  # messages held while NATS is unreachable; oldest dropped beyond
 SUBSCRIPTION_LIMITS: dict[str, Any] = {"pending_msgs_limit": 1_000_000,
