@@ -10,8 +10,8 @@ replicas with ``STT_PARTITIONS=32`` and the worker defaults (faster-whisper tiny
 endpointing, partials). This process streams six live sessions at real time, each three of the
 sample's sentences with ``--gap-s`` (2 s) of silence after each, as the seed's front-ends send
 them: ``audio_b64`` and a capture ``timestamp``, no ``seq`` unless ``--seq``. ``--kill-at-s``
-(9 s) in, the replica serving most of the six sessions (then: holding most partitions) is
-SIGKILLed; ``--term-after-s`` (10 s) later,
+(9 s) in, the replica holding most partitions (``--victim sessions``: serving most of the six
+sessions) is SIGKILLed; ``--term-after-s`` (10 s) later,
 another is SIGTERMed; the last one serves everything to the end, when every session sends
 ``end``. Then each session's whole audio is decoded in this process with the same engine.
 
@@ -208,11 +208,17 @@ async def one_run(args: argparse.Namespace, run: int, engine: Any, speech: np.nd
             await asyncio.sleep(args.kill_at_s)
             hbs = await heartbeats(nc)
             wanted = [partition_of(s.sid, REPLICAS_PARTITIONS) for s in sessions]
-            # the replica serving most of the sessions (then: most partitions), so a crash
-            # has utterances in flight to lose
-            victim = max(replicas, key=lambda r: (sum(p in hbs[r.id].partitions for p in wanted),
-                                                  len(hbs[r.id].partitions)) if r.id in hbs
-                         else (-1, 0))
+            # the replica holding most partitions (issue 26's check), or with --victim sessions
+            # the one serving most of the sessions, so that a crash has utterances to lose
+
+            def rank(r: Replica) -> tuple[int, int]:
+                if r.id not in hbs:
+                    return (-1, 0)
+                held = hbs[r.id].partitions
+                serving = sum(p in held for p in wanted)
+                return (serving, len(held)) if args.victim == "sessions" else (len(held), serving)
+
+            victim = max(replicas, key=rank)
             cpu_end[victim.proc.pid] = cpu_s(victim.proc.pid)
             victim.proc.kill()
             victim.proc.wait()
@@ -398,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--sessions", type=int, default=6)
     parser.add_argument("--seq", action="store_true", help="chunks carry the seq extension")
+    parser.add_argument("--victim", choices=("partitions", "sessions"), default="partitions",
+                        help="the replica SIGKILLed: the one holding most partitions, or the one "
+                             "serving most of the sessions")
     parser.add_argument("--modes", default="core",
                         help="comma-separated: core (STT_DURABLE=0), durable (STT_DURABLE=1), "
                              "durable-memory (and STT_DURABLE_STORAGE=memory); each run plays "
