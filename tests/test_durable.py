@@ -187,6 +187,25 @@ async def test_a_replay_skips_what_the_resumed_session_took_in() -> None:
     assert log_.replayed == 2
 
 
+def test_a_replay_starts_in_the_state_the_session_had_there() -> None:
+    """A ``state_change`` after the replay point is replayed too, so the snapshot says the state
+    before it: the replayed audio is heard in the state it was spoken in."""
+    from stt.transport.durable import AudioLog, _Partition
+    from stt.wire.protocol import State
+
+    log_ = AudioLog(settings_durable(), on_message=lambda p, m: None)  # type: ignore[arg-type,return-value]
+    log_._parts[3] = _Partition()
+    listening, responding = State.LISTENING, State.RESPONDING
+    assert log_.admit(3, "a", 1, "r1")  # audio of an utterance still open
+    log_.took(3, "a", 1, (0, None, listening), (10, None, listening))
+    assert log_.admit(3, "a", 2, "r2")  # then the assistant starts speaking
+    log_.took(3, "a", 2, (10, None, listening), (10, None, responding))
+    mark = log_.replay_point("a", (5, 10))  # the utterance is still needed from frame 5 on
+    assert mark is not None and (mark.seq, mark.state) == (1, listening)
+    after = log_.replay_point("a", exact=True)
+    assert after is not None and (after.seq, after.state) == (3, responding)
+
+
 def test_a_session_settles_up_to_its_open_utterance_or_its_preroll() -> None:
     from conftest import make_settings
 
@@ -199,7 +218,7 @@ def test_a_session_settles_up_to_its_open_utterance_or_its_preroll() -> None:
     preroll = profile.params_for(None).segmenter.preroll_frames
     pcm = (np.concatenate([silence(1.0), utter(1, 2)]) * 32767).astype("<i2").tobytes()
     session.handle(Chunk(pcm[:SR * 2]), 1.0)  # the first second: silence
-    frames, _ = session.position
+    frames = session.position[0]
     assert session.settled_frames == frames - preroll
     session.handle(Chunk(pcm[SR * 2:]), 2.0)  # the utterance, still open
     assert session.settled_frames < frames  # from its first frame (pre-roll included) on

@@ -207,10 +207,10 @@ class Session:
         return self._utt is None and self._segmenter.state is VoiceState.QUIET
 
     @property
-    def position(self) -> tuple[int, int | None]:
-        """Where the session's input stands: its timeline in frames and the last chunk ``seq``
-        used (what a replay of its later messages starts from)."""
-        return self._segmenter.frames, self._last_seq
+    def position(self) -> tuple[int, int | None, State]:
+        """Where the session's input stands: its timeline in frames, the last chunk ``seq`` used
+        and its state (what a replay of its later messages starts from)."""
+        return self._segmenter.frames, self._last_seq, self._state
 
     @property
     def settled_frames(self) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from stt.cluster.membership import ClusterConfigError
 from stt.config import Settings
+from stt.wire.protocol import State
 
 log = logging.getLogger("stt.worker")
 
@@ -65,11 +67,13 @@ def stream_name(settings: Settings) -> str:
 @dataclass
 class _Mark:
     """A message a session took in: its stream sequence, and the session's input position
-    (timeline frames, last chunk ``seq``) before it."""
+    before it (timeline frames, last chunk ``seq``, state: a replay from here re-applies a
+    ``state_change`` that came later)."""
 
     seq: int
     frames: int
     last_seq: int | None
+    state: State | None = None
 
 
 @dataclass
@@ -200,7 +204,8 @@ class AudioLog:
         return True
 
     def took(self, partition: int, session_id: str, seq: int,
-             before: tuple[int, int | None], after: tuple[int, int | None] | None) -> None:
+             before: tuple[int, int | None, State | None],
+             after: tuple[int, int | None, State | None] | None) -> None:
         """The session took the message in (``before``/``after``: its position around it;
         ``after`` None when the message closed it)."""
         self._current = None
@@ -231,16 +236,17 @@ class AudioLog:
         after = self._after.get(session_id)
         if self._current is not None and self._current[0] == session_id:
             # asked while the session handles a message (its start, its end): from the next
-            frames, last_seq = (after.frames, after.last_seq) if after else (0, None)
-            return _Mark(self._current[1] + 1, frames, last_seq)
+            if after is None:
+                return _Mark(self._current[1] + 1, 0, None)
+            return dataclasses.replace(after, seq=self._current[1] + 1)
         return after
 
     def resumed(self, session_id: str, replay_from: int, frames: int,
-                last_seq: int | None) -> None:
+                last_seq: int | None, state: State) -> None:
         """A session resumed from a snapshot: until it takes a message in here, its replay
         point stays the snapshot's (handed on again, it skips what it had before)."""
         self._marks.pop(session_id, None)
-        self._after[session_id] = _Mark(replay_from, frames, last_seq)
+        self._after[session_id] = _Mark(replay_from, frames, last_seq, state)
 
     def forget(self, session_id: str) -> None:
         self._marks.pop(session_id, None)

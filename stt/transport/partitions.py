@@ -154,7 +154,7 @@ class PartitionSide:
                 session.counters.chunks_duplicate += 1
             return
         session = self.sessions.get(sid)
-        before = session.position if session is not None else (0, None)
+        before = session.position if session is not None else (0, None, None)
         await self._on_msg(msg, partition)
         session = self.sessions.get(sid)
         log_.took(partition, sid, seq, before, None if session is None else session.position)
@@ -188,8 +188,10 @@ class PartitionSide:
         mark = self.audio_log.replay_point(session.session_id, _settled(session), exact)
         if mark is None:
             return snap
+        start = snap.start if mark.state is None else dataclasses.replace(snap.start,
+                                                                          state=mark.state)
         return dataclasses.replace(snap, replay_from=mark.seq, frames=mark.frames,
-                                   last_seq=mark.last_seq)
+                                   last_seq=mark.last_seq, start=start)
 
     def _closed_in_cluster(self, session: Session, reason: EndReason) -> None:
         sid = session.session_id
@@ -281,7 +283,8 @@ class PartitionSide:
                 frames = snap.frames + int(max(0.0, wall - written_at.get(sid, wall)) / FRAME_S)
             session = Session.resume(sid, self.profile, now, snap, frames)
             if self.audio_log is not None and snap.replay_from is not None:
-                self.audio_log.resumed(sid, snap.replay_from, snap.frames, snap.last_seq)
+                self.audio_log.resumed(sid, snap.replay_from, snap.frames, snap.last_seq,
+                                       snap.start.state)
             self.sessions[sid] = session
             self._partition[sid] = partition
             self._saved[sid] = snap
