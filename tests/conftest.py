@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from stt.engines import create_engine
 from stt.engines.base import Engine
 from stt.transport.nats_server import NatsServer
 from stt.transport.worker import Worker
+from stt.wire import protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "stt" / "data" / "sample.flac"
@@ -79,6 +81,31 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[Any]:
     yield client
     with contextlib.suppress(Exception):
         await client.close()
+
+
+async def speak_live(nc: Any, pcm: Mapping[str, bytes],
+                     at_second: Callable[[float], Awaitable[None]] | None = None,
+                     chunk_s: float = 0.04) -> None:
+    """Sessions speaking as the seed's front-ends do: ``start`` (16 kHz), then each session's
+    16-bit PCM in ``chunk_s`` chunks at real time (``audio_b64`` and a capture ``timestamp``, no
+    ``seq``), every session each tick, then ``end``. ``at_second(t)`` runs after each tick's
+    chunks, ``t`` seconds in (kill a replica, start one)."""
+    for sid in pcm:
+        await nc.publish(f"ai.voice.stream.{sid}",
+                         protocol.pack({"type": "start", "sample_rate": 16000}))
+    step = int(chunk_s * 16000) * 2
+    t0, captured = time.monotonic(), time.time()
+    for tick, at in enumerate(range(0, max(map(len, pcm.values()), default=0), step)):
+        await asyncio.sleep(max(0.0, t0 + tick * chunk_s - time.monotonic()))
+        for sid, audio in pcm.items():
+            if at < len(audio):
+                await nc.publish(f"ai.voice.stream.{sid}", protocol.pack({
+                    "type": "chunk", "timestamp": captured + tick * chunk_s,
+                    "audio_b64": base64.b64encode(audio[at:at + step]).decode()}))
+        if at_second is not None:
+            await at_second(tick * chunk_s)
+    for sid in pcm:
+        await nc.publish(f"ai.voice.stream.{sid}", protocol.pack({"type": "end"}))
 
 
 async def eventually(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:

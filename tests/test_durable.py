@@ -8,22 +8,19 @@ sessions speak at real time in the seed's chunks (``audio_b64`` and ``timestamp`
 from __future__ import annotations
 
 import asyncio
-import base64
 import signal
-import time
 from typing import Any
 
 import msgpack
 import nats
 import numpy as np
 import pytest
-from conftest import SAMPLE, eventually
+from conftest import SAMPLE, eventually, speak_live
 
 from bench.replicas import Replica
 from bench.tone import silence, utter
 from stt.cluster.membership import heartbeats, partition_of, wait_balanced
 from stt.transport.nats_server import REPLICAS_PARTITIONS, NatsServer
-from stt.wire import protocol
 
 SR = 16000
 CHUNK_S = 0.04
@@ -70,7 +67,6 @@ async def test_sigkill_mid_utterance_then_sigterm_loses_and_repeats_no_word(tmp_
     for n, sid in enumerate(sids):
         audio[sid], expected[sid] = script(n)
     pcm = {sid: (np.clip(a, -1, 1) * 32767).astype("<i2").tobytes() for sid, a in audio.items()}
-    step = int(CHUNK_S * SR) * 2
     with NatsServer.for_replicas() as server:
         nc = await nats.connect(server.url)
         out: dict[str, list[dict[str, Any]]] = {s: [] for s in sids}
@@ -85,33 +81,23 @@ async def test_sigkill_mid_utterance_then_sigterm_loses_and_repeats_no_word(tmp_
         killed: Any = None
         stopped: Any = None
         term_rc: Any = None
+        waiting: Any = None
+
+        async def kill_then_stop(t: float) -> None:
+            nonlocal killed, stopped, waiting
+            if killed is None and t >= 7.0:  # mid-way through the third utterance
+                killed = await busiest(nc, replicas, sids)
+                killed.proc.kill()
+            elif killed is not None and stopped is None and t >= 16.0:  # in the sixth
+                stopped = await busiest(nc, [r for r in replicas if r is not killed], sids)
+                stopped.proc.send_signal(signal.SIGTERM)
+                waiting = asyncio.create_task(asyncio.to_thread(stopped.proc.wait, 60))
+
         try:
             await wait_balanced(nc, 3, REPLICAS_PARTITIONS, 120)
             for r in replicas:
                 r.learn_id()
-            for sid in sids:
-                await nc.publish(f"ai.voice.stream.{sid}",
-                                 protocol.pack({"type": "start", "sample_rate": SR}))
-            longest = max(len(p) for p in pcm.values())
-            t0, captured = time.monotonic(), time.time()
-            waiting: Any = None
-            for tick, at in enumerate(range(0, longest, step)):
-                await asyncio.sleep(max(0.0, t0 + tick * CHUNK_S - time.monotonic()))
-                for sid in sids:
-                    if at < len(pcm[sid]):
-                        await nc.publish(f"ai.voice.stream.{sid}", protocol.pack({
-                            "type": "chunk", "timestamp": captured + tick * CHUNK_S,
-                            "audio_b64": base64.b64encode(pcm[sid][at:at + step]).decode()}))
-                t = tick * CHUNK_S
-                if killed is None and t >= 7.0:  # mid-way through the third utterance
-                    killed = await busiest(nc, replicas, sids)
-                    killed.proc.kill()
-                elif killed is not None and stopped is None and t >= 16.0:  # in the sixth
-                    stopped = await busiest(nc, [r for r in replicas if r is not killed], sids)
-                    stopped.proc.send_signal(signal.SIGTERM)
-                    waiting = asyncio.create_task(asyncio.to_thread(stopped.proc.wait, 60))
-            for sid in sids:
-                await nc.publish(f"ai.voice.stream.{sid}", protocol.pack({"type": "end"}))
+            await speak_live(nc, pcm, kill_then_stop)
             await eventually(lambda: all(any(m.get("type") == "end" for m in out[s])
                                          for s in sids), 60)
             assert waiting is not None
@@ -250,7 +236,6 @@ async def test_real_whisper_sessions_on_a_sigkilled_replica_read_as_on_one_repli
     parts = [np.concatenate([silence(0.5), c, silence(GAP_S)]) for c in clips]
     kill_s = (len(parts[0]) + SR * 0.5 + len(clips[1]) / 2) / SR  # mid-way through sentence 2
     pcm = (np.clip(np.concatenate(parts), -1, 1) * 32767).astype("<i2").tobytes()
-    step = int(CHUNK_S * SR) * 2
     env = {"STT_DURABLE": "1", "STT_ENDPOINTING": "silence", "STT_SPECULATIVE_MS": "0",
            "STT_PARTIAL_INTERVAL": "0", "WHISPER_CPU_THREADS": "1", "OMP_NUM_THREADS": "1"}
     with NatsServer.for_replicas() as server:
@@ -282,20 +267,12 @@ async def test_real_whisper_sessions_on_a_sigkilled_replica_read_as_on_one_repli
                     out[sid].append(msgpack.unpackb(msg.data))
 
             await nc.subscribe("ai.voice.transcription.*", cb=on)
-            for sid in sids:
-                await nc.publish(f"ai.voice.stream.{sid}",
-                                 protocol.pack({"type": "start", "sample_rate": SR}))
-            t0, captured = time.monotonic(), time.time()
-            for tick, at in enumerate(range(0, len(pcm), step)):
-                await asyncio.sleep(max(0.0, t0 + tick * CHUNK_S - time.monotonic()))
-                body = protocol.pack({"type": "chunk", "timestamp": captured + tick * CHUNK_S,
-                                      "audio_b64": base64.b64encode(pcm[at:at + step]).decode()})
-                for sid in sids:
-                    await nc.publish(f"ai.voice.stream.{sid}", body)
-                if victim.proc.poll() is None and tick * CHUNK_S >= kill_s:
+
+            async def kill(t: float) -> None:
+                if victim.proc.poll() is None and t >= kill_s:
                     victim.proc.kill()
-            for sid in sids:
-                await nc.publish(f"ai.voice.stream.{sid}", protocol.pack({"type": "end"}))
+
+            await speak_live(nc, dict.fromkeys(sids, pcm), kill)
             await eventually(lambda: all(any(m.get("type") == "end" for m in out[s])
                                          for s in sids), 120)
         finally:

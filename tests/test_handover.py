@@ -23,7 +23,7 @@ import msgpack
 import nats
 import numpy as np
 import pytest
-from conftest import SAMPLE, eventually, make_settings
+from conftest import SAMPLE, eventually, make_settings, speak_live
 
 from bench.replicas import PHRASES
 from bench.tone import ToneEngine, read_words, silence, utter, word
@@ -374,7 +374,6 @@ async def test_real_whisper_sessions_moved_by_a_join_and_a_sigterm_read_as_on_on
     clips = [speech[int(a * SR):int(b * SR)] for a, b in PHRASES[:4]]
     script = np.concatenate([np.concatenate([silence(0.5), c, silence(GAP_S)]) for c in clips])
     pcm = (np.clip(script, -1, 1) * 32767).astype("<i2").tobytes()
-    step = int(CHUNK_S * SR) * 2
     sids: list[str] = []
     p = 0
     while len(sids) < 4:  # four sessions in four partitions, so balancing can split them
@@ -397,25 +396,18 @@ async def test_real_whisper_sessions_moved_by_a_join_and_a_sigterm_read_as_on_on
         a = Replica(server.url, tmp_path / "a.log", "faster-whisper", **env)
         b: Any = None
         term_sent = False
+
+        async def join_then_stop(t: float) -> None:
+            nonlocal b, term_sent
+            if b is None and t >= 5.0:
+                b = Replica(server.url, tmp_path / "b.log", "faster-whisper", **env)
+            elif b is not None and not term_sent and t >= 20.0:
+                b.proc.send_signal(signal.SIGTERM)  # waited for below, off the loop
+                term_sent = True
+
         try:
             await wait_balanced(nc, 1, REPLICAS_PARTITIONS, 120)
-            for sid in sids:
-                await nc.publish(f"ai.voice.stream.{sid}",
-                                 protocol.pack({"type": "start", "sample_rate": SR}))
-            t0, captured = time.monotonic(), time.time()
-            for tick, at in enumerate(range(0, len(pcm), step)):
-                await asyncio.sleep(max(0.0, t0 + tick * CHUNK_S - time.monotonic()))
-                body = protocol.pack({"type": "chunk", "timestamp": captured + tick * CHUNK_S,
-                                      "audio_b64": base64.b64encode(pcm[at:at + step]).decode()})
-                for sid in sids:
-                    await nc.publish(f"ai.voice.stream.{sid}", body)
-                if b is None and tick * CHUNK_S >= 5.0:
-                    b = Replica(server.url, tmp_path / "b.log", "faster-whisper", **env)
-                elif b is not None and not term_sent and tick * CHUNK_S >= 20.0:
-                    b.proc.send_signal(signal.SIGTERM)  # waited for below, off the loop
-                    term_sent = True
-            for sid in sids:
-                await nc.publish(f"ai.voice.stream.{sid}", protocol.pack({"type": "end"}))
+            await speak_live(nc, dict.fromkeys(sids, pcm), join_then_stop)
             await eventually(lambda: all(any(m.get("type") == "end" for m in out[s])
                                          for s in sids), 120)
             assert await asyncio.to_thread(b.proc.wait, 60) == 0
