@@ -229,10 +229,11 @@ class AudioLog:
         it may still need (``where``: the session's settled frame and timeline, as for
         :meth:`settle`), or (``exact``, at a handover's pause) the one after its last."""
         marks = self._marks.get(session_id)
-        if marks and not exact and where is not None:
-            self._needed(session_id, *where)  # what was settled since the last acknowledgement
         if marks and not exact:
-            return marks[0]
+            if where is not None:  # what was settled since the last acknowledgement
+                self._needed(session_id, *where)
+            if marks:  # (unless all of it has settled)
+                return marks[0]
         after = self._after.get(session_id)
         if self._current is not None and self._current[0] == session_id:
             # asked while the session handles a message (its start, its end): from the next
