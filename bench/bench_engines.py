@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import shlex
@@ -100,7 +99,7 @@ async def bench_batching(settings: Settings, speech: np.ndarray) -> dict[str, An
     options = TranscribeOptions(language="en", is_partial=True)
     out: dict[str, Any] = {}
     for label, batch_size in (("one_by_one", 1), ("batched", max(CONCURRENCY))):
-        engine = await started(dataclasses.replace(settings, whisper_batch_size=batch_size))
+        engine = await started(settings.replace(whisper_batch_size=batch_size))
         try:
             await asyncio.gather(*(engine.transcribe(c, options) for c in clips[:4]))  # warm
             for n in CONCURRENCY:
@@ -236,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     try:
-        target = Settings.from_env(environ=overrides).chunk_timeout_s + 0.5
+        target = Settings.from_env(environ=overrides).session.chunk_timeout_s + 0.5
         results = asyncio.run(measure(args, overrides, engines))
     except (CorpusUnavailable, ValueError) as exc:
         print(str(exc), file=sys.stderr)

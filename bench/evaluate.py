@@ -104,7 +104,8 @@ from typing import Any
 import nats
 import numpy as np
 
-from stt.config import ConfigError, Settings
+from stt.config import FIELDS, ConfigError, Settings
+from stt.config.transcription import TranscriptionSettings
 from stt.core.audio import SAMPLE_RATE, to_pcm16
 from stt.core.textnorm import normalize, word_errors
 from stt.engines import TranscribeOptions, create_engine
@@ -279,7 +280,7 @@ async def offline_decode(engine: str, overrides: dict[str, str],
     eng = create_engine(settings)
     await eng.start()
     try:
-        options = TranscribeOptions(language=settings.language or None, word_timestamps=True)
+        options = TranscribeOptions(language=settings.transcription.language or None, word_timestamps=True)
         results = await asyncio.gather(*(eng.transcribe(c.audio, options) for c in clips))
     finally:
         await eng.close()
@@ -401,8 +402,8 @@ def score_session(p: Played, offline: dict[str, Offline], settings: Settings,
     s.errors.update(str(m.get("code")) for m in p.messages if m.get("type") == "error")
     s.finals = len(finals)
     utts = sc.utterances
-    hangover = settings.hangover_ms / 1000
-    size_limit_s = min(settings.buffer_size_bytes / (2 * SAMPLE_RATE), settings.max_segment_s)
+    hangover = settings.session.hangover_ms / 1000
+    size_limit_s = min(settings.session.buffer_size_bytes / (2 * SAMPLE_RATE), settings.limits.max_segment_s)
 
     # --- per segment: partial churn and stable-text promises ---------------------------------
     by_segment: dict[int, list[dict[str, Any]]] = {}
@@ -487,7 +488,7 @@ def score_session(p: Played, offline: dict[str, Offline], settings: Settings,
         if len(held) > 1:
             s.merges += len(held) - 1
             for a, b in itertools.pairwise(held):
-                if b.onset_s - a.offset_s >= settings.chunk_timeout_s + MISSED_CUT_MARGIN_S:
+                if b.onset_s - a.offset_s >= settings.session.chunk_timeout_s + MISSED_CUT_MARGIN_S:
                     s.missed_cuts += 1
         covered = [iv for iv in intervals if iv[0] < end and iv[1] > start]
         if false_cut or not covered:
@@ -497,7 +498,7 @@ def score_session(p: Played, offline: dict[str, Offline], settings: Settings,
             s.final_latency_s.append(t - _sent_at(last, chunk_s))
     detail["false_cuts"] = cuts
     s.long_pauses = sum(1 for x in sc.pauses_s
-                        if x >= settings.chunk_timeout_s + MISSED_CUT_MARGIN_S)
+                        if x >= settings.session.chunk_timeout_s + MISSED_CUT_MARGIN_S)
     for u in utts:
         if not any(words(m.get("transcript"))
                    and _overlap(m.get("start", 0.0), m.get("end", 0.0), u.onset_s, u.offset_s) > 0
@@ -831,7 +832,7 @@ def parse_assignment(text: str) -> tuple[str, str]:
     name = name.strip().replace("-", "_")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    if name not in {f.name for f in dataclasses.fields(Settings)}:
+    if name not in FIELDS:
         raise argparse.ArgumentTypeError(
             f"unknown setting {name!r} (a field of stt.config.Settings)")
     return name, value.strip()
@@ -843,7 +844,7 @@ def parser() -> argparse.ArgumentParser:
         description="Conversation-quality evaluation of the streaming worker (see the module "
                     "docstring for the metrics).")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
-    p.add_argument("--engine", default=Settings.engine)
+    p.add_argument("--engine", default=TranscriptionSettings.engine)
     p.add_argument("--speed", type=float, default=1.0,
                    help="1 = real time; faster distorts every timing figure")
     p.add_argument("--scenarios", default=",".join(GROUPS))
@@ -886,12 +887,12 @@ async def run(args: argparse.Namespace) -> int:
         return 2
 
     try:
-        all_clips = load_corpus(args.corpus, settings_list[0].vad_aggressiveness)
+        all_clips = load_corpus(args.corpus, settings_list[0].session.vad_aggressiveness)
     except CorpusUnavailable as exc:
         print(str(exc))
         return 2
     clips = select(all_clips, args.limit)
-    tail = max(TAIL_S, max(s.chunk_timeout_s for s in settings_list) + 0.6)
+    tail = max(TAIL_S, max(s.session.chunk_timeout_s for s in settings_list) + 0.6)
     scenarios = build(clips, all_clips, groups, tail)
 
     info = machine()
@@ -921,7 +922,8 @@ async def run(args: argparse.Namespace) -> int:
         present = [g for g in COLUMNS if columns[g].sessions]
         if len([c for c in present if c in SPEECH_COLUMNS]) > 1:
             present.append("all")
-        key = {k: getattr(settings, k) for k in (
+        flat = settings.redacted()
+        key = {k: flat[k] for k in (
             "engine", "engine_workers", "chunk_timeout_s", "partial_interval_s",
             "vad_aggressiveness", "vad_start_ms", "preroll_ms", "hangover_ms",
             "interrupt_min_speech_ms", "buffer_size_bytes")}

@@ -75,10 +75,10 @@ def build_messages(corpus: Path, sessions: int, duration_s: float,
 
     clips = load_corpus(corpus)
     settings = Settings.from_env(environ={})
-    plans = make_plans(clips, sessions, duration_s, CHUNK_MS, settings.chunk_timeout_s, seed)
+    plans = make_plans(clips, sessions, duration_s, CHUNK_MS, settings.session.chunk_timeout_s, seed)
     per_clip, silence = _payload_tables(clips, {p.sample_rate for p in plans}, CHUNK_MS, False)
     streams = [_expand(p, per_clip, silence) for p in plans]
-    subjects = settings.subjects
+    subjects = settings.nats.subjects
     subject = [subjects.input(p.session_id) for p in plans]
     pack = msgpack.packb
     out = [(subject[i], pack({"type": "start", "session_id": p.session_id,
@@ -198,7 +198,7 @@ def pass_session(messages: list[tuple[str, bytes]], digest: Digest | None = None
 
 
 def settings_subjects(settings: Settings) -> protocol.Subjects:
-    return settings.subjects
+    return settings.nats.subjects
 
 
 def pass_worker(messages: list[tuple[str, bytes]]) -> None:
@@ -310,8 +310,8 @@ async def _floor_serve(stats_out: Path) -> None:
     import nats
 
     settings = Settings.from_env()
-    subjects = settings.subjects
-    nc = await nats.connect(settings.nats_url)
+    subjects = settings.nats.subjects
+    nc = await nats.connect(settings.nats.nats_url)
     count = [0, 0]  # messages, chunks
     unpackb = msgpack.unpackb
     pack = msgpack.packb
@@ -327,7 +327,7 @@ async def _floor_serve(stats_out: Path) -> None:
 
     from stt.transport.worker import SUBSCRIPTION_LIMITS
 
-    await nc.subscribe(settings.input_subject, queue=settings.queue_group, cb=on_msg,
+    await nc.subscribe(settings.nats.input_subject, queue=settings.nats.queue_group, cb=on_msg,
                        **SUBSCRIPTION_LIMITS)
     await nc.flush()
     stop = asyncio.Event()

@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     base["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     base.setdefault("STT_DRAIN_TIMEOUT_S", "5")
     settings = Settings.from_env(environ=base)
-    target = settings.chunk_timeout_s + args.margin_s
+    target = settings.session.chunk_timeout_s + args.margin_s
     print(header())
-    print(f"engine: {settings.engine}, STT_CHUNK_TIMEOUT {settings.chunk_timeout_s:g} s, "
+    print(f"engine: {settings.transcription.engine}, STT_CHUNK_TIMEOUT {settings.session.chunk_timeout_s:g} s, "
           f"{len(clips)} clips, {args.duration_s:g} s per run, {args.chunk_ms} ms chunks",
           flush=True)
     table: list[str] = []
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.sessions:
             for name in args.configs:
                 env = {**base, **CONFIGS[name]}
-                cfg = RunConfig(settings.engine, n, args.duration_s, args.chunk_ms, args.corpus,
+                cfg = RunConfig(settings.transcription.engine, n, args.duration_s, args.chunk_ms, args.corpus,
                                 False, 1, 30.0, args.seed, None, env)
                 r = run_once(cfg, server, clips)
                 table.append(row(name, r))

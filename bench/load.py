@@ -527,7 +527,7 @@ def _stop_process(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
 def run_once(cfg: RunConfig, server: NatsServer, clips: list[Clip]) -> dict[str, Any]:
     env = {**cfg.worker_env, "NATS_URL": server.url}
     settings = Settings.from_env(environ=env)
-    plans = make_plans(clips, cfg.sessions, cfg.duration_s, cfg.chunk_ms, settings.chunk_timeout_s,
+    plans = make_plans(clips, cfg.sessions, cfg.duration_s, cfg.chunk_ms, settings.session.chunk_timeout_s,
                        cfg.seed)
     if cfg.workers > 1:
         env["STT_PARTITIONS"] = str(REPLICAS_PARTITIONS)
@@ -817,7 +817,7 @@ def print_run(r: dict[str, Any]) -> None:
         f"p99.9 {_f(h['p999'], '.3f')}  max {_f(h['max'], '.1f')}  (n={h['n']})",
         f"  final latency s          p50 {_f(lat['p50'])}  p95 {_f(lat['p95'])}  "
         f"max {_f(lat['max'])}  (n={lat['n']}, no final: {lat['missed']}; "
-        f"includes the {Settings.from_env().chunk_timeout_s:g} s STT_CHUNK_TIMEOUT)",
+        f"includes the {Settings.from_env().session.chunk_timeout_s:g} s STT_CHUNK_TIMEOUT)",
         *(["    parts s (p50 / p95)    " + "  ".join(
             f"{k} {_f(v['p50'])} / {_f(v['p95'])}" for k, v in lat["parts"].items())]
           if lat.get("parts") else []),
@@ -931,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bad worker configuration: {exc}", file=sys.stderr)
         return 2
     if args.latency_target_s is None:
-        args.latency_target_s = worker_settings.chunk_timeout_s + LATENCY_MARGIN_S
+        args.latency_target_s = worker_settings.session.chunk_timeout_s + LATENCY_MARGIN_S
 
     command = " ".join(shlex.quote(a) for a in [sys.executable.replace(str(ROOT) + "/", ""),
                                                  "-m", "bench.load", *(argv or sys.argv[1:])])

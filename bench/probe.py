@@ -97,7 +97,7 @@ def snapshot(worker: Worker, timings: FinalTimings) -> dict[str, Any]:
 
 async def serve(stats_out: Path) -> None:
     settings = Settings.from_env()
-    logs.setup(settings.log_level, settings.log_format)
+    logs.setup(settings.ops.log_level, settings.ops.log_format)
     timings = FinalTimings()
     worker = Worker(settings, create_engine(settings), telemetry=timings)
     worker.stats.sample_chunk_handling = True

@@ -81,10 +81,10 @@ async def run(args: argparse.Namespace) -> int:
     clips = select(load_corpus(args.corpus), args.limit)
     settings = Settings.from_env(overrides=dict(args.set))
     print(header())
-    print(f"engine {settings.engine}; stall {args.stall_s:g} s mid-word; {len(clips)} clips; "
-          f"STT_AUDIO_GAP_TIMEOUT {settings.audio_gap_timeout_s:g} s, STT_STALL_TIMEOUT_S "
-          f"{settings.stall_timeout_s:g} s", flush=True)
-    subjects = settings.subjects
+    print(f"engine {settings.transcription.engine}; stall {args.stall_s:g} s mid-word; {len(clips)} clips; "
+          f"STT_AUDIO_GAP_TIMEOUT {settings.session.audio_gap_timeout_s:g} s, STT_STALL_TIMEOUT_S "
+          f"{settings.session.stall_timeout_s:g} s", flush=True)
+    subjects = settings.nats.subjects
     rows = []
     with NatsServer() as server:
         settings = Settings.from_env(overrides={**dict(args.set), "nats_url": server.url})

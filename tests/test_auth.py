@@ -29,6 +29,7 @@ import pytest
 from conftest import ROOT, SAMPLE
 
 from stt.config import Settings
+from stt.config.nats import NatsSettings
 from stt.transport.connection import FATAL_TRIES, ConnectionFatal, NatsUnreachable, connect
 from stt.transport.nats_server import NatsServer, free_port
 
@@ -178,8 +179,8 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
 CASES = ["user-password", "token", "nkey", "creds", "tls", "mtls"]
 
 
-def settings_for(url: str, env: dict[str, str]) -> Settings:
-    return Settings.from_env(environ={"NATS_URL": url, **env})
+def settings_for(url: str, env: dict[str, str]) -> NatsSettings:
+    return Settings.from_env(environ={"NATS_URL": url, **env}).nats
 
 
 def url_of(case: Case, server: NatsServer) -> str:

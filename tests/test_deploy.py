@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -32,7 +31,7 @@ from typing import Any
 import pytest
 from conftest import ROOT
 
-from stt.config import ConfigError, Settings
+from stt.config import ConfigError, Settings, all_fields
 from stt.engines.base import Engine
 
 yaml = pytest.importorskip("yaml")
@@ -42,7 +41,7 @@ OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
 OPT_IN_COMPONENTS = ["podmonitor"]
 SCHEMA_VERSIONS = ("1.29", "1.37")  # oldest we claim to support, newest the validator knows
 IMAGES = {"stt-worker": "Dockerfile", "stt-local": "Dockerfile.rocm"}
-SETTINGS_ENV = {f.metadata["env"]: f for f in dataclasses.fields(Settings)}
+SETTINGS_ENV = {f.metadata["env"]: f for f in all_fields()}
 SECRET_ENV = {env for env, f in SETTINGS_ENV.items() if f.metadata["secret"]}
 # Read by the OpenTelemetry SDK and stt.ops.otel rather than by Settings.
 OTEL_ENV = {"OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -231,15 +230,15 @@ def test_probes_ports_and_settings_match_the_code(
             pytest.fail(f"{overlay}: the manifests' settings fail at start-up: {err}")
 
         grace = pod["terminationGracePeriodSeconds"]
-        assert grace >= settings.drain_timeout_s + 15, "the kubelet would kill a draining pod"
+        assert grace >= settings.limits.drain_timeout_s + 15, "the kubelet would kill a draining pod"
 
         argv = effective_command(c)
         if "serve" in argv:
             paths = serve_paths()
-            port = settings.serve_port
+            port = settings.serve.serve_port
         else:
             paths = worker_paths()
-            port = settings.health_port
+            port = settings.ops.health_port
             annotations = deployment["spec"]["template"]["metadata"]["annotations"]
             assert annotations["prometheus.io/scrape"] == "true"
             assert int(annotations["prometheus.io/port"]) == port

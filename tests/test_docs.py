@@ -3,12 +3,11 @@ command (README), links that lead somewhere."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 from conftest import ROOT
 
-from stt.config import Settings, markdown_table
+from stt.config import all_fields, markdown_table
 
 README = (ROOT / "README.md").read_text()
 CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text()
@@ -16,7 +15,7 @@ CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text()
 
 def test_the_configuration_table_is_current() -> None:
     assert markdown_table() in CONFIGURATION, "run script/config-table"
-    for f in dataclasses.fields(Settings):
+    for f in all_fields():
         assert f"`{f.metadata['env']}`" in CONFIGURATION
 
 

@@ -122,7 +122,7 @@ class Checked:
         assert len(ends) <= 1 and (not ends or ends[0] == len(self.messages) - 1)
         seg = self.session.segmenter.segment
         assert seg is None or len(seg) <= self.session.params.segmenter.max_frames
-        assert len(self.session._jobs.queue) <= self.settings.max_pending_segments
+        assert len(self.session._jobs.queue) <= self.settings.limits.max_pending_segments
         assert len(self.session.in_flight) <= 3
         partials: dict[int, list[dict[str, Any]]] = {}
         for m in self.messages:

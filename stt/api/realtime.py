@@ -67,7 +67,7 @@ class Bridge:
     def __init__(self, settings: Settings,
                  worker_status: Callable[[], Status] | None = None) -> None:
         self.settings = settings
-        self.subjects = settings.subjects
+        self.subjects = settings.nats.subjects
         self.worker_status = worker_status
         self.nc: Any = None
         self.open = 0  # websockets connected now
@@ -75,7 +75,7 @@ class Bridge:
     async def connect(self, stop: asyncio.Event | None = None) -> bool:
         from stt.transport.connection import connect
 
-        self.nc = await connect(self.settings, stop=stop, max_reconnect_attempts=-1)
+        self.nc = await connect(self.settings.nats, stop=stop, max_reconnect_attempts=-1)
         return self.nc is not None
 
     async def close(self) -> None:
@@ -156,7 +156,7 @@ def create_app(bridge: Bridge) -> Any:
     from starlette.staticfiles import StaticFiles
     from starlette.websockets import WebSocket
 
-    api_key = bridge.settings.serve_api_key
+    api_key = bridge.settings.serve.serve_api_key
 
     async def realtime(ws: WebSocket) -> None:
         offered = list(ws.scope.get("subprotocols") or [])
@@ -202,14 +202,14 @@ async def serve_realtime(settings: Settings, *,
     if not await bridge.connect():
         return 0
     server = _server_class()(uvicorn.Config(
-        create_app(bridge), host=settings.serve_host, port=settings.serve_port,
+        create_app(bridge), host=settings.serve.serve_host, port=settings.serve.serve_port,
         log_config=None, ws_max_size=MAX_MESSAGE_BYTES, server_header=False,
         timeout_graceful_shutdown=2))
-    host = "127.0.0.1" if settings.serve_host in ("0.0.0.0", "::", "") else settings.serve_host
-    url = f"http://{host}:{settings.serve_port}/"
-    if not settings.serve_api_key and settings.serve_host not in LOOPBACK:
+    host = "127.0.0.1" if settings.serve.serve_host in ("0.0.0.0", "::", "") else settings.serve.serve_host
+    url = f"http://{host}:{settings.serve.serve_port}/"
+    if not settings.serve.serve_api_key and settings.serve.serve_host not in LOOPBACK:
         log.warning("no STT_SERVE_API_KEY: anyone who reaches %s:%s can use the websocket",
-                    settings.serve_host, settings.serve_port)
+                    settings.serve.serve_host, settings.serve.serve_port)
 
     async def announce() -> None:
         # uvicorn says nothing when its socket is bound but sets `started`
@@ -238,7 +238,7 @@ def cmd_realtime(args: argparse.Namespace) -> int:
     if missing_extra("stt realtime", SERVER_MODULES):
         return 2
     settings = Settings.from_env(overrides=config.overrides_from_args(args))
-    logs.setup(settings.log_level, settings.log_format)
+    logs.setup(settings.ops.log_level, settings.ops.log_format)
 
     def ready(url: str) -> None:
         print(f"open {url}  (Realtime websocket: {url.replace('http', 'ws', 1)}v1/realtime"

@@ -78,10 +78,10 @@ class ApiError(Exception):
 
 
 def model_id(settings: Settings) -> str:
-    if settings.engine in ("whisper", "faster-whisper"):
-        name = os.path.basename(os.path.normpath(settings.whisper_model_size or DEFAULT_MODEL))
+    if settings.transcription.engine in ("whisper", "faster-whisper"):
+        name = os.path.basename(os.path.normpath(settings.transcription.whisper_model_size or DEFAULT_MODEL))
         return name[:-3] if name.endswith(".pt") else name
-    return settings.engine
+    return settings.transcription.engine
 
 
 def decode_audio(data: bytes) -> np.ndarray:
@@ -160,7 +160,7 @@ def create_app(engine: Engine, settings: Settings) -> Any:
 
     served = model_id(settings)
     created = int(time.time())
-    api_key = settings.serve_api_key
+    api_key = settings.serve.serve_api_key
     state = {"requests": 0, "errors": 0, "draining": False}
 
     def check_auth(request: Request) -> None:
@@ -174,7 +174,7 @@ def create_app(engine: Engine, settings: Settings) -> Any:
         state["requests"] += 1
         try:
             check_auth(request)
-            body = await _read_body(request, settings.serve_max_bytes)
+            body = await _read_body(request, settings.serve.serve_max_bytes)
             return await _transcribe(request, body)
         except ApiError as err:
             state["errors"] += 1
@@ -338,10 +338,10 @@ async def serve(settings: Settings) -> int:
         return 2
     app = create_app(engine, settings)
     server = _server_class()(uvicorn.Config(
-        app, host=settings.serve_host, port=settings.serve_port, log_config=None,
-        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)), server_header=False))
+        app, host=settings.serve.serve_host, port=settings.serve.serve_port, log_config=None,
+        timeout_graceful_shutdown=max(1, int(settings.limits.drain_timeout_s)), server_header=False))
     log.info("serving the OpenAI-compatible transcription API", extra={
-        "url": f"http://{settings.serve_host}:{settings.serve_port}/v1/audio/transcriptions",
+        "url": f"http://{settings.serve.serve_host}:{settings.serve.serve_port}/v1/audio/transcriptions",
         "model": model_id(settings), "engine": engine.describe()})
     try:
         await server.serve()
@@ -376,7 +376,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     overrides = config.overrides_from_args(args)
     settings = Settings.from_env(overrides=overrides)
-    logs.setup(settings.log_level, settings.log_format)
+    logs.setup(settings.ops.log_level, settings.ops.log_format)
     log.info("starting stt serve", extra={"settings": config.settings_summary(settings)})
     try:
         return asyncio.run(serve(settings))

@@ -14,6 +14,7 @@ from typing import Any
 from stt import config
 from stt.cli.wiring import stop_on_signals
 from stt.config import Settings
+from stt.config.nats import NatsSettings
 from stt.ops import logs
 from stt.transport.connection import ConnectError
 
@@ -23,8 +24,7 @@ CLIENT_TRIES = 3  # `stt stream`/`stt tail`: tries while NATS does not answer (0
 def client_settings(args: argparse.Namespace, name: str) -> Settings:
     """The worker's NATS settings (environment, then the NATS flags) for a client command:
     the same credentials, TLS files and subjects as the worker, read by the same code."""
-    nats_fields = {f.name for f in dataclasses.fields(Settings)
-                   if f.metadata["group"] == "nats"}
+    nats_fields = {f.name for f in dataclasses.fields(NatsSettings)}
     overrides = {k: v for k, v in config.overrides_from_args(args).items() if k in nats_fields}
     if "nats_name" not in overrides and "NATS_CLIENT_NAME" not in os.environ:
         overrides["nats_name"] = name
@@ -40,7 +40,7 @@ def quiet_logs() -> None:
 async def connect_client(settings: Settings, stop: asyncio.Event | None = None) -> Any:
     from stt.transport.connection import connect
 
-    return await connect(settings, stop=stop, max_tries=CLIENT_TRIES, max_reconnect_attempts=3)
+    return await connect(settings.nats, stop=stop, max_tries=CLIENT_TRIES, max_reconnect_attempts=3)
 
 
 def printer(quiet_partials: bool = False) -> Any:
@@ -90,9 +90,9 @@ async def _stream(args: argparse.Namespace, settings: Settings) -> int:
 
     from stt.transport.client import stream_audio
 
-    url = settings.nats_url
+    url = settings.nats.nats_url
     samples, rate = read_audio(args.file)
-    subjects = settings.subjects
+    subjects = settings.nats.subjects
     nc = await connect_client(settings)
     try:
         result = await stream_audio(
@@ -135,8 +135,8 @@ async def _tail(args: argparse.Namespace, settings: Settings) -> int:
     from stt.transport.client import describe
     from stt.wire import protocol
 
-    url = settings.nats_url
-    subject = args.subject or settings.output_subject_prefix + ".>"
+    url = settings.nats.nats_url
+    subject = args.subject or settings.nats.output_subject_prefix + ".>"
     stop = asyncio.Event()
     stop_on_signals(stop)
     nc = await connect_client(settings, stop)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import sys
 import time
 import uuid
@@ -24,7 +23,7 @@ async def _demo(args: argparse.Namespace) -> int:
     many = args.replicas > 1
     async with embedded(args.engine, args.log_level, args.replicas) as (server, settings,
                                                                         workers):
-        print(f"nats-server {server.url} · engine {settings.engine} · streaming {path} "
+        print(f"nats-server {server.url} · engine {settings.transcription.engine} · streaming {path} "
               f"at {args.speed:g}x real time", flush=True)
         sid = "demo-" + uuid.uuid4().hex[:6]
         nc = await connect_client(settings)
@@ -62,14 +61,14 @@ async def _live(args: argparse.Namespace) -> int:
     from stt.transport.nats_server import free_port, port_free
 
     async with embedded(args.engine, args.log_level) as (server, settings, workers):
-        host = args.host or settings.serve_host
-        port = settings.serve_port if args.port is None else args.port
+        host = args.host or settings.serve.serve_host
+        port = settings.serve.serve_port if args.port is None else args.port
         if not port or not port_free(host, port):
             port = free_port()
-        settings = dataclasses.replace(settings, serve_host=host, serve_port=port)
+        settings = settings.replace(serve_host=host, serve_port=port)
 
         def ready(url: str) -> None:
-            print(f"nats-server {server.url} · worker ready (engine {settings.engine})\n"
+            print(f"nats-server {server.url} · worker ready (engine {settings.transcription.engine})\n"
                   f"open {url}  (Realtime websocket {url.replace('http', 'ws', 1)}v1/realtime"
                   f"?intent=transcription; Ctrl-C to stop)", flush=True)
 

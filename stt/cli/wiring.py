@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -15,6 +14,7 @@ from typing import Any
 
 from stt import config
 from stt.config import ConfigError, Settings
+from stt.config.transcription import TranscriptionSettings
 from stt.engines.base import Engine, EngineUnavailable
 from stt.ops.telemetry import Telemetry
 
@@ -45,11 +45,11 @@ def build_telemetry(settings: Settings, engine: Engine) -> Telemetry:
     * else, with ``STT_HEALTH_PORT`` set: the ``/metrics`` recorder (no exporter thread);
     * else the no-op.
     """
-    if settings.otel_enabled or settings.hyperdx_enabled:
+    if settings.ops.otel_enabled or settings.ops.hyperdx_enabled:
         try:
             from stt.ops.otel import OtelTelemetry, current_trace_headers
         except ImportError as exc:
-            variable = "OTEL_ENABLED" if settings.otel_enabled else "HYPERDX_ENABLED"
+            variable = "OTEL_ENABLED" if settings.ops.otel_enabled else "HYPERDX_ENABLED"
             raise ConfigError(variable, f"needs the otel extra: pip install "
                                         f"'stt-streaming[otel]' ({exc})") from None
         from stt.engines.http import HttpEngine
@@ -57,7 +57,7 @@ def build_telemetry(settings: Settings, engine: Engine) -> Telemetry:
         if isinstance(engine, HttpEngine):
             engine.extra_headers = current_trace_headers
         return OtelTelemetry(settings, engine.name)
-    if settings.health_port:
+    if settings.ops.health_port:
         from stt.ops.metrics import MetricsTelemetry
 
         return MetricsTelemetry()
@@ -75,15 +75,13 @@ async def check_http_engine(settings: Settings, engine: Engine) -> None:
     reason = await engine.probe()
     if reason is None:
         return
-    default = dataclasses.fields(Settings)  # the field's own default, not a copy of it
-    is_default = settings.whisper_url == next(f.default for f in default
-                                              if f.name == "whisper_url")
+    is_default = settings.transcription.whisper_url == TranscriptionSettings.whisper_url
     if is_default:
         raise EngineUnavailable(
-            f"nothing answers at {settings.whisper_url}, WHISPER_URL's default ({reason}): set "
+            f"nothing answers at {settings.transcription.whisper_url}, WHISPER_URL's default ({reason}): set "
             f"WHISPER_URL (--whisper-url) to the Whisper HTTP service's base URL")
     log.warning("the Whisper HTTP service does not answer yet; requests will retry",
-                extra={"whisper_url": settings.whisper_url, "error": reason,
+                extra={"whisper_url": settings.transcription.whisper_url, "error": reason,
                        "hint": "check WHISPER_URL (--whisper-url)"})
 
 
@@ -100,14 +98,14 @@ async def run_worker(settings: Settings) -> int:
     stop = asyncio.Event()
     stop_on_signals(stop)
     health = None
-    if settings.health_port:
+    if settings.ops.health_port:
         from stt.ops.health import HealthServer
         from stt.ops.metrics import MetricsTelemetry
 
         assert isinstance(telemetry, MetricsTelemetry)  # build_telemetry with a health port
         # Up before the model loads and NATS connects: /livez answers, /readyz says why not.
-        health = HealthServer(worker.status, telemetry, settings.health_host,
-                              settings.health_port)
+        health = HealthServer(worker.status, telemetry, settings.ops.health_host,
+                              settings.ops.health_port)
         await health.start()
     discovery = Discovery(settings, worker.status)
     try:

@@ -15,7 +15,7 @@ from stt.transport.connection import ConnectError
 
 def cmd_worker(args: argparse.Namespace, engine: str | None = None) -> int:
     settings = settings_from(args, engine=engine)
-    logs.setup(settings.log_level, settings.log_format)
+    logs.setup(settings.ops.log_level, settings.ops.log_format)
     log.info("starting worker", extra={"settings": config.settings_summary(settings)})
     try:
         return asyncio.run(run_worker(settings))

@@ -83,6 +83,7 @@ from nats.js.errors import (
 )
 
 from stt.config import Settings
+from stt.config.cluster import ClusterSettings
 from stt.core.snapshot import SessionSnapshot
 from stt.core.vad import FRAME_S
 
@@ -253,8 +254,8 @@ class Cluster:
         self.settings = settings
         self.host = host
         self.replica_id = replica_id or uuid.uuid4().hex[:12]
-        self.partitions = settings.partitions
-        self.period_s = settings.lease_ttl_s / 4
+        self.partitions = settings.cluster.partitions
+        self.period_s = settings.cluster.lease_ttl_s / 4
         self.owned: dict[int, int] = {}          # partition -> revision of our last write
         self.giving: dict[int, str] = {}         # partition -> taker named in our heartbeat
         self.taking: dict[int, tuple[str, float]] = {}  # partition -> (giver, since)
@@ -288,10 +289,10 @@ class Cluster:
     async def start(self, nc: Client) -> None:
         self._nc = nc
         js = nc.jetstream()
-        prefix = self.settings.cluster_bucket
+        prefix = self.settings.cluster.cluster_bucket
         self._js = js
         self._names = (f"{prefix}-leases", f"{prefix}-sessions")
-        self._leases = await _bucket(js, self._names[0], self.settings.lease_ttl_s)
+        self._leases = await _bucket(js, self._names[0], self.settings.cluster.lease_ttl_s)
         self._store = await _bucket(js, self._names[1], SESSION_TTL_S)
         await self.check_mapping(nc)
         await self._beat()
@@ -299,7 +300,7 @@ class Cluster:
         self._spawn(self._writer())
         log.info("joined the replicas", extra={"replica": self.replica_id,
                                                 "partitions": self.partitions,
-                                                "lease_ttl_s": self.settings.lease_ttl_s})
+                                                "lease_ttl_s": self.settings.cluster.lease_ttl_s})
 
     async def check_mapping(self, nc: Client) -> None:
         """Probe the server's mapping: each probe must arrive on the partition computed here."""
@@ -313,8 +314,8 @@ class Cluster:
             if len(arrived) == len(ids):
                 all_in.set()
 
-        base = s.input_subject.rsplit(".", 1)[0]
-        subs = [await nc.subscribe(f"{s.partition_subject}.*.{i}", cb=on_probe) for i in ids]
+        base = s.nats.input_subject.rsplit(".", 1)[0]
+        subs = [await nc.subscribe(f"{s.cluster.partition_subject}.*.{i}", cb=on_probe) for i in ids]
         try:
             await nc.flush()
             for i in ids:
@@ -325,14 +326,14 @@ class Cluster:
             for sub in subs:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-        want = (f'"{s.input_subject}": "{s.partition_subject}.{{{{partition({self.partitions},1)}}}}'
+        want = (f'"{s.nats.input_subject}": "{s.cluster.partition_subject}.{{{{partition({self.partitions},1)}}}}'
                 f'.{{{{wildcard(1)}}}}"')
         if not arrived:
             raise ClusterConfigError(
                 f"STT_PARTITIONS={self.partitions} needs the server mapping {want} "
                 "(k8s/nats/nats-server.conf); messages to "
-                f"{s.input_subject} do not reach {s.partition_subject}.*")
-        wrong = [i for i in ids if arrived.get(i) != f"{s.partition_subject}."
+                f"{s.nats.input_subject} do not reach {s.cluster.partition_subject}.*")
+        wrong = [i for i in ids if arrived.get(i) != f"{s.cluster.partition_subject}."
                  f"{partition_of(i, self.partitions)}.{i}"]
         if wrong:
             raise ClusterConfigError(
@@ -547,7 +548,7 @@ class Cluster:
     async def _give(self, p: int, to: str) -> None:
         """Step 3 of a handover: finish here, then tell the taker."""
         try:
-            wait_s = self.settings.handover_wait_s
+            wait_s = self.settings.cluster.handover_wait_s
             if not self.leaving:  # nothing hurries a rebalancing move: no utterance is cut
                 wait_s = max(wait_s, REBALANCE_WAIT_S)
             snaps = await self.host.give_partition(p, wait_s)
@@ -652,7 +653,7 @@ class Cluster:
             now = time.time()
             for sid, snap in snaps.items():  # as above, on the timeline as it ran on meanwhile
                 ran = int(max(0.0, now - written.get(sid, now)) / FRAME_S)
-                if self.settings.durable and snap.replay_from is not None:
+                if self.settings.cluster.durable and snap.replay_from is not None:
                     ran = 0  # the stream replays the audio from there
                 self.save(p, sid, replace(reserved(snap), frames=snap.frames + ran))
             await self._flush_saves()
@@ -675,7 +676,7 @@ async def poll_until(done: Callable[[], bool], timeout_s: float, step_s: float =
     return True
 
 
-async def heartbeats(nc: Client, bucket: str = Settings.cluster_bucket) -> dict[str, Heartbeat]:
+async def heartbeats(nc: Client, bucket: str = ClusterSettings.cluster_bucket) -> dict[str, Heartbeat]:
     """The replicas' live heartbeats, by replica id, as an onlooker reads them (the tests, the
     benchmarks, ``stt demo``); empty before the first replica has created the bucket."""
     js, name = nc.jetstream(), f"{bucket}-leases"
@@ -687,7 +688,7 @@ async def heartbeats(nc: Client, bucket: str = Settings.cluster_bucket) -> dict[
 
 
 async def wait_balanced(nc: Client, replicas: int, partitions: int, timeout_s: float = 90.0,
-                        bucket: str = Settings.cluster_bucket) -> dict[str, Heartbeat]:
+                        bucket: str = ClusterSettings.cluster_bucket) -> dict[str, Heartbeat]:
     """Until ``replicas`` replicas (not leaving) hold every partition, each its fair share."""
     share = fair_share(partitions, replicas)
     deadline = time.monotonic() + timeout_s

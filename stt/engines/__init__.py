@@ -20,7 +20,7 @@ def create_engine(settings: Settings) -> Engine:
     ``module:Class`` loads any :class:`Engine` subclass, constructed with the settings; the
     benchmarks use that for an engine that answers at once.
     """
-    name = settings.engine
+    name = settings.transcription.engine
     if name == "faster-whisper":
         from stt.engines.faster_whisper import FasterWhisperEngine
 

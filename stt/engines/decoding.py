@@ -137,8 +137,8 @@ class Guards:
 
     @classmethod
     def from_settings(cls, settings: Any) -> Guards:
-        return cls(settings.whisper_no_speech_threshold, settings.whisper_logprob_threshold,
-                   settings.whisper_compression_ratio_threshold)
+        return cls(settings.transcription.whisper_no_speech_threshold, settings.transcription.whisper_logprob_threshold,
+                   settings.transcription.whisper_compression_ratio_threshold)
 
     def is_silence(self, no_speech_prob: float | None, avg_logprob: float | None,
                    text: str = "") -> bool:

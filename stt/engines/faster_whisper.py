@@ -93,7 +93,7 @@ class FasterWhisperEngine(LocalWhisperEngine):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FasterWhisperEngine:
-        return cls(**cls.settings_kwargs(settings), compute_type=settings.whisper_compute_type,
+        return cls(**cls.settings_kwargs(settings), compute_type=settings.transcription.whisper_compute_type,
                    guards=Guards.from_settings(settings))
 
     # --- lifecycle ------------------------------------------------------------------------

@@ -229,19 +229,19 @@ class HttpEngine(Engine):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HttpEngine:
-        return cls(settings.whisper_url, path=settings.whisper_path,
-                   api_key=settings.whisper_api_key, model=settings.whisper_http_model,
-                   response_format=settings.whisper_response_format,
-                   concurrency=settings.engine_workers,
-                   connect_timeout_s=settings.whisper_connect_timeout_s,
-                   read_timeout_s=settings.whisper_read_timeout_s,
-                   timeout_s=settings.engine_timeout_s, retries=settings.whisper_retries,
-                   retry_backoff_s=settings.whisper_retry_backoff_s,
-                   breaker_failures=settings.whisper_breaker_failures,
-                   breaker_cooldown_s=settings.whisper_breaker_cooldown_s,
-                   no_speech_threshold=settings.whisper_no_speech_threshold,
-                   logprob_threshold=settings.whisper_logprob_threshold,
-                   use_context=settings.whisper_use_context)
+        return cls(settings.transcription.whisper_url, path=settings.transcription.whisper_path,
+                   api_key=settings.transcription.whisper_api_key, model=settings.transcription.whisper_http_model,
+                   response_format=settings.transcription.whisper_response_format,
+                   concurrency=settings.transcription.engine_workers,
+                   connect_timeout_s=settings.transcription.whisper_connect_timeout_s,
+                   read_timeout_s=settings.transcription.whisper_read_timeout_s,
+                   timeout_s=settings.transcription.engine_timeout_s, retries=settings.transcription.whisper_retries,
+                   retry_backoff_s=settings.transcription.whisper_retry_backoff_s,
+                   breaker_failures=settings.transcription.whisper_breaker_failures,
+                   breaker_cooldown_s=settings.transcription.whisper_breaker_cooldown_s,
+                   no_speech_threshold=settings.transcription.whisper_no_speech_threshold,
+                   logprob_threshold=settings.transcription.whisper_logprob_threshold,
+                   use_context=settings.transcription.whisper_use_context)
 
     @property
     def endpoint(self) -> str:

@@ -67,15 +67,15 @@ class LocalWhisperEngine(Engine):
     @staticmethod
     def settings_kwargs(settings: Settings) -> dict[str, Any]:
         """The constructor arguments both engines take, from the settings."""
-        return {"model": settings.whisper_model_size, "device": settings.whisper_device,
-                "download_root": settings.whisper_download_root,
-                "cpu_threads": settings.whisper_cpu_threads,
-                "batch_size": settings.whisper_batch_size,
-                "batch_wait_s": settings.whisper_batch_wait_ms / 1000.0,
-                "short_window": settings.whisper_short_window,
-                "final_window_s": settings.whisper_final_window_s,
-                "beam_size": settings.whisper_beam_size,
-                "use_context": settings.whisper_use_context}
+        return {"model": settings.transcription.whisper_model_size, "device": settings.transcription.whisper_device,
+                "download_root": settings.transcription.whisper_download_root,
+                "cpu_threads": settings.transcription.whisper_cpu_threads,
+                "batch_size": settings.transcription.whisper_batch_size,
+                "batch_wait_s": settings.transcription.whisper_batch_wait_ms / 1000.0,
+                "short_window": settings.transcription.whisper_short_window,
+                "final_window_s": settings.transcription.whisper_final_window_s,
+                "beam_size": settings.transcription.whisper_beam_size,
+                "use_context": settings.transcription.whisper_use_context}
 
     # --- lifecycle ------------------------------------------------------------------------
 

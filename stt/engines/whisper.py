@@ -159,9 +159,9 @@ class WhisperEngine(LocalWhisperEngine):
     @classmethod
     def from_settings(cls, settings: Settings) -> WhisperEngine:
         return cls(**cls.settings_kwargs(settings),
-                   no_speech_threshold=settings.whisper_no_speech_threshold,
-                   logprob_threshold=settings.whisper_logprob_threshold,
-                   compression_ratio_threshold=settings.whisper_compression_ratio_threshold)
+                   no_speech_threshold=settings.transcription.whisper_no_speech_threshold,
+                   logprob_threshold=settings.transcription.whisper_logprob_threshold,
+                   compression_ratio_threshold=settings.transcription.whisper_compression_ratio_threshold)
 
     # --- lifecycle ------------------------------------------------------------------------
 

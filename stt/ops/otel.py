@@ -96,7 +96,7 @@ class OtelTelemetry(MetricsTelemetry):
         self.engine_name = engine_name
         self.clock = clock  # the worker's: job times are on it
         self.version = package_version()
-        self.subjects = settings.subjects
+        self.subjects = settings.nats.subjects
         self._sessions: dict[str, _SessionTrace] = {}
         self._shut_down = False
         span_exporters, metric_exporters = exporters(settings)
@@ -167,8 +167,8 @@ class OtelTelemetry(MetricsTelemetry):
                 "messaging.operation.name": "process",
                 "messaging.destination.name": self.subjects.input(session_id),
                 "messaging.destination.template": self.subjects.input_template,
-                **({"messaging.consumer.group.name": self.settings.queue_group}
-                   if self.settings.queue_group else {}),
+                **({"messaging.consumer.group.name": self.settings.nats.queue_group}
+                   if self.settings.nats.queue_group else {}),
                 "stt.session.id": session_id,
                 "stt.message.type": kind,
             })
@@ -380,7 +380,7 @@ def exporters(settings: Settings) -> tuple[list[SpanExporter], list[MetricExport
     """Span and metric exporters for OTEL_ENABLED and HYPERDX_ENABLED."""
     spans: list[SpanExporter] = []
     metrics: list[MetricExporter] = []
-    if settings.otel_enabled:
+    if settings.ops.otel_enabled:
         traces_kind = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
         metrics_kind = os.environ.get("OTEL_METRICS_EXPORTER", "otlp").strip().lower()
         for variable, kind in (("OTEL_TRACES_EXPORTER", traces_kind),
@@ -397,12 +397,12 @@ def exporters(settings: Settings) -> tuple[list[SpanExporter], list[MetricExport
             metrics.append(metric_cls())
         elif metrics_kind == "console":
             metrics.append(ConsoleMetricExporter())
-    if settings.hyperdx_enabled:
+    if settings.ops.hyperdx_enabled:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         base = os.environ.get("HYPERDX_ENDPOINT", HYPERDX_DEFAULT_ENDPOINT).rstrip("/")
-        auth = {"authorization": settings.hyperdx_api_key}
+        auth = {"authorization": settings.ops.hyperdx_api_key}
         spans.append(OTLPSpanExporter(endpoint=base + "/v1/traces", headers=auth))
         metrics.append(OTLPMetricExporter(endpoint=base + "/v1/metrics", headers=auth))
     return spans, metrics

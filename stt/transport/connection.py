@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 from nats.aio.client import Client
 from nats.errors import NoServersError, StaleConnectionError
 
-from stt.config import Settings
+from stt.config.nats import NatsSettings
 
 log = logging.getLogger("stt.connection")
 
@@ -58,11 +58,11 @@ class ConnectionFatal(ConnectError):
     """The server answered but refuses these settings; retrying will not help."""
 
 
-def servers(settings: Settings) -> list[str]:
+def servers(settings: NatsSettings) -> list[str]:
     return [u.strip() for u in settings.nats_url.split(",") if u.strip()]
 
 
-def nats_options(settings: Settings) -> dict[str, Any]:
+def nats_options(settings: NatsSettings) -> dict[str, Any]:
     """nats-py ``connect`` keyword arguments for these settings (no callbacks, no retry policy).
 
     Raises :class:`ConnectionFatal` for TLS files that cannot be loaded."""
@@ -81,7 +81,7 @@ def nats_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def _tls_context(s: Settings) -> ssl.SSLContext:
+def _tls_context(s: NatsSettings) -> ssl.SSLContext:
     try:
         ctx = ssl.create_default_context(cafile=s.nats_tls_ca or None)
     except (ssl.SSLError, OSError) as exc:
@@ -98,7 +98,7 @@ def _tls_context(s: Settings) -> ssl.SSLContext:
     return ctx
 
 
-def check_credentials(settings: Settings) -> None:
+def check_credentials(settings: NatsSettings) -> None:
     """Fail at once, naming the variable, for nkey material that no retry can fix."""
     s = settings
     if not (s.nats_nkey_seed or s.nats_creds):
@@ -151,7 +151,7 @@ def _check_seed(nkeys: Any, seed: bytes, variable: str, path: str) -> None:
                               variable) from None
 
 
-def classify(exc: BaseException, settings: Settings) -> ConnectionFatal | None:
+def classify(exc: BaseException, settings: NatsSettings) -> ConnectionFatal | None:
     """The :class:`ConnectionFatal` for an error retrying cannot fix, else None."""
     text = f"{type(exc).__name__} {exc}".lower()
     if "authorization violation" in text or "authorizationerror" in text \
@@ -175,7 +175,7 @@ def classify(exc: BaseException, settings: Settings) -> ConnectionFatal | None:
     return None
 
 
-def _handshake_rejected(s: Settings, reason: str) -> ConnectionFatal:
+def _handshake_rejected(s: NatsSettings, reason: str) -> ConnectionFatal:
     if s.nats_tls_cert:
         hint = "check that NATS_TLS_CERT/NATS_TLS_KEY are signed by a CA the server trusts"
     else:
@@ -184,7 +184,7 @@ def _handshake_rejected(s: Settings, reason: str) -> ConnectionFatal:
                            "NATS_TLS_CERT")
 
 
-def _auth_hint(s: Settings) -> tuple[str, str]:
+def _auth_hint(s: NatsSettings) -> tuple[str, str]:
     if s.nats_creds:
         return "NATS_CREDS", f"check NATS_CREDS ({s.nats_creds}): is its user JWT signed by an " \
                              "account the server trusts, and not expired?"
@@ -212,7 +212,7 @@ def _reason(exc: BaseException) -> str:
 Callback = Callable[..., Awaitable[None]]
 
 
-async def connect(settings: Settings, *, stop: asyncio.Event | None = None, max_tries: int = 0,
+async def connect(settings: NatsSettings, *, stop: asyncio.Event | None = None, max_tries: int = 0,
                   allow_reconnect: bool = True, **callbacks: Any) -> Client | None:
     """Connect with backoff; None if ``stop`` was set first.
 
@@ -298,7 +298,7 @@ def _chain(first: Callback, then: Callback) -> Callback:
     return call
 
 
-async def _probe(settings: Settings, error: BaseException) -> ConnectionFatal | None:
+async def _probe(settings: NatsSettings, error: BaseException) -> ConnectionFatal | None:
     """After a connection lost in the TLS handshake: does the server ask for a client
     certificate? (A server that rejects one may just close the connection.) The server's INFO
     line, sent in plain text before TLS starts, says."""

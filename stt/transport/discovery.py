@@ -77,8 +77,8 @@ class Discovery:
             nc, name=SERVICE_NAME, version=package_version(),
             description="Streaming speech-to-text worker: audio chunks in, transcripts out",
             metadata={"engine": str(self.status().engine.get("name", "")),
-                      "input_subject": settings.input_subject,
-                      "output_subject": settings.subjects.output_wildcard,
+                      "input_subject": settings.nats.input_subject,
+                      "output_subject": settings.nats.subjects.output_wildcard,
                       "host": socket.gethostname()},
             stats_handler=self._stats)
         await self.service.add_endpoint(name="status", subject=self.status_subject,

@@ -44,7 +44,7 @@ from nats.js.api import (
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from stt.cluster.membership import ClusterConfigError
-from stt.config import Settings
+from stt.config.cluster import ClusterSettings
 from stt.wire.protocol import State
 
 log = logging.getLogger("stt.worker")
@@ -60,7 +60,7 @@ ACK_WAIT_S = 300.0
 PENDING_MSGS, PENDING_BYTES = 200_000, 512 * 1024 * 1024  # a replay's burst, held by the client
 
 
-def stream_name(settings: Settings) -> str:
+def stream_name(settings: ClusterSettings) -> str:
     return f"{settings.cluster_bucket}-audio"
 
 
@@ -90,7 +90,7 @@ class AudioLog:
     """The worker's side of the durable stream: per partition, one consumer, what each session
     took in, and the acknowledgements."""
 
-    def __init__(self, settings: Settings,
+    def __init__(self, settings: ClusterSettings,
                  on_message: Callable[[int, Msg], Awaitable[None]]) -> None:
         self.settings = settings
         self.stream = stream_name(settings)

@@ -121,7 +121,7 @@ class PartitionSide:
         self._given: dict[int, dict[str, Session]] = {}  # partition -> its sessions handed so far
         self._last_in: dict[str, bytes] = {}  # session -> payload of the last message it handled
         # STT_DURABLE: the partitions' audio from a JetStream stream, acknowledged once final
-        self.audio_log = AudioLog(settings, self._on_log_msg) if settings.durable else None
+        self.audio_log = AudioLog(settings.cluster, self._on_log_msg) if settings.cluster.durable else None
         self._ended: dict[int, dict[str, int]] = {}  # partition -> ended session -> its last message
 
     async def _on_partition_msg(self, partition: int, msg: Msg) -> None:
@@ -233,7 +233,7 @@ class PartitionSide:
             return  # durable: the stream keeps what arrives; consumed from adopt_partition on
         self._held[partition] = []
         self._psubs[partition] = await self.nc.subscribe(
-            f"{self.settings.partition_subject}.{partition}.*",
+            f"{self.settings.cluster.partition_subject}.{partition}.*",
             cb=functools.partial(self._on_partition_msg, partition), **SUBSCRIPTION_LIMITS)
         await self.nc.flush()  # the server has it: what is published from now on reaches us
 
@@ -349,7 +349,7 @@ class PartitionSide:
 
         limit = wait_s + self._longest_utterance_s()
         if self.cluster is not None and self.cluster.leaving:  # within the drain, with a margin
-            limit = min(limit, max(wait_s, 0.6 * self.settings.drain_timeout_s))
+            limit = min(limit, max(wait_s, 0.6 * self.settings.limits.drain_timeout_s))
         try:
             await poll_until(hand_over_the_quiet, limit)
             await self.unsubscribe_partition(partition)
@@ -359,7 +359,7 @@ class PartitionSide:
         now = self.clock()
         for session in sessions:
             self._execute(session, session.hand_over(now))
-        await poll_until(lambda: all(s.closed for s in sessions), self.settings.drain_timeout_s)
+        await poll_until(lambda: all(s.closed for s in sessions), self.settings.limits.drain_timeout_s)
         snaps: dict[str, SessionSnapshot] = {}
         for session in [*given.values(), *sessions]:
             sid = session.session_id
@@ -384,8 +384,9 @@ class PartitionSide:
         """How long an utterance open now may still take to end: the size limit, then the
         longest silence that ends it."""
         s = self.settings
-        return (min(s.buffer_size_bytes / BYTES_PER_SECOND_16K, s.max_segment_s)
-                + max(s.chunk_timeout_s, s.turn_max_silence_s, s.endpoint_max_s))
+        return (min(s.session.buffer_size_bytes / BYTES_PER_SECOND_16K, s.limits.max_segment_s)
+                + max(s.session.chunk_timeout_s, s.turn.turn_max_silence_s,
+                      s.turn.endpoint_max_s))
 
     def drop_partition(self, partition: int) -> None:
         """The lease went to another replica: this one says nothing more for these sessions."""

@@ -142,7 +142,7 @@ class Worker(PartitionSide):
         self.version = package_version()
         self.telemetry = telemetry or Telemetry()
         self.telemetry.attach(self.status)
-        self.subjects = settings.subjects
+        self.subjects = settings.nats.subjects
         self.sessions: dict[str, Session] = {}
         self.stats = Stats()
         self.nc: Client | None = None
@@ -190,17 +190,17 @@ class Worker(PartitionSide):
         self.nc = nc
         self._spawn(self._publisher())
         self._spawn(self._ticker())
-        if self.settings.partitions:  # the cluster subscribes to the partitions it takes
+        if self.settings.cluster.partitions:  # the cluster subscribes to the partitions it takes
             if self.audio_log is not None:
                 await self.audio_log.start(self.nc)
             self.cluster = Cluster(self.settings, self)
             await self.cluster.start(self.nc)
         else:
             self._sub = await self.nc.subscribe(
-                self.settings.input_subject, queue=self.settings.queue_group, cb=self._on_msg,
+                self.settings.nats.input_subject, queue=self.settings.nats.queue_group, cb=self._on_msg,
                 **SUBSCRIPTION_LIMITS)
         await self.nc.flush()
-        log.info("listening", extra={"subject": self.settings.input_subject,
+        log.info("listening", extra={"subject": self.settings.nats.input_subject,
                                      "output": self.subjects.output_wildcard,
                                      "nats": self.nc.connected_url.netloc if self.nc.connected_url else None})
         return True
@@ -210,19 +210,19 @@ class Worker(PartitionSide):
             self._load_turn_model = False
             try:
                 from stt.engines.turn_model import TurnModel
-                self.turn_model = TurnModel(self.settings.turn_model_path or None,
+                self.turn_model = TurnModel(self.settings.turn.turn_model_path or None,
                                             threads=1)
             except Exception as exc:  # a missing file or onnxruntime: silence endpointing
-                log_at = log.warning if self.settings.endpointing == "model" else log.info
+                log_at = log.warning if self.settings.turn.endpointing == "model" else log.info
                 log_at("end-of-turn model unavailable, turns end on silence "
                        "(STT_CHUNK_TIMEOUT): %s", exc)
             self.profile = self.settings.session_profile(self.turn_model is not None)
         if self.turn_model is not None and self._turn_pool is None:
             self._turn_pool = concurrent.futures.ThreadPoolExecutor(
-                self.settings.turn_threads, thread_name_prefix="turn")
+                self.settings.turn.turn_threads, thread_name_prefix="turn")
             log.info("end-of-turn model ready", extra={
                 "model": str(getattr(self.turn_model, "path", type(self.turn_model).__name__)),
-                "endpointing": self.settings.endpointing})
+                "endpointing": self.settings.turn.endpointing})
 
     def new_session(self, session_id: str, now: float) -> Session:
         return Session(session_id, self.profile, now)
@@ -240,7 +240,7 @@ class Worker(PartitionSide):
             return
         log.info("shutting down", extra={"sessions": len(self.sessions)})
         if self.cluster is not None:  # hand the partitions to the other replicas first
-            await self.cluster.leave(self.settings.drain_timeout_s)
+            await self.cluster.leave(self.settings.limits.drain_timeout_s)
         self.draining = True
         for p in list(self._psubs):
             await self.unsubscribe_partition(p)
@@ -255,7 +255,7 @@ class Worker(PartitionSide):
         if self.sessions:
             self._all_closed.clear()
             try:
-                await asyncio.wait_for(self._all_closed.wait(), self.settings.drain_timeout_s)
+                await asyncio.wait_for(self._all_closed.wait(), self.settings.limits.drain_timeout_s)
             except TimeoutError:
                 log.warning("drain timeout: sessions still waiting for the engine",
                             extra={"sessions": len(self.sessions)})
@@ -287,7 +287,7 @@ class Worker(PartitionSide):
     async def _connect(self, stop: asyncio.Event | None) -> Client | None:
         """Connect (stt.transport.connection: backoff, stop, errors retrying cannot fix); None if stopped."""
         return await connection.connect(
-            self.settings, stop=stop, allow_reconnect=True, max_reconnect_attempts=-1,
+            self.settings.nats, stop=stop, allow_reconnect=True, max_reconnect_attempts=-1,
             reconnect_time_wait=1, ping_interval=10, max_outstanding_pings=3,
             pending_size=32 * 1024 * 1024, error_cb=self._on_error,
             disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
@@ -375,9 +375,9 @@ class Worker(PartitionSide):
             self._send_error(session_id, ErrorCode.OVERLOADED,
                              "worker is shutting down; retry on another")
             return None
-        if len(self.sessions) >= self.settings.max_sessions:
+        if len(self.sessions) >= self.settings.limits.max_sessions:
             self._send_error(session_id, ErrorCode.OVERLOADED,
-                             f"worker at its limit of {self.settings.max_sessions} sessions "
+                             f"worker at its limit of {self.settings.limits.max_sessions} sessions "
                              "(STT_MAX_SESSIONS)")
             return None
         session = self.new_session(session_id, now)
@@ -444,13 +444,13 @@ class Worker(PartitionSide):
         (an engine restart or a rolling update takes seconds), a partial is not."""
         token = self.telemetry.job_started(job)
         started = time.perf_counter()
-        give_up_at = self.clock() + (self.settings.final_retry_s if job.is_final else 0.0)
+        give_up_at = self.clock() + (self.settings.limits.final_retry_s if job.is_final else 0.0)
         delay = FIRST_RETRY_S
         while True:
             attempt = time.perf_counter()
             try:
                 result = await asyncio.wait_for(self.engine.transcribe(job.audio, job.options),
-                                                self.settings.engine_timeout_s)
+                                                self.settings.transcription.engine_timeout_s)
                 break
             except asyncio.CancelledError:  # withdrawn by the session, or shutdown
                 self.telemetry.job_finished(token, job, engine_s=time.perf_counter() - started,
@@ -458,7 +458,7 @@ class Worker(PartitionSide):
                 raise
             except Exception as exc:  # EngineError, TimeoutError, or an engine bug: a clean error
                 self.stats.engine_failures += 1
-                reason = (f"engine timed out after {self.settings.engine_timeout_s:.0f} s"
+                reason = (f"engine timed out after {self.settings.transcription.engine_timeout_s:.0f} s"
                           if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__)
                 where = {"session_id": session.session_id, "segment_id": job.segment_id,
                          "final": job.is_final}
@@ -496,7 +496,7 @@ class Worker(PartitionSide):
         loop = asyncio.get_running_loop()
         pool, model = self._turn_pool, self.turn_model
         if pool is None or model is None or \
-                self._turn_pending >= TURN_BACKLOG * self.settings.turn_threads:
+                self._turn_pending >= TURN_BACKLOG * self.settings.turn.turn_threads:
             self.stats.turn_queries["failed"] += 1
             loop.call_soon(self._turn_answer, session, query, None)
             return
@@ -654,7 +654,7 @@ class Worker(PartitionSide):
         return Status(
             version=self.version, engine=self.engine.describe(), engine_ready=self.engine_ready,
             connected=self.connected, draining=self.draining, sessions=len(self.sessions),
-            max_sessions=self.settings.max_sessions, sessions_started=s.sessions_started,
+            max_sessions=self.settings.limits.max_sessions, sessions_started=s.sessions_started,
             sessions_ended=dict(s.sessions_ended), audio_received_s=self.audio_received_s(),
             audio_transcribed_s=s.audio_transcribed_s,
             chunks={r: totals.get("chunks_" + r, 0) for r in CHUNK_RESULTS},
