@@ -280,7 +280,8 @@ async def offline_decode(engine: str, overrides: dict[str, str],
     eng = create_engine(settings)
     await eng.start()
     try:
-        options = TranscribeOptions(language=settings.transcription.language or None, word_timestamps=True)
+        options = TranscribeOptions(language=settings.transcription.language or None,
+                                    word_timestamps=True)
         results = await asyncio.gather(*(eng.transcribe(c.audio, options) for c in clips))
     finally:
         await eng.close()
@@ -403,7 +404,8 @@ def score_session(p: Played, offline: dict[str, Offline], settings: Settings,
     s.finals = len(finals)
     utts = sc.utterances
     hangover = settings.session.hangover_ms / 1000
-    size_limit_s = min(settings.session.buffer_size_bytes / (2 * SAMPLE_RATE), settings.limits.max_segment_s)
+    size_limit_s = min(settings.session.buffer_size_bytes / (2 * SAMPLE_RATE),
+                       settings.limits.max_segment_s)
 
     # --- per segment: partial churn and stable-text promises ---------------------------------
     by_segment: dict[int, list[dict[str, Any]]] = {}

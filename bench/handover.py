@@ -147,8 +147,9 @@ async def one_run(args: argparse.Namespace, run: int, engine: Any, speech: np.nd
     step = int(CHUNK_S * SAMPLE_RATE)
     with NatsServer.for_replicas() as server:
         nc = await nats.connect(server.url)
+        partials_s = Settings.from_env({}).session.partial_interval_s
         replicas = [Replica(server.url, tmp / f"{mode}-run{run}-r{i}.log", args.engine,
-                            STT_PARTIAL_INTERVAL=str(Settings.from_env({}).session.partial_interval_s),
+                            STT_PARTIAL_INTERVAL=str(partials_s),
                             STT_DURABLE="0" if mode == "core" else "1",
                             STT_DURABLE_STORAGE="memory" if mode == "durable-memory" else "file",
                             # k8s/nats/nats-server.conf keeps 256 MB of memory for all streams

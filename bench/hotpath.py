@@ -75,7 +75,8 @@ def build_messages(corpus: Path, sessions: int, duration_s: float,
 
     clips = load_corpus(corpus)
     settings = Settings.from_env(environ={})
-    plans = make_plans(clips, sessions, duration_s, CHUNK_MS, settings.session.chunk_timeout_s, seed)
+    plans = make_plans(clips, sessions, duration_s, CHUNK_MS, settings.session.chunk_timeout_s,
+                       seed)
     per_clip, silence = _payload_tables(clips, {p.sample_rate for p in plans}, CHUNK_MS, False)
     streams = [_expand(p, per_clip, silence) for p in plans]
     subjects = settings.nats.subjects

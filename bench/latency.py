@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env(environ=base)
     target = settings.session.chunk_timeout_s + args.margin_s
     print(header())
-    print(f"engine: {settings.transcription.engine}, STT_CHUNK_TIMEOUT {settings.session.chunk_timeout_s:g} s, "
+    print(f"engine: {settings.transcription.engine}, "
+          f"STT_CHUNK_TIMEOUT {settings.session.chunk_timeout_s:g} s, "
           f"{len(clips)} clips, {args.duration_s:g} s per run, {args.chunk_ms} ms chunks",
           flush=True)
     table: list[str] = []
@@ -85,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.sessions:
             for name in args.configs:
                 env = {**base, **CONFIGS[name]}
-                cfg = RunConfig(settings.transcription.engine, n, args.duration_s, args.chunk_ms, args.corpus,
-                                False, 1, 30.0, args.seed, None, env)
+                cfg = RunConfig(settings.transcription.engine, n, args.duration_s, args.chunk_ms,
+                                args.corpus, False, 1, 30.0, args.seed, None, env)
                 r = run_once(cfg, server, clips)
                 table.append(row(name, r))
                 p95 = r["final_latency_s"]["p95"]

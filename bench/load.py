@@ -527,8 +527,8 @@ def _stop_process(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
 def run_once(cfg: RunConfig, server: NatsServer, clips: list[Clip]) -> dict[str, Any]:
     env = {**cfg.worker_env, "NATS_URL": server.url}
     settings = Settings.from_env(environ=env)
-    plans = make_plans(clips, cfg.sessions, cfg.duration_s, cfg.chunk_ms, settings.session.chunk_timeout_s,
-                       cfg.seed)
+    plans = make_plans(clips, cfg.sessions, cfg.duration_s, cfg.chunk_ms,
+                       settings.session.chunk_timeout_s, cfg.seed)
     if cfg.workers > 1:
         env["STT_PARTITIONS"] = str(REPLICAS_PARTITIONS)
     tmp = Path(tempfile.mkdtemp(prefix="stt-bench-"))

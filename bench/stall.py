@@ -81,7 +81,8 @@ async def run(args: argparse.Namespace) -> int:
     clips = select(load_corpus(args.corpus), args.limit)
     settings = Settings.from_env(overrides=dict(args.set))
     print(header())
-    print(f"engine {settings.transcription.engine}; stall {args.stall_s:g} s mid-word; {len(clips)} clips; "
+    print(f"engine {settings.transcription.engine}; stall {args.stall_s:g} s mid-word; "
+          f"{len(clips)} clips; "
           f"STT_AUDIO_GAP_TIMEOUT {settings.session.audio_gap_timeout_s:g} s, STT_STALL_TIMEOUT_S "
           f"{settings.session.stall_timeout_s:g} s", flush=True)
     subjects = settings.nats.subjects

@@ -158,7 +158,7 @@ async def test_http_engine_start_up_check_names_whisper_url(caplog: Any) -> None
 
     def engine_for(**env: str) -> tuple[Settings, HttpEngine]:
         settings = Settings.from_env(environ={"STT_ENGINE": "http", **env})
-        return settings, HttpEngine.from_settings(settings)
+        return settings, HttpEngine.from_settings(settings.transcription)
 
     # a real HTTP server answers (404 is an answer): nothing to say
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)

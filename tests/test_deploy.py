@@ -230,7 +230,8 @@ def test_probes_ports_and_settings_match_the_code(
             pytest.fail(f"{overlay}: the manifests' settings fail at start-up: {err}")
 
         grace = pod["terminationGracePeriodSeconds"]
-        assert grace >= settings.limits.drain_timeout_s + 15, "the kubelet would kill a draining pod"
+        assert grace >= settings.limits.drain_timeout_s + 15, \
+            "the kubelet would kill a draining pod"
 
         argv = effective_command(c)
         if "serve" in argv:

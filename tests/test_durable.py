@@ -141,7 +141,8 @@ def test_the_floor_stops_before_the_oldest_audio_a_session_needs() -> None:
     first one a session still needs; a session that is gone no longer holds it."""
     from stt.transport.durable import AudioLog, _Partition
 
-    log_ = AudioLog(settings_durable().cluster, on_message=lambda p, m: None)  # type: ignore[arg-type,return-value]
+    log_ = AudioLog(settings_durable().cluster,
+                    on_message=lambda p, m: None)  # type: ignore[arg-type,return-value]
     log_._parts[3] = _Partition()
     frames = {"a": 0, "b": 0}
     for seq in range(1, 21):  # a and b alternate, each message 10 frames
@@ -166,7 +167,8 @@ def test_the_floor_stops_before_the_oldest_audio_a_session_needs() -> None:
 async def test_a_replay_skips_what_the_resumed_session_took_in() -> None:
     from stt.transport.durable import AudioLog, _Partition
 
-    log_ = AudioLog(settings_durable().cluster, on_message=lambda p, m: None)  # type: ignore[arg-type,return-value]
+    log_ = AudioLog(settings_durable().cluster,
+                    on_message=lambda p, m: None)  # type: ignore[arg-type,return-value]
     log_._parts[3] = _Partition(skip={"a": 7})
     assert [log_.admit(3, "a", seq, "r") for seq in (5, 6, 7, 8)] == [False, False, True, True]
     assert log_.admit(3, "b", 9, "r")  # another session: not skipped
@@ -179,7 +181,8 @@ def test_a_replay_starts_in_the_state_the_session_had_there() -> None:
     from stt.transport.durable import AudioLog, _Partition
     from stt.wire.protocol import State
 
-    log_ = AudioLog(settings_durable().cluster, on_message=lambda p, m: None)  # type: ignore[arg-type,return-value]
+    log_ = AudioLog(settings_durable().cluster,
+                    on_message=lambda p, m: None)  # type: ignore[arg-type,return-value]
     log_._parts[3] = _Partition()
     listening, responding = State.LISTENING, State.RESPONDING
     assert log_.admit(3, "a", 1, "r1")  # audio of an utterance still open

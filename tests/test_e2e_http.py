@@ -24,7 +24,7 @@ from stt.wire.protocol import Subjects
 
 def http_engine(nats: NatsServer, url: str, **overrides: Any) -> HttpEngine:
     return HttpEngine.from_settings(make_settings(nats.url, engine="http", whisper_url=url,
-                                                  engine_workers=2, **overrides))
+                                                  engine_workers=2, **overrides).transcription)
 
 
 async def test_worker_http_engine_to_stt_serve_whisper(tmp_path: Path, nats_server: NatsServer,

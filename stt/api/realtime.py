@@ -205,8 +205,9 @@ async def serve_realtime(settings: Settings, *,
         create_app(bridge), host=settings.serve.serve_host, port=settings.serve.serve_port,
         log_config=None, ws_max_size=MAX_MESSAGE_BYTES, server_header=False,
         timeout_graceful_shutdown=2))
-    host = "127.0.0.1" if settings.serve.serve_host in ("0.0.0.0", "::", "") else settings.serve.serve_host
-    url = f"http://{host}:{settings.serve.serve_port}/"
+    serve = settings.serve
+    host = "127.0.0.1" if serve.serve_host in ("0.0.0.0", "::", "") else serve.serve_host
+    url = f"http://{host}:{serve.serve_port}/"
     if not settings.serve.serve_api_key and settings.serve.serve_host not in LOOPBACK:
         log.warning("no STT_SERVE_API_KEY: anyone who reaches %s:%s can use the websocket",
                     settings.serve.serve_host, settings.serve.serve_port)

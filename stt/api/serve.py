@@ -79,7 +79,8 @@ class ApiError(Exception):
 
 def model_id(settings: Settings) -> str:
     if settings.transcription.engine in ("whisper", "faster-whisper"):
-        name = os.path.basename(os.path.normpath(settings.transcription.whisper_model_size or DEFAULT_MODEL))
+        model = settings.transcription.whisper_model_size or DEFAULT_MODEL
+        name = os.path.basename(os.path.normpath(model))
         return name[:-3] if name.endswith(".pt") else name
     return settings.transcription.engine
 
@@ -339,9 +340,11 @@ async def serve(settings: Settings) -> int:
     app = create_app(engine, settings)
     server = _server_class()(uvicorn.Config(
         app, host=settings.serve.serve_host, port=settings.serve.serve_port, log_config=None,
-        timeout_graceful_shutdown=max(1, int(settings.limits.drain_timeout_s)), server_header=False))
+        timeout_graceful_shutdown=max(1, int(settings.limits.drain_timeout_s)),
+        server_header=False))
     log.info("serving the OpenAI-compatible transcription API", extra={
-        "url": f"http://{settings.serve.serve_host}:{settings.serve.serve_port}/v1/audio/transcriptions",
+        "url": f"http://{settings.serve.serve_host}:{settings.serve.serve_port}"
+               "/v1/audio/transcriptions",
         "model": model_id(settings), "engine": engine.describe()})
     try:
         await server.serve()

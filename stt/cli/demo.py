@@ -23,8 +23,8 @@ async def _demo(args: argparse.Namespace) -> int:
     many = args.replicas > 1
     async with embedded(args.engine, args.log_level, args.replicas) as (server, settings,
                                                                         workers):
-        print(f"nats-server {server.url} · engine {settings.transcription.engine} · streaming {path} "
-              f"at {args.speed:g}x real time", flush=True)
+        print(f"nats-server {server.url} · engine {settings.transcription.engine} · "
+              f"streaming {path} at {args.speed:g}x real time", flush=True)
         sid = "demo-" + uuid.uuid4().hex[:6]
         nc = await connect_client(settings)
         if many:  # every replica holds its share of the partitions before the session starts
@@ -68,7 +68,8 @@ async def _live(args: argparse.Namespace) -> int:
         settings = settings.replace(serve_host=host, serve_port=port)
 
         def ready(url: str) -> None:
-            print(f"nats-server {server.url} · worker ready (engine {settings.transcription.engine})\n"
+            print(f"nats-server {server.url} · worker ready "
+                  f"(engine {settings.transcription.engine})\n"
                   f"open {url}  (Realtime websocket {url.replace('http', 'ws', 1)}v1/realtime"
                   f"?intent=transcription; Ctrl-C to stop)", flush=True)
 

@@ -78,8 +78,8 @@ async def check_http_engine(settings: Settings, engine: Engine) -> None:
     is_default = settings.transcription.whisper_url == TranscriptionSettings.whisper_url
     if is_default:
         raise EngineUnavailable(
-            f"nothing answers at {settings.transcription.whisper_url}, WHISPER_URL's default ({reason}): set "
-            f"WHISPER_URL (--whisper-url) to the Whisper HTTP service's base URL")
+            f"nothing answers at {settings.transcription.whisper_url}, WHISPER_URL's default "
+            f"({reason}): set WHISPER_URL (--whisper-url) to the Whisper HTTP service's base URL")
     log.warning("the Whisper HTTP service does not answer yet; requests will retry",
                 extra={"whisper_url": settings.transcription.whisper_url, "error": reason,
                        "hint": "check WHISPER_URL (--whisper-url)"})

@@ -314,8 +314,9 @@ class Cluster:
             if len(arrived) == len(ids):
                 all_in.set()
 
-        base = s.nats.input_subject.rsplit(".", 1)[0]
-        subs = [await nc.subscribe(f"{s.cluster.partition_subject}.*.{i}", cb=on_probe) for i in ids]
+        source, target = s.nats.input_subject, s.cluster.partition_subject
+        base = source.rsplit(".", 1)[0]
+        subs = [await nc.subscribe(f"{target}.*.{i}", cb=on_probe) for i in ids]
         try:
             await nc.flush()
             for i in ids:
@@ -326,7 +327,7 @@ class Cluster:
             for sub in subs:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-        want = (f'"{s.nats.input_subject}": "{s.cluster.partition_subject}.{{{{partition({self.partitions},1)}}}}'
+        want = (f'"{source}": "{target}.{{{{partition({self.partitions},1)}}}}'
                 f'.{{{{wildcard(1)}}}}"')
         if not arrived:
             raise ClusterConfigError(
@@ -676,7 +677,8 @@ async def poll_until(done: Callable[[], bool], timeout_s: float, step_s: float =
     return True
 
 
-async def heartbeats(nc: Client, bucket: str = ClusterSettings.cluster_bucket) -> dict[str, Heartbeat]:
+async def heartbeats(nc: Client,
+                     bucket: str = ClusterSettings.cluster_bucket) -> dict[str, Heartbeat]:
     """The replicas' live heartbeats, by replica id, as an onlooker reads them (the tests, the
     benchmarks, ``stt demo``); empty before the first replica has created the bucket."""
     js, name = nc.jetstream(), f"{bucket}-leases"

@@ -124,5 +124,6 @@ def all_fields() -> Iterator[dataclasses.Field[Any]]:
         yield from dataclasses.fields(area)  # type: ignore[arg-type]
 
 
-FIELDS: dict[str, tuple[str, dataclasses.Field[Any]]] = {
-    f.name: (area.area, f) for area in area_types() for f in dataclasses.fields(area)}  # type: ignore[arg-type]
+FIELDS: dict[str, tuple[str, dataclasses.Field[Any]]] = {  # flat name -> (area, field)
+    f.name: (area.area, f)
+    for area in area_types() for f in dataclasses.fields(area)}  # type: ignore[arg-type]

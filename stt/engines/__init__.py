@@ -24,15 +24,15 @@ def create_engine(settings: Settings) -> Engine:
     if name == "faster-whisper":
         from stt.engines.faster_whisper import FasterWhisperEngine
 
-        return FasterWhisperEngine.from_settings(settings)
+        return FasterWhisperEngine.from_settings(settings.transcription)
     if name == "whisper":
         from stt.engines.whisper import WhisperEngine
 
-        return WhisperEngine.from_settings(settings)
+        return WhisperEngine.from_settings(settings.transcription)
     if name == "http":
         from stt.engines.http import HttpEngine
 
-        return HttpEngine.from_settings(settings)
+        return HttpEngine.from_settings(settings.transcription)
     module_name, _, class_name = name.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)

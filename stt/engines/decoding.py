@@ -20,10 +20,10 @@ import zlib
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from stt.config.transcription import TranscriptionSettings
 from stt.core.audio import SAMPLE_RATE
 from stt.core.textnorm import normalize
 from stt.core.transcription import Segment, TranscribeOptions, Transcription, Word
@@ -136,9 +136,9 @@ class Guards:
     compression_ratio_threshold: float = 2.4  # 0 = off
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Guards:
-        return cls(settings.transcription.whisper_no_speech_threshold, settings.transcription.whisper_logprob_threshold,
-                   settings.transcription.whisper_compression_ratio_threshold)
+    def from_settings(cls, t: TranscriptionSettings) -> Guards:
+        return cls(t.whisper_no_speech_threshold, t.whisper_logprob_threshold,
+                   t.whisper_compression_ratio_threshold)
 
     def is_silence(self, no_speech_prob: float | None, avg_logprob: float | None,
                    text: str = "") -> bool:

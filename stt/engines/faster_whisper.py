@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from stt.config import Settings
+from stt.config.transcription import TranscriptionSettings
 from stt.core.audio import SAMPLE_RATE
 from stt.core.transcription import Segment, TranscribeOptions, Transcription
 from stt.engines.base import EngineError, EngineUnavailable
@@ -92,9 +92,9 @@ class FasterWhisperEngine(LocalWhisperEngine):
         self._tokenizers: dict[str | None, Any] = {}
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> FasterWhisperEngine:
-        return cls(**cls.settings_kwargs(settings), compute_type=settings.transcription.whisper_compute_type,
-                   guards=Guards.from_settings(settings))
+    def from_settings(cls, t: TranscriptionSettings) -> FasterWhisperEngine:
+        return cls(**cls.settings_kwargs(t), compute_type=t.whisper_compute_type,
+                   guards=Guards.from_settings(t))
 
     # --- lifecycle ------------------------------------------------------------------------
 

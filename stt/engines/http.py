@@ -40,7 +40,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from stt.config import Settings
+from stt.config.transcription import TranscriptionSettings
 from stt.core.audio import SAMPLE_RATE, to_pcm16
 from stt.core.transcription import Segment, TranscribeOptions, Transcription, Word
 from stt.engines.base import Engine, EngineError
@@ -228,20 +228,20 @@ class HttpEngine(Engine):
         self._slots: asyncio.Semaphore | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> HttpEngine:
-        return cls(settings.transcription.whisper_url, path=settings.transcription.whisper_path,
-                   api_key=settings.transcription.whisper_api_key, model=settings.transcription.whisper_http_model,
-                   response_format=settings.transcription.whisper_response_format,
-                   concurrency=settings.transcription.engine_workers,
-                   connect_timeout_s=settings.transcription.whisper_connect_timeout_s,
-                   read_timeout_s=settings.transcription.whisper_read_timeout_s,
-                   timeout_s=settings.transcription.engine_timeout_s, retries=settings.transcription.whisper_retries,
-                   retry_backoff_s=settings.transcription.whisper_retry_backoff_s,
-                   breaker_failures=settings.transcription.whisper_breaker_failures,
-                   breaker_cooldown_s=settings.transcription.whisper_breaker_cooldown_s,
-                   no_speech_threshold=settings.transcription.whisper_no_speech_threshold,
-                   logprob_threshold=settings.transcription.whisper_logprob_threshold,
-                   use_context=settings.transcription.whisper_use_context)
+    def from_settings(cls, t: TranscriptionSettings) -> HttpEngine:
+        return cls(t.whisper_url, path=t.whisper_path,
+                   api_key=t.whisper_api_key, model=t.whisper_http_model,
+                   response_format=t.whisper_response_format,
+                   concurrency=t.engine_workers,
+                   connect_timeout_s=t.whisper_connect_timeout_s,
+                   read_timeout_s=t.whisper_read_timeout_s,
+                   timeout_s=t.engine_timeout_s, retries=t.whisper_retries,
+                   retry_backoff_s=t.whisper_retry_backoff_s,
+                   breaker_failures=t.whisper_breaker_failures,
+                   breaker_cooldown_s=t.whisper_breaker_cooldown_s,
+                   no_speech_threshold=t.whisper_no_speech_threshold,
+                   logprob_threshold=t.whisper_logprob_threshold,
+                   use_context=t.whisper_use_context)
 
     @property
     def endpoint(self) -> str:

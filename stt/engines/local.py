@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from stt.config import Settings
+from stt.config.transcription import TranscriptionSettings
 from stt.core.audio import SAMPLE_RATE
 from stt.core.transcription import TranscribeOptions, Transcription
 from stt.engines.base import Engine, EngineError
@@ -65,17 +65,17 @@ class LocalWhisperEngine(Engine):
         self.passes: collections.Counter[int] = collections.Counter()
 
     @staticmethod
-    def settings_kwargs(settings: Settings) -> dict[str, Any]:
+    def settings_kwargs(t: TranscriptionSettings) -> dict[str, Any]:
         """The constructor arguments both engines take, from the settings."""
-        return {"model": settings.transcription.whisper_model_size, "device": settings.transcription.whisper_device,
-                "download_root": settings.transcription.whisper_download_root,
-                "cpu_threads": settings.transcription.whisper_cpu_threads,
-                "batch_size": settings.transcription.whisper_batch_size,
-                "batch_wait_s": settings.transcription.whisper_batch_wait_ms / 1000.0,
-                "short_window": settings.transcription.whisper_short_window,
-                "final_window_s": settings.transcription.whisper_final_window_s,
-                "beam_size": settings.transcription.whisper_beam_size,
-                "use_context": settings.transcription.whisper_use_context}
+        return {"model": t.whisper_model_size, "device": t.whisper_device,
+                "download_root": t.whisper_download_root,
+                "cpu_threads": t.whisper_cpu_threads,
+                "batch_size": t.whisper_batch_size,
+                "batch_wait_s": t.whisper_batch_wait_ms / 1000.0,
+                "short_window": t.whisper_short_window,
+                "final_window_s": t.whisper_final_window_s,
+                "beam_size": t.whisper_beam_size,
+                "use_context": t.whisper_use_context}
 
     # --- lifecycle ------------------------------------------------------------------------
 

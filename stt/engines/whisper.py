@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stt.config import Settings
+from stt.config.transcription import TranscriptionSettings
 from stt.core.audio import SAMPLE_RATE
 from stt.core.transcription import Segment, TranscribeOptions, Transcription, Word
 from stt.engines.base import EngineError, EngineUnavailable
@@ -157,11 +157,11 @@ class WhisperEngine(LocalWhisperEngine):
         self.fp16 = False
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> WhisperEngine:
-        return cls(**cls.settings_kwargs(settings),
-                   no_speech_threshold=settings.transcription.whisper_no_speech_threshold,
-                   logprob_threshold=settings.transcription.whisper_logprob_threshold,
-                   compression_ratio_threshold=settings.transcription.whisper_compression_ratio_threshold)
+    def from_settings(cls, t: TranscriptionSettings) -> WhisperEngine:
+        return cls(**cls.settings_kwargs(t),
+                   no_speech_threshold=t.whisper_no_speech_threshold,
+                   logprob_threshold=t.whisper_logprob_threshold,
+                   compression_ratio_threshold=t.whisper_compression_ratio_threshold)
 
     # --- lifecycle ------------------------------------------------------------------------
 

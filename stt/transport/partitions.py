@@ -121,7 +121,8 @@ class PartitionSide:
         self._given: dict[int, dict[str, Session]] = {}  # partition -> its sessions handed so far
         self._last_in: dict[str, bytes] = {}  # session -> payload of the last message it handled
         # STT_DURABLE: the partitions' audio from a JetStream stream, acknowledged once final
-        self.audio_log = AudioLog(settings.cluster, self._on_log_msg) if settings.cluster.durable else None
+        self.audio_log = (AudioLog(settings.cluster, self._on_log_msg)
+                          if settings.cluster.durable else None)
         self._ended: dict[int, dict[str, int]] = {}  # partition -> ended session -> its last message
 
     async def _on_partition_msg(self, partition: int, msg: Msg) -> None:
@@ -359,7 +360,8 @@ class PartitionSide:
         now = self.clock()
         for session in sessions:
             self._execute(session, session.hand_over(now))
-        await poll_until(lambda: all(s.closed for s in sessions), self.settings.limits.drain_timeout_s)
+        await poll_until(lambda: all(s.closed for s in sessions),
+                         self.settings.limits.drain_timeout_s)
         snaps: dict[str, SessionSnapshot] = {}
         for session in [*given.values(), *sessions]:
             sid = session.session_id

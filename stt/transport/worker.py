@@ -197,8 +197,8 @@ class Worker(PartitionSide):
             await self.cluster.start(self.nc)
         else:
             self._sub = await self.nc.subscribe(
-                self.settings.nats.input_subject, queue=self.settings.nats.queue_group, cb=self._on_msg,
-                **SUBSCRIPTION_LIMITS)
+                self.settings.nats.input_subject, queue=self.settings.nats.queue_group,
+                cb=self._on_msg, **SUBSCRIPTION_LIMITS)
         await self.nc.flush()
         log.info("listening", extra={"subject": self.settings.nats.input_subject,
                                      "output": self.subjects.output_wildcard,
@@ -255,7 +255,8 @@ class Worker(PartitionSide):
         if self.sessions:
             self._all_closed.clear()
             try:
-                await asyncio.wait_for(self._all_closed.wait(), self.settings.limits.drain_timeout_s)
+                await asyncio.wait_for(self._all_closed.wait(),
+                                       self.settings.limits.drain_timeout_s)
             except TimeoutError:
                 log.warning("drain timeout: sessions still waiting for the engine",
                             extra={"sessions": len(self.sessions)})
@@ -458,7 +459,8 @@ class Worker(PartitionSide):
                 raise
             except Exception as exc:  # EngineError, TimeoutError, or an engine bug: a clean error
                 self.stats.engine_failures += 1
-                reason = (f"engine timed out after {self.settings.transcription.engine_timeout_s:.0f} s"
+                limit_s = self.settings.transcription.engine_timeout_s
+                reason = (f"engine timed out after {limit_s:.0f} s"
                           if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__)
                 where = {"session_id": session.session_id, "segment_id": job.segment_id,
                          "final": job.is_final}
