@@ -18,11 +18,11 @@ import nats
 import numpy as np
 import psutil
 
+from stt.cli.wiring import build_worker
 from stt.config import Settings
 from stt.core.audio import to_pcm16
-from stt.engines import create_engine
 from stt.transport.nats_server import NatsServer
-from stt.transport.worker import TRIM_INTERVAL_S, Worker
+from stt.transport.worker import TRIM_INTERVAL_S
 from stt.wire import protocol
 from stt.wire.protocol import Subjects
 
@@ -44,7 +44,7 @@ async def run(sessions: int, idle_timeout_s: float, speech_s: float) -> None:
         settings = Settings.from_env(environ={}, overrides={
             "nats_url": server.url, "engine": "bench.null_engine:InstantEngine",
             "session_idle_timeout_s": idle_timeout_s, "max_sessions": sessions + 10})
-        worker = Worker(settings, create_engine(settings))
+        worker = build_worker(settings)
         await worker.start()
         nc = await nats.connect(server.url)
         gc.collect()

@@ -104,6 +104,7 @@ from typing import Any
 import nats
 import numpy as np
 
+from stt.cli.wiring import build_worker
 from stt.config import FIELDS, ConfigError, Settings
 from stt.config.transcription import TranscriptionSettings
 from stt.core.audio import SAMPLE_RATE, to_pcm16
@@ -111,7 +112,6 @@ from stt.core.textnorm import normalize, word_errors
 from stt.engines import TranscribeOptions, create_engine
 from stt.transport.client import Listener, send
 from stt.transport.nats_server import NatsServer
-from stt.transport.worker import Worker
 from stt.wire.protocol import Subjects
 
 from .common import DEFAULT_CORPUS, CorpusUnavailable
@@ -239,7 +239,7 @@ async def run_config(engine: str, overrides: dict[str, str], scenarios: list[Sce
     """A fresh nats-server and worker for one configuration; both are stopped afterwards."""
     with NatsServer() as server:
         settings = make_settings(server.url, engine, overrides)
-        worker = Worker(settings, create_engine(settings))
+        worker = build_worker(settings)
         # per-message handling time inside the worker: tells a stalled event loop (the
         # worker's own work, in this process) from chunks that merely left late
         worker.stats.sample_chunk_handling = True

@@ -54,6 +54,7 @@ from typing import Any
 
 import msgpack
 
+from stt.cli.wiring import build_worker
 from stt.config import Settings
 from stt.core.actions import Close, Publish, Transcribe
 from stt.core.session import Session
@@ -203,14 +204,13 @@ def settings_subjects(settings: Settings) -> protocol.Subjects:
 
 
 def pass_worker(messages: list[tuple[str, bytes]]) -> None:
-    from stt.transport.worker import Worker
 
     from .null_engine import InstantEngine
 
     settings = Settings.from_env(environ={})
     ticks = _ticks(messages)
     clock = [0.0]
-    worker = Worker(settings, InstantEngine(settings), clock=lambda: clock[0])
+    worker = build_worker(settings, InstantEngine(settings), clock=lambda: clock[0])
 
     async def run() -> None:
         last = -1.0

@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stt.cli.wiring import build_worker
 from stt.config import Settings
 from stt.core.actions import Job
-from stt.engines import create_engine
 from stt.ops import logs
 from stt.ops.telemetry import Telemetry
 from stt.transport.worker import Worker
@@ -99,7 +99,7 @@ async def serve(stats_out: Path) -> None:
     settings = Settings.from_env()
     logs.setup(settings.ops.log_level, settings.ops.log_format)
     timings = FinalTimings()
-    worker = Worker(settings, create_engine(settings), telemetry=timings)
+    worker = build_worker(settings, telemetry=timings)
     worker.stats.sample_chunk_handling = True
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

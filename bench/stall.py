@@ -28,13 +28,12 @@ from typing import Any
 import nats
 import numpy as np
 
+from stt.cli.wiring import build_worker
 from stt.config import Settings
 from stt.core.audio import SAMPLE_RATE, to_pcm16
 from stt.core.textnorm import wer
-from stt.engines import create_engine
 from stt.transport.client import Listener, send
 from stt.transport.nats_server import NatsServer
-from stt.transport.worker import Worker
 from stt.wire.protocol import Subjects
 
 from .common import DEFAULT_CORPUS, header
@@ -89,7 +88,7 @@ async def run(args: argparse.Namespace) -> int:
     rows = []
     with NatsServer() as server:
         settings = Settings.from_env(overrides={**dict(args.set), "nats_url": server.url})
-        worker = Worker(settings, create_engine(settings))
+        worker = build_worker(settings)
         await worker.start()
         nc = await nats.connect(server.url)
         try:

@@ -14,8 +14,8 @@ from typing import Any
 import nats
 import pytest
 
+from stt.cli.wiring import build_worker
 from stt.config import Settings
-from stt.engines import create_engine
 from stt.engines.base import Engine
 from stt.transport.nats_server import NatsServer
 from stt.transport.worker import Worker
@@ -65,7 +65,7 @@ async def worker_factory(nats_server: NatsServer) -> AsyncIterator[WorkerFactory
 
     async def make(engine: Engine | None = None, **overrides: Any) -> Worker:
         settings = make_settings(nats_server.url, **overrides)
-        worker = Worker(settings, engine or create_engine(settings))
+        worker = build_worker(settings, engine)
         await worker.start()
         started.append(worker)
         return worker

@@ -11,9 +11,8 @@ from typing import Any
 
 from conftest import ROOT, SAMPLE, make_settings
 
-from stt.engines import create_engine
+from stt.cli.wiring import build_worker
 from stt.transport.nats_server import NatsServer
-from stt.transport.worker import Worker
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -84,7 +83,7 @@ async def test_user_password_and_token_credentials() -> None:
             (["--auth", "t0ken"], {"nats_token": "t0ken"})):
         with NatsServer(extra_args=server_args) as server:
             settings = make_settings(server.url, **creds)
-            worker = Worker(settings, create_engine(settings))
+            worker = build_worker(settings)
             await worker.start()
             try:
                 assert worker.connected

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 from conftest import ROOT
 
+from stt.cli.wiring import build_worker
 from stt.config import ConfigError, Settings, all_fields
 from stt.engines.base import Engine
 
@@ -271,9 +272,8 @@ def worker_paths() -> set[str]:
     """GET paths the worker's health server answers."""
     from stt.ops.health import HealthServer
     from stt.ops.metrics import MetricsTelemetry
-    from stt.transport.worker import Worker
 
-    worker = Worker(Settings.from_env({}), Idle())
+    worker = build_worker(Settings.from_env({}), Idle())
     server = HealthServer(worker.status, MetricsTelemetry(worker.status), "127.0.0.1", 0)
     return {p for p in ("/livez", "/readyz", "/metrics", "/healthz", "/health")
             if server.respond("GET", p)[0] != 404}

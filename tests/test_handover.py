@@ -27,6 +27,7 @@ from conftest import SAMPLE, eventually, make_settings, speak_live
 
 from bench.replicas import PHRASES
 from bench.tone import ToneEngine, read_words, silence, utter, word
+from stt.cli.wiring import build_worker
 from stt.core.audio import load_16k_mono
 from stt.core.session import Session
 from stt.core.transcription import Transcription
@@ -120,7 +121,7 @@ def check_output(client: Client) -> dict[str, Any]:
 async def two_workers(url: str) -> tuple[Worker, Worker]:
     workers = []
     for _ in range(2):
-        w = Worker(make_settings(url, partial_interval_s=0.3), ToneEngine(),
+        w = build_worker(make_settings(url, partial_interval_s=0.3), ToneEngine(),
                    turn_model=None)
         await w.start()
         workers.append(w)
@@ -309,7 +310,7 @@ async def test_real_speech_moved_twice_reads_as_on_one_replica() -> None:
         engine = create_engine(settings)
         workers = []
         for _ in range(2):
-            w = Worker(settings, engine, turn_model=None)
+            w = build_worker(settings, engine, turn_model=None)
             await w.start()
             workers.append(w)
         a, b = workers
@@ -358,7 +359,7 @@ async def reference_finals(url: str, clips: list[np.ndarray]) -> list[str]:
     """The sentences on one worker alone, each final awaited before the next sentence."""
     nc = await nats.connect(url)
     settings = make_settings(url, partial_interval_s=0, speculative_ms=0)
-    w = Worker(settings, create_engine(settings), turn_model=None)
+    w = build_worker(settings, turn_model=None)
     await w.start()
     try:
         return (await alone(w, nc, "reference", clips, GAP_S)).finals()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, SAMPLE, eventually, make_settings
 
+from stt.cli.wiring import build_worker
 from stt.core.audio import load_16k_mono
 from stt.core.transcription import TranscribeOptions, Transcription
 from stt.engines.base import Engine
@@ -19,7 +20,6 @@ from stt.ops.health import HealthServer
 from stt.ops.metrics import MetricsTelemetry
 from stt.transport.client import stream_audio
 from stt.transport.nats_server import NatsServer, free_port
-from stt.transport.worker import Worker
 
 SR = 16000
 SENTENCE = load_16k_mono(str(SAMPLE))[int(8.2 * SR): int(11.8 * SR)]  # "he was not an ill..."
@@ -66,7 +66,7 @@ async def wait_status(server: HealthServer, path: str, code: int, timeout_s: flo
 async def test_probes_follow_loading_connecting_outage_and_draining(
         nats_server: NatsServer, nc: Any) -> None:
     engine = GatedEngine()
-    worker = Worker(make_settings(nats_server.url, drain_timeout_s=20.0, chunk_timeout_s=0.3),
+    worker = build_worker(make_settings(nats_server.url, drain_timeout_s=20.0, chunk_timeout_s=0.3),
                     engine)
     server = HealthServer(worker.status, MetricsTelemetry(worker.status), "127.0.0.1", 0)
     await server.start()
@@ -170,7 +170,7 @@ def scrape(parser: Any, text: str) -> dict[str, dict[tuple[tuple[str, str], ...]
 
 
 async def test_routes_methods_and_bad_requests(nats_server: NatsServer) -> None:
-    worker = Worker(make_settings(nats_server.url), GatedEngine())
+    worker = build_worker(make_settings(nats_server.url), GatedEngine())
     server = HealthServer(worker.status, MetricsTelemetry(worker.status), "127.0.0.1", 0)
     await server.start()
     try:
@@ -193,7 +193,7 @@ async def test_routes_methods_and_bad_requests(nats_server: NatsServer) -> None:
 
 async def test_container_health_check_command(nats_server: NatsServer) -> None:
     """``python -m stt.ops.health`` is the images' HEALTHCHECK: 0 when /livez answers, 1 when not."""
-    worker = Worker(make_settings(nats_server.url), GatedEngine())
+    worker = build_worker(make_settings(nats_server.url), GatedEngine())
     server = HealthServer(worker.status, MetricsTelemetry(worker.status), "127.0.0.1", 0)
     await server.start()
     env = {**os.environ, "STT_HEALTH_PORT": str(server.port)}

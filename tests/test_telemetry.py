@@ -333,10 +333,9 @@ async def test_off_means_no_exporter_and_no_threads(nats_server: NatsServer) -> 
 
 OFF_CHECK = """
 import sys
-from stt.cli import build_telemetry
+from stt.cli.wiring import build_worker
 from stt.config import Settings
 from stt.engines.base import Engine
-from stt.transport.worker import Worker
 
 class Silent(Engine):
     async def transcribe(self, audio, options):
@@ -344,7 +343,7 @@ class Silent(Engine):
 
 settings = Settings.from_env({}, overrides={"health_port": 8080})
 engine = Silent()
-worker = Worker(settings, engine, telemetry=build_telemetry(settings, engine))
+worker = build_worker(settings, engine)
 worker.telemetry.render()
 sys.exit(1 if any(m.startswith("opentelemetry") for m in sys.modules) else 0)
 """

@@ -8,15 +8,19 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stt import config
 from stt.config import ConfigError, Settings
 from stt.config.transcription import TranscriptionSettings
 from stt.engines.base import Engine, EngineUnavailable
 from stt.ops.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from stt.transport.worker import Worker
 
 SAMPLE = Path(__file__).parent.parent / "data" / "sample.flac"
 
@@ -85,16 +89,29 @@ async def check_http_engine(settings: Settings, engine: Engine) -> None:
                        "hint": "check WHISPER_URL (--whisper-url)"})
 
 
-async def run_worker(settings: Settings) -> int:
-    """Everything the worker needs, wired here and only here."""
+def build_worker(settings: Settings, engine: Engine | None = None, *,
+                 telemetry: Telemetry | None = None, turn_model: Any = True,
+                 clock: Callable[[], float] = time.monotonic) -> Worker:
+    """The worker and what it is built from, the one place they are put together: ``stt
+    worker``, ``stt demo``, ``stt live``, the benchmarks and the tests all call this. By default
+    the engine comes from the settings (STT_ENGINE), the telemetry too (build_telemetry), and the
+    end-of-turn model loads at start; a test or benchmark passes its own engine, clock, telemetry
+    or ``turn_model=None`` (silence endpointing)."""
     from stt.engines import create_engine
-    from stt.transport.discovery import Discovery
     from stt.transport.worker import Worker
 
-    engine = create_engine(settings)
+    engine = engine or create_engine(settings)
+    telemetry = telemetry or build_telemetry(settings, engine)
+    return Worker(settings, engine, clock=clock, telemetry=telemetry, turn_model=turn_model)
+
+
+async def run_worker(settings: Settings) -> int:
+    """``stt worker``: the worker, its health port and discovery, until SIGTERM/SIGINT."""
+    from stt.transport.discovery import Discovery
+
+    worker = build_worker(settings)
+    engine, telemetry = worker.engine, worker.telemetry
     await check_http_engine(settings, engine)
-    telemetry = build_telemetry(settings, engine)
-    worker = Worker(settings, engine, telemetry=telemetry)
     stop = asyncio.Event()
     stop_on_signals(stop)
     health = None
@@ -129,16 +146,14 @@ async def embedded(engine: str | None, log_level: str,
                    replicas: int = 1) -> AsyncIterator[tuple[Any, Settings, list[Any]]]:
     """Its own nats-server and ``replicas`` started workers (``stt demo``, ``stt live``):
     yields (server, settings, workers); the workers shut down and the server stops after."""
-    from stt.engines import create_engine
     from stt.transport.nats_server import REPLICAS_PARTITIONS, NatsServer
-    from stt.transport.worker import Worker
 
     many = replicas > 1
     with NatsServer.for_replicas() if many else NatsServer() as server:
         settings = Settings.from_env(overrides={
             "nats_url": server.url, "engine": engine, "log_level": log_level,
             **({"partitions": REPLICAS_PARTITIONS} if many else {})})
-        workers = [Worker(settings, create_engine(settings)) for _ in range(replicas)]
+        workers = [build_worker(settings) for _ in range(replicas)]
         try:
             for worker in workers:
                 await worker.start()
