@@ -5,6 +5,8 @@ sessions from snapshots, handing them over at pauses, dropping them when the lea
 keeping each session's snapshot up to date in the sessions' bucket. :class:`PartitionSide` is a
 part of :class:`stt.transport.worker.Worker` (it shares the worker's sessions and executes
 their actions through it); it lives here so that the worker's own file is the message path.
+Long because a handover has three paths (graceful, lease lost, crash takeover) and the
+durable mode a fourth; each is short, and they share the snapshot code.
 """
 
 from __future__ import annotations
