@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] | Non
     hints: dict[str, Any] = {}
     for area in area_types():
         hints.update(typing.get_type_hints(area))
-    sections: dict[str, argparse._ArgumentGroup] = {}
+    sections: dict[str, Any] = {}  # group name -> what parser.add_argument_group returned
     for f in all_fields():
         group = f.metadata["group"]
         if groups is not None and group not in groups:
