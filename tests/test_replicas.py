@@ -62,6 +62,43 @@ def test_a_server_without_the_mapping_is_one_clear_error(tmp_path: Path) -> None
     assert "nats-server.conf" in errors[0]["msg"] and "Traceback" not in text, text
 
 
+async def test_a_killed_replica_is_noticed_by_its_closed_connection_not_its_lease(
+        tmp_path: Path) -> None:
+    """SIGKILL closes the replica's socket; the server then answers a request to its liveness
+    subject with "no responders", and the survivor takes its partitions over at once. The
+    leases here run 8 s (a lease round every 2 s): the killed replica's last renewal lapses 6-8 s
+    after the kill, so a takeover sooner than 6 s is that path's. A replica that is merely
+    stopped (SIGSTOP for 5 s: connection open, nothing answering) is not gone: its partitions
+    stay its own."""
+    with NatsServer.for_replicas() as server:
+        nc = await nats.connect(server.url)
+        env = {"STT_LEASE_TTL_S": "8"}
+        a = Replica(server.url, "a", INSTANT, tmp_path, **env)
+        b = Replica(server.url, "b", INSTANT, tmp_path, **env)
+        try:
+            replica_ids([a, b], await wait_balanced(nc, 2))
+            b.proc.send_signal(signal.SIGSTOP)
+            await asyncio.sleep(5)  # a's lease rounds ask b twice: no answer, but not gone
+            hbs = await heartbeats(nc)
+            assert len(hbs[a.id].partitions) < REPLICAS_PARTITIONS, hbs[a.id]
+            b.proc.send_signal(signal.SIGCONT)
+            replica_ids([a, b], await wait_balanced(nc, 2))
+            b.proc.kill()
+            b.proc.wait()
+            killed_at = time.time()
+            alone = {r: hb for r, hb in (await cluster.wait_balanced(
+                nc, 1, REPLICAS_PARTITIONS, 15)).items() if r != b.id}
+            took_s = time.time() - killed_at
+        finally:
+            await stop_all([a, b], nc)
+    assert list(alone) == [a.id] and len(alone[a.id].partitions) == REPLICAS_PARTITIONS
+    gone = [r for r in a.logs() if r.get("msg", "").startswith("replica gone")]
+    assert [r["replica"] for r in gone] == [b.id], gone
+    print(f"the killed replica's partitions were all held by the other {took_s:.2f} s after "
+          "the kill (lease TTL 8 s)")
+    assert took_s < 6.0
+
+
 # --- harness ---------------------------------------------------------------------------------
 
 

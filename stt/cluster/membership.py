@@ -21,8 +21,17 @@ Leases (bucket ``{STT_CLUSTER_BUCKET}-leases``, max age ``STT_LEASE_TTL_S``)
   that dies stops renewing; the server expires the key after the TTL and a replica below its
   fair share takes the partition. The server decides every race; no clock is compared.
 * ``r.{replica}``: each replica's heartbeat (its partitions, its session count, what it is
-  handing over and to whom), rewritten every tick. The heartbeats are every replica's view of
-  the others; a replica that stops writing drops out of it after the TTL.
+  handing over and to whom, its liveness subject), rewritten every tick. The heartbeats are
+  every replica's view of the others; a replica that stops writing drops out of it after the TTL.
+
+A crash is noticed sooner than the TTL: each replica answers requests on its liveness subject
+``{STT_CLUSTER_BUCKET}.alive.{replica}`` while its connection lives. A SIGKILLed (or OOM-killed)
+process's socket closes at once and the server then answers "no responders"; the others ask
+every lease round, and a replica that gives that answer twice is gone: its heartbeat is deleted
+and its leases are taken at once (an update on the lease's revision, so one replica wins each).
+A replica that is only slow or stopped (the request times out) is left to its lease, and
+nothing is taken for gone for 2 x TTL after this replica's own reconnection (after a server
+restart the others reconnect a moment later).
 
 Balancing (:func:`next_moves`): free partitions go to the replicas below
 ``ceil(N / replicas)``; a replica holding more partitions than its share hands its excess,
@@ -75,6 +84,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from nats.aio.client import Client
+from nats.errors import NoRespondersError
 from nats.js.errors import (
     BadRequestError,
     KeyNotFoundError,
@@ -101,6 +111,8 @@ LOAD_RATIO = 1.2               # ... and this ratio, before it hands one of its 
 MOVE_COOLDOWN_S = 60.0         # a partition received by a handover stays this long
 REBALANCE_WAIT_S = 10.0        # a move not forced by SIGTERM waits this long for pauses
 MOVE_SETTLE_S = 2.0            # after a handover, heartbeats are this long catching up
+ALIVE_TIMEOUT_S = 0.5          # a liveness request's longest wait (a live replica answers at once)
+GONE_CONFIRM_S = 0.1           # "no responders" twice, this far apart, before a replica is gone
 _KEY_SAFE = re.compile(r"[-_=A-Za-z0-9]+")
 
 
@@ -139,12 +151,13 @@ class Heartbeat:
     sessions: int = 0
     giving: dict[int, str] = field(default_factory=dict)  # partition -> taker
     leaving: bool = False
+    alive: str = ""  # the subject the replica answers while connected ("": it does not)
 
     def encode(self) -> bytes:
         return json.dumps({"replica": self.replica, "partitions": sorted(self.partitions),
                            "sessions": self.sessions,
                            "giving": {str(p): t for p, t in self.giving.items()},
-                           "leaving": self.leaving}).encode()
+                           "leaving": self.leaving, "alive": self.alive}).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> Heartbeat:
@@ -152,7 +165,7 @@ class Heartbeat:
         return cls(str(d["replica"]), [int(p) for p in d.get("partitions", [])],
                    int(d.get("sessions", 0)),
                    {int(p): str(t) for p, t in (d.get("giving") or {}).items()},
-                   bool(d.get("leaving")))
+                   bool(d.get("leaving")), str(d.get("alive") or ""))
 
 
 def fair_share(partitions: int, replicas: int) -> int:
@@ -283,6 +296,13 @@ class Cluster:
         self._saves: dict[str, tuple[int, dict[str, Any] | None]] = {}  # key -> (partition, value)
         self._saved: dict[str, float] = {}       # key -> monotonic time of the last write
         self._save_wake = asyncio.Event()
+        self.alive_subject = f"{settings.cluster.cluster_bucket}.alive.{self.replica_id}"
+        self._alive_sub: Any = None
+        self.gone_seen = 0  # replicas found gone by their closed connection (not the lease TTL)
+        self._gone: dict[str, float] = {}   # replica -> when it was found gone (monotonic)
+        self._orphans: dict[int, str] = {}  # partition -> the gone replica whose lease it is
+        self._reconnects = 0
+        self._probe_from = 0.0              # no replica is taken for gone before this
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -295,6 +315,9 @@ class Cluster:
         self._leases = await _bucket(js, self._names[0], self.settings.cluster.lease_ttl_s)
         self._store = await _bucket(js, self._names[1], SESSION_TTL_S)
         await self.check_mapping(nc)
+        # answered while this replica's connection lives: the others probe it (_gone)
+        self._alive_sub = await nc.subscribe(self.alive_subject, cb=self._on_alive)
+        await nc.flush()
         await self._beat()
         self._task = asyncio.create_task(self._run())
         self._spawn(self._writer())
@@ -391,7 +414,7 @@ class Cluster:
         return {"replica": self.replica_id, "partitions": sorted(self.owned),
                 "replicas": len(self.view), "giving": dict(self.giving),
                 "taking": sorted(self.taking), "handovers": self.handovers, "moves": dict(self.moves),
-                "takeovers": self.takeovers}
+                "takeovers": self.takeovers, "replicas_gone": self.gone_seen}
 
     # --- session snapshots ---------------------------------------------------------------------
 
@@ -460,7 +483,7 @@ class Cluster:
     async def _beat(self) -> None:
         loads = self.host.partition_loads()
         hb = Heartbeat(self.replica_id, sorted(self.owned), sum(loads.values()),
-                       dict(self.giving), self.leaving)
+                       dict(self.giving), self.leaving, self.alive_subject)
         await self._leases.put(f"r.{self.replica_id}", hb.encode())
         self.view[self.replica_id] = hb
 
@@ -468,7 +491,8 @@ class Cluster:
         await self._beat()
         await self._renew()
         keys = set(await _keys(self._js, self._names[0], ">"))
-        self.view = view = await _heartbeats_in(self._leases, keys)
+        view = await self._without_gone(await _heartbeats_in(self._leases, keys))
+        self.view = view
         self.joined.set()
         self._withdraw_stale_offers(view)
         await self._take_offered(view)
@@ -476,6 +500,7 @@ class Cluster:
         if self.leaving:
             return
         held = {int(k[2:]) for k in keys if k.startswith("p.") and k[2:].isdigit()}
+        held -= set(self._orphans)  # leases of replicas gone: free to take now
         free = [p for p in range(self.partitions) if p not in held and p not in self.owned]
         live = [hb for hb in view.values() if not hb.leaving]
         want = fair_share(self.partitions, len(live)) - len(self.owned) - len(self.taking)
@@ -487,7 +512,9 @@ class Cluster:
         self._free_since = {p: self._free_since.get(p, now) for p in free}
         picks += [p for p in free if p not in picks and now - self._free_since[p] >= self.period_s]
         for p in picks:
-            await self._claim(p)
+            await self._claim(p, set(self._gone) if p in self._orphans else None)
+        if picks:  # the others see them taken now, not a lease round later
+            await self._beat()
         if not self.giving and not self.taking and not self._busy and now >= self._settle_until:
             frozen = [p for p, at in self._received.items() if now - at < MOVE_COOLDOWN_S]
             for move in next_moves(self.replica_id, view, self.host.partition_loads(),
@@ -638,13 +665,25 @@ class Cluster:
             self._received[p] = self._settle_until = time.monotonic()
             self._settle_until += MOVE_SETTLE_S
 
-    async def _claim(self, p: int) -> None:
-        """A free partition (never held, or its replica died): subscribe, then take the lease."""
+    async def _claim(self, p: int, gone: set[str] | None = None) -> None:
+        """A free partition (never held, or its replica died): subscribe, then take the lease.
+        ``gone``: replicas whose connection closed; a lease one of them still holds is taken
+        over at once (an update on its revision, so one replica wins) instead of after the TTL."""
         await self.host.subscribe_partition(p)
         value = json.dumps({"owner": self.replica_id, "state": "owned"}).encode()
         try:
-            self.owned[p] = await self._leases.create(f"p.{p}", value)
-        except KeyWrongLastSequenceError:
+            if gone is None:
+                self.owned[p] = await self._leases.create(f"p.{p}", value)
+            else:
+                entry = await self._leases.get(f"p.{p}")
+                owner = json.loads(entry.value or b"{}").get("owner")
+                if owner in gone:  # else it moved on meanwhile: not an orphan
+                    self.owned[p] = await self._leases.update(f"p.{p}", value,
+                                                              last=entry.revision)
+        except (KeyWrongLastSequenceError, KeyNotFoundError, ValueError):
+            pass
+        self._orphans.pop(p, None)  # ours now, or another replica's
+        if p not in self.owned:
             await self.host.unsubscribe_partition(p)
             return
         snaps, written = await self._load(p)
@@ -659,6 +698,64 @@ class Cluster:
                 self.save(p, sid, replace(reserved(snap), frames=snap.frames + ran))
             await self._flush_saves()
         self.host.adopt_partition(p, snaps, written)
+
+    # --- replicas gone ---------------------------------------------------------------------
+
+    async def _on_alive(self, msg: Any) -> None:
+        if msg.reply:
+            await msg.respond(b"")
+
+    async def _without_gone(self, view: dict[str, Heartbeat]) -> dict[str, Heartbeat]:
+        """The heartbeats without the replicas found gone (until their leases would have lapsed
+        anyway); the partitions those still hold are :attr:`_orphans`, free to take."""
+        now = time.monotonic()
+        ttl_s = self.settings.cluster.lease_ttl_s
+        for r, at in list(self._gone.items()):
+            if r in view or now - at > ttl_s + self.period_s:  # it wrote a heartbeat: back
+                del self._gone[r]
+        assert self._nc is not None
+        reconnects = self._nc.stats.get("reconnects", 0)
+        if reconnects != self._reconnects:  # we were away (a server restart, say): so may
+            self._reconnects = reconnects  # the others be, reconnecting a moment later than
+            self._probe_from = now + 2 * ttl_s  # us; leave them to their leases meanwhile
+        for r in await self._probe(view) if now >= self._probe_from else ():
+            self._gone[r] = now
+            self._orphans.update(dict.fromkeys(view[r].partitions, r))
+        self._orphans = {p: r for p, r in self._orphans.items()
+                         if r in self._gone and p not in self.owned}
+        return {r: hb for r, hb in view.items() if r not in self._gone}
+
+    async def _probe(self, view: Mapping[str, Heartbeat]) -> set[str]:
+        """Replicas whose NATS connection is gone, so their leases need not run out: a crashed
+        process's socket closes at once, and the server then answers a request to its
+        liveness subject with "no responders" (asked twice, GONE_CONFIRM_S apart). A replica
+        that is only slow, or an older one that does not answer, is left to its lease TTL."""
+        peers = [r for r, hb in view.items()
+                 if r != self.replica_id and hb.alive and hb.partitions]
+        suspects = [r for r, ok in zip(peers, await asyncio.gather(
+            *(self._answers(view[r].alive) for r in peers)), strict=True) if not ok]
+        if not suspects:
+            return set()
+        await asyncio.sleep(GONE_CONFIRM_S)
+        gone = {r for r, ok in zip(suspects, await asyncio.gather(
+            *(self._answers(view[r].alive) for r in suspects)), strict=True) if not ok}
+        for r in gone:
+            self.gone_seen += 1
+            log.warning("replica gone (its NATS connection closed): its partitions are taken "
+                        "over now", extra={"replica": r, "partitions": view[r].partitions})
+            with contextlib.suppress(Exception):  # out of every replica's view now, not at
+                await self._leases.delete(f"r.{r}")  # its TTL (back in it if it reconnects)
+        return gone
+
+    async def _answers(self, subject: str) -> bool:
+        assert self._nc is not None
+        try:
+            await self._nc.request(subject, b"", timeout=ALIVE_TIMEOUT_S)
+        except NoRespondersError:
+            return False
+        except Exception:  # slow, or NATS away: not proof of anything; the lease decides
+            return True
+        return True
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

@@ -159,6 +159,10 @@ def _table() -> tuple[Metric, ...]:
                "Partitions handed to another replica, by reason: partitions (over the fair "
                "share), sessions (load), leaving (SIGTERM).",
                lambda t: _by("reason", (t.cluster or {}).get("moves", {}))),
+        Metric("cluster.replicas_gone", "counter", "{replica}",
+               "Replicas this one found gone by their closed NATS connection (a crash): their "
+               "partitions taken over at once instead of after STT_LEASE_TTL_S.",
+               lambda t: _one(t.cluster["replicas_gone"]) if t.cluster else []),
         Metric("durable.acks", "counter", "{ack}",
                "Acknowledgements sent to the durable audio stream (STT_DURABLE), each up to "
                "the oldest audio a session still needs.",
