@@ -397,11 +397,12 @@ class Worker(PartitionSide):
     # --- actions -------------------------------------------------------------------------------
 
     def _execute(self, session: Session, actions: list[Action]) -> None:
-        published = False
+        published = final = False
         for action in actions:
             if isinstance(action, Publish):
                 published = True
                 message = action.message
+                final = final or (isinstance(message, protocol.Transcript) and message.is_final)
                 if isinstance(message, protocol.Error):
                     self.stats.count_error(message.code.value)
                     log.warning("error sent: %s", message.message,
@@ -439,6 +440,10 @@ class Worker(PartitionSide):
                 self.telemetry.session_closed(session.session_id, action.reason.value)
         if published and self.cluster is not None and not session.closed:
             self._save(session)
+        if final and self.audio_log is not None:
+            # durable mode: the acknowledgement right behind the final, not at the next tick, so
+            # a crash between the two (the final published, its audio replayed) is all but ruled out
+            self._acknowledge()
 
     async def _run_job(self, session: Session, job: Job) -> None:
         """One engine job; a final that fails is retried with backoff for STT_FINAL_RETRY_S
