@@ -37,12 +37,12 @@ def flag_of(variable: str) -> str | None:
 
 
 def setting(default: Any, env: str, help: str, *, choices: tuple[str, ...] | None = None,
-            secret: bool = False, group: str = "worker") -> Any:
-    """One setting: its default, environment variable, help (the README's table and ``--help``
-    are generated from it), allowed values, whether it is a secret (masked in logs) and the
-    ``--help`` section it is listed in. The flag is the field's name: ``--chunk-timeout-s``."""
+            secret: bool = False) -> Any:
+    """One setting: its default, environment variable, help (the configuration tables and
+    ``--help`` are generated from it), allowed values and whether it is a secret (masked in
+    logs). The flag is the field's name: ``--chunk-timeout-s``."""
     return field(default=default, metadata={"env": env, "help": help, "choices": choices,
-                                            "secret": secret, "group": group})
+                                            "secret": secret})
 
 
 def flag(name: str) -> str:
@@ -54,6 +54,7 @@ class Area:
     called by :meth:`validate` after the allowed values of every field)."""
 
     area: ClassVar[str]  # its attribute on Settings: settings.nats, settings.cluster, ...
+    help_group: ClassVar[str]  # its section of ``--help`` (areas may share one)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

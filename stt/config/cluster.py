@@ -17,6 +17,7 @@ def _token_ok(token: str) -> bool:
 @dataclass(frozen=True)
 class ClusterSettings(Area):
     area: ClassVar[str] = "cluster"
+    help_group: ClassVar[str] = "worker"  # its section of `stt worker --help`
 
     partitions: int = setting(0, "STT_PARTITIONS",
                               "Partitions of the input subject that replicas share (0 = one "

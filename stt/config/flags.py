@@ -10,7 +10,7 @@ import typing
 from typing import Any
 
 from stt.config.base import flag
-from stt.config.settings import FIELDS, Settings, all_fields, area_types
+from stt.config.settings import FIELDS, Settings, area_types
 
 
 def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] | None = None) -> None:
@@ -22,20 +22,21 @@ def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] | Non
     for area in area_types():
         hints.update(typing.get_type_hints(area))
     sections: dict[str, Any] = {}  # group name -> what parser.add_argument_group returned
-    for f in all_fields():
-        group = f.metadata["group"]
+    for area in area_types():
+        group = area.help_group
         if groups is not None and group not in groups:
             continue
         section = sections.get(group) or parser.add_argument_group(f"{group} settings")
         sections[group] = section
-        help_text = f"{f.metadata['help']} [env {f.metadata['env']}, default {f.default!r}]"
-        if hints[f.name] is bool:
-            section.add_argument(flag(f.name), dest=f.name, default=None,
-                                 action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            section.add_argument(flag(f.name), dest=f.name, default=None,
-                                 metavar=f.metadata["env"], choices=f.metadata["choices"],
-                                 help=help_text)
+        for f in dataclasses.fields(area):  # type: ignore[arg-type]
+            help_text = f"{f.metadata['help']} [env {f.metadata['env']}, default {f.default!r}]"
+            if hints[f.name] is bool:
+                section.add_argument(flag(f.name), dest=f.name, default=None,
+                                     action=argparse.BooleanOptionalAction, help=help_text)
+            else:
+                section.add_argument(flag(f.name), dest=f.name, default=None,
+                                     metavar=f.metadata["env"], choices=f.metadata["choices"],
+                                     help=help_text)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -14,30 +14,27 @@ from stt.wire.protocol import Subjects
 @dataclass(frozen=True)
 class NatsSettings(Area):
     area: ClassVar[str] = "nats"
+    help_group: ClassVar[str] = "nats"  # its section of `stt worker --help`
 
     nats_url: str = setting("nats://127.0.0.1:4222", "NATS_URL",
-                            "NATS server(s), comma separated.", group="nats")
-    nats_user: str = setting("", "NATS_USER", "NATS user name.", group="nats")
-    nats_password: str = setting("", "NATS_PASSWORD", "NATS password.", secret=True, group="nats")
-    nats_token: str = setting("", "NATS_TOKEN", "NATS token.", secret=True, group="nats")
+                            "NATS server(s), comma separated.")
+    nats_user: str = setting("", "NATS_USER", "NATS user name.")
+    nats_password: str = setting("", "NATS_PASSWORD", "NATS password.", secret=True)
+    nats_token: str = setting("", "NATS_TOKEN", "NATS token.", secret=True)
     nats_nkey_seed: str = setting("", "NATS_NKEY_SEED",
-                                  "Path to an nkey seed file.", group="nats")
-    nats_creds: str = setting("", "NATS_CREDS", "Path to a .creds file (JWT + nkey).", group="nats")
-    nats_tls_ca: str = setting("", "NATS_TLS_CA", "CA bundle for the NATS server's certificate.",
-                               group="nats")
-    nats_tls_cert: str = setting("", "NATS_TLS_CERT", "Client certificate for NATS mTLS.",
-                                 group="nats")
-    nats_tls_key: str = setting("", "NATS_TLS_KEY", "Client key for NATS mTLS.", group="nats")
-    nats_name: str = setting("stt-worker", "NATS_CLIENT_NAME", "Client name shown by the server.",
-                             group="nats")
+                                  "Path to an nkey seed file.")
+    nats_creds: str = setting("", "NATS_CREDS", "Path to a .creds file (JWT + nkey).")
+    nats_tls_ca: str = setting("", "NATS_TLS_CA", "CA bundle for the NATS server's certificate.")
+    nats_tls_cert: str = setting("", "NATS_TLS_CERT", "Client certificate for NATS mTLS.")
+    nats_tls_key: str = setting("", "NATS_TLS_KEY", "Client key for NATS mTLS.")
+    nats_name: str = setting("stt-worker", "NATS_CLIENT_NAME", "Client name shown by the server.")
     input_subject: str = setting(Subjects.input_subject, "STT_INPUT_SUBJECT",
-                                 "Subscription subject; the last token is the session id.",
-                                 group="nats")
+                                 "Subscription subject; the last token is the session id.")
     output_subject_prefix: str = setting(Subjects.output_prefix, "STT_OUTPUT_SUBJECT_PREFIX",
-                                         "Transcripts go to PREFIX.{session_id}.", group="nats")
+                                         "Transcripts go to PREFIX.{session_id}.")
     queue_group: str = setting("", "STT_QUEUE_GROUP",
                                "NATS queue group ('' = none). Only safe when each session's "
-                               "messages reach one worker (see README, scaling).", group="nats")
+                               "messages reach one worker (see README, scaling).")
 
     @property
     def subjects(self) -> Subjects:

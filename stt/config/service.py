@@ -13,21 +13,20 @@ from stt.config.base import Area, setting
 @dataclass(frozen=True)
 class ServeSettings(Area):
     area: ClassVar[str] = "serve"
+    help_group: ClassVar[str] = "serve"  # its section of `stt worker --help`
 
     serve_host: str = setting("127.0.0.1", "STT_SERVE_HOST",
-                              "Address `stt serve`, `stt realtime` and `stt live` bind.",
-                              group="serve")
+                              "Address `stt serve`, `stt realtime` and `stt live` bind.")
     serve_port: int = setting(8000, "STT_SERVE_PORT",
                               "Port `stt serve`, `stt realtime` and `stt live` listen on (`stt "
-                              "live` takes a free one if it is taken).", group="serve")
+                              "live` takes a free one if it is taken).")
     serve_max_bytes: int = setting(25 * 1024 * 1024, "STT_SERVE_MAX_BYTES",
-                                   "Largest request body `stt serve` accepts (413 beyond).",
-                                   group="serve")
+                                   "Largest request body `stt serve` accepts (413 beyond).")
     serve_api_key: str = setting("", "STT_SERVE_API_KEY",
                                  "If set, `stt serve` and the Realtime websocket require "
                                  "'Authorization: Bearer KEY' (a browser: the subprotocol "
                                  "'openai-insecure-api-key.KEY').",
-                                 secret=True, group="serve")
+                                 secret=True)
 
     def check(self, need: Callable[[bool, str, str], None]) -> None:
         need(0 < self.serve_port <= 65535, "serve_port", "must be a TCP port")
@@ -37,20 +36,18 @@ class ServeSettings(Area):
 @dataclass(frozen=True)
 class OpsSettings(Area):
     area: ClassVar[str] = "ops"
+    help_group: ClassVar[str] = "ops"  # its section of `stt worker --help`
 
     health_port: int = setting(0, "STT_HEALTH_PORT",
-                               "Port for /livez, /readyz and /metrics (0 = off).", group="ops")
-    health_host: str = setting("0.0.0.0", "STT_HEALTH_HOST", "Address the health port binds.",
-                               group="ops")
-    log_level: str = setting("INFO", "STT_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", group="ops")
-    log_format: str = setting("text", "STT_LOG_FORMAT", "text or json.", choices=("text", "json"),
-                              group="ops")
+                               "Port for /livez, /readyz and /metrics (0 = off).")
+    health_host: str = setting("0.0.0.0", "STT_HEALTH_HOST", "Address the health port binds.")
+    log_level: str = setting("INFO", "STT_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.")
+    log_format: str = setting("text", "STT_LOG_FORMAT", "text or json.", choices=("text", "json"))
     otel_enabled: bool = setting(False, "OTEL_ENABLED",
-                                 "OpenTelemetry traces and metrics over OTLP.", group="ops")
+                                 "OpenTelemetry traces and metrics over OTLP.")
     hyperdx_enabled: bool = setting(False, "HYPERDX_ENABLED",
-                                    "Send telemetry to HyperDX (needs HYPERDX_API_KEY).", group="ops")
-    hyperdx_api_key: str = setting("", "HYPERDX_API_KEY", "HyperDX ingestion key.", secret=True,
-                                   group="ops")
+                                    "Send telemetry to HyperDX (needs HYPERDX_API_KEY).")
+    hyperdx_api_key: str = setting("", "HYPERDX_API_KEY", "HyperDX ingestion key.", secret=True)
 
     def check(self, need: Callable[[bool, str, str], None]) -> None:
         need(0 <= self.health_port <= 65535, "health_port", "must be a TCP port or 0")

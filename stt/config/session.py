@@ -26,6 +26,7 @@ from stt.wire.protocol import ENDPOINTING
 @dataclass(frozen=True)
 class SessionSettings(Area):
     area: ClassVar[str] = "session"
+    help_group: ClassVar[str] = "worker"  # its section of `stt worker --help`
 
     buffer_size_bytes: int = setting(480_000, "STT_BUFFER_SIZE_BYTES",
                                      "Longest segment before it is cut (at a quiet point) and "
@@ -100,6 +101,7 @@ class SessionSettings(Area):
 @dataclass(frozen=True)
 class TurnSettings(Area):
     area: ClassVar[str] = "turn"
+    help_group: ClassVar[str] = "worker"  # its section of `stt worker --help`
 
     endpointing: str = setting("model", "STT_ENDPOINTING",
                                "How a turn's end is found: model (the end-of-turn model on the "
@@ -191,29 +193,27 @@ class TurnSettings(Area):
 @dataclass(frozen=True)
 class LimitSettings(Area):
     area: ClassVar[str] = "limits"
+    help_group: ClassVar[str] = "limits"  # its section of `stt worker --help`
 
     session_idle_timeout_s: float = setting(30.0, "STT_SESSION_IDLE_TIMEOUT",
                                             "Seconds without any message before a session is ended "
-                                            "(reason idle_timeout).", group="limits")
+                                            "(reason idle_timeout).")
     max_sessions: int = setting(2000, "STT_MAX_SESSIONS",
-                                "Concurrent sessions per worker; more get 'overloaded'.",
-                                group="limits")
+                                "Concurrent sessions per worker; more get 'overloaded'.")
     max_chunk_bytes: int = setting(256 * 1024, "STT_MAX_CHUNK_BYTES",
-                                   "Largest decoded audio chunk; larger get 'too_large'.",
-                                   group="limits")
+                                   "Largest decoded audio chunk; larger get 'too_large'.")
     max_segment_s: float = setting(30.0, "STT_MAX_SEGMENT_SECONDS",
                                    "Hard cap on one segment sent to the engine and on one chunk's "
-                                   "duration.", group="limits")
+                                   "duration.")
     final_retry_s: float = setting(10.0, "STT_FINAL_RETRY_S",
                                    "How long a final whose engine call failed is retried (with "
                                    "backoff) before the session gets engine_failed; partials "
-                                   "are not retried.", group="limits")
+                                   "are not retried.")
     max_pending_segments: int = setting(8, "STT_MAX_PENDING_SEGMENTS",
                                         "Finals queued per session while the engine is busy; more "
-                                        "are dropped with 'overloaded'.", group="limits")
+                                        "are dropped with 'overloaded'.")
     drain_timeout_s: float = setting(20.0, "STT_DRAIN_TIMEOUT_S",
-                                     "On SIGTERM, longest wait for live sessions' finals.",
-                                     group="limits")
+                                     "On SIGTERM, longest wait for live sessions' finals.")
 
     def check(self, need: Callable[[bool, str, str], None]) -> None:
         need(self.final_retry_s >= 0, "final_retry_s", "must be >= 0")
