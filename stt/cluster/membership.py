@@ -297,7 +297,6 @@ class Cluster:
         self._saved: dict[str, float] = {}       # key -> monotonic time of the last write
         self._save_wake = asyncio.Event()
         self.alive_subject = f"{settings.cluster.cluster_bucket}.alive.{self.replica_id}"
-        self._alive_sub: Any = None
         self.gone_seen = 0  # replicas found gone by their closed connection (not the lease TTL)
         self._gone: dict[str, float] = {}   # replica -> when it was found gone (monotonic)
         self._orphans: dict[int, str] = {}  # partition -> the gone replica whose lease it is
@@ -316,7 +315,7 @@ class Cluster:
         self._store = await _bucket(js, self._names[1], SESSION_TTL_S)
         await self.check_mapping(nc)
         # answered while this replica's connection lives: the others probe it (_gone)
-        self._alive_sub = await nc.subscribe(self.alive_subject, cb=self._on_alive)
+        await nc.subscribe(self.alive_subject, cb=self._on_alive)
         await nc.flush()
         await self._beat()
         self._task = asyncio.create_task(self._run())
@@ -512,7 +511,7 @@ class Cluster:
         self._free_since = {p: self._free_since.get(p, now) for p in free}
         picks += [p for p in free if p not in picks and now - self._free_since[p] >= self.period_s]
         for p in picks:
-            await self._claim(p, set(self._gone) if p in self._orphans else None)
+            await self._claim(p)
         if picks:  # the others see them taken now, not a lease round later
             await self._beat()
         if not self.giving and not self.taking and not self._busy and now >= self._settle_until:
@@ -665,19 +664,19 @@ class Cluster:
             self._received[p] = self._settle_until = time.monotonic()
             self._settle_until += MOVE_SETTLE_S
 
-    async def _claim(self, p: int, gone: set[str] | None = None) -> None:
+    async def _claim(self, p: int) -> None:
         """A free partition (never held, or its replica died): subscribe, then take the lease.
-        ``gone``: replicas whose connection closed; a lease one of them still holds is taken
-        over at once (an update on its revision, so one replica wins) instead of after the TTL."""
+        The lease of a replica whose connection closed (:attr:`_orphans`) is taken over at once
+        (an update on its revision, so one replica wins) instead of after the TTL."""
         await self.host.subscribe_partition(p)
         value = json.dumps({"owner": self.replica_id, "state": "owned"}).encode()
         try:
-            if gone is None:
+            if p not in self._orphans:
                 self.owned[p] = await self._leases.create(f"p.{p}", value)
             else:
                 entry = await self._leases.get(f"p.{p}")
                 owner = json.loads(entry.value or b"{}").get("owner")
-                if owner in gone:  # else it moved on meanwhile: not an orphan
+                if owner in self._gone:  # else it moved on meanwhile: not an orphan
                     self.owned[p] = await self._leases.update(f"p.{p}", value,
                                                               last=entry.revision)
         except (KeyWrongLastSequenceError, KeyNotFoundError, ValueError):

@@ -51,13 +51,8 @@ class Settings:
         """Environment first, then ``overrides`` (parsed command-line flags, flat names) on
         top."""
         environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for area in area_types():
-            hints = typing.get_type_hints(area)
-            for f in dataclasses.fields(area):  # type: ignore[arg-type]
-                env = f.metadata["env"]
-                if env in environ:
-                    values[f.name] = convert(environ[env], hints[f.name], env)
+        values: dict[str, Any] = {name: environ[f.metadata["env"]]  # text: replace() parses it
+                                  for name, (_, f) in FIELDS.items() if f.metadata["env"] in environ}
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return cls().replace(**values)
 
