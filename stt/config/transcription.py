@@ -68,12 +68,20 @@ class TranscriptionSettings(Area):
                                         "somewhat less accurate.",
                                         choices=("partials", "all", "off"))
     whisper_final_window_s: float = setting(30.0, "WHISPER_FINAL_WINDOW_S",
-                                            "Seconds of the window finals are encoded over "
+                                            "With WHISPER_FINAL_ENCODE=window (or the whisper "
+                                            "engine): seconds of the window finals are encoded over "
                                             "(audio longer than this gets its own length, up "
                                             "to Whisper's 30 s). 20 s takes a third of 30 s's "
                                             "encoder time on CPU (push-to-talk finals 0.2 s "
                                             "sooner at p95) for +0.006-0.010 corpus WER "
                                             "(tiny.en).")
+    whisper_final_encode: str = setting("audio", "WHISPER_FINAL_ENCODE",
+                                        "What a final's encoder pass covers (faster-whisper on "
+                                        "CPU): audio = its audio plus 2 s, the rest of the 30 s "
+                                        "window filled from a cached encoding of silence (about "
+                                        "half the CPU time, the same corpus WER); window = "
+                                        "WHISPER_FINAL_WINDOW_S of audio and padding. GPUs always "
+                                        "encode the window.", choices=("audio", "window"))
     whisper_beam_size: int = setting(1, "WHISPER_BEAM_SIZE",
                                      "Beam search width for finals (1 = greedy; partials are "
                                      "always greedy).")

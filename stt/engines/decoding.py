@@ -34,6 +34,8 @@ HOP = 160                     # samples per mel frame (10 ms)
 WINDOW_FRAMES = WINDOW_S * SAMPLE_RATE // HOP
 SHORT_STEP_FRAMES = 200       # short windows grow in 2 s steps: few distinct shapes to batch
 SHORT_TAIL_FRAMES = 50        # >= 0.5 s of silence after the speech, or the last word suffers
+FITTED_TAIL_FRAMES = 200      # finals padded with silence's encoding: their audio + 2 s ...
+FITTED_STEP_FRAMES = 100      # ... in 1 s steps (+0.5 s in 0.5 s steps: corpus WER 0.058 vs 0.050)
 FALLBACK_TEMPERATURES = (0.4, 0.8)  # finals only; two retries bound the worst-case latency
 CONTEXT_MAX_CHARS = 300       # previous final given as context: its end matters, keep it short
 TOKENS_PER_S = 12             # token budget: fast speech is ~4 tokens/s in English, more in CJK
@@ -97,6 +99,12 @@ def short_window_frames(n_samples: int) -> int:
     """Mel frames of the short window for ``n_samples`` of audio."""
     frames = n_samples // HOP + SHORT_TAIL_FRAMES
     return min(WINDOW_FRAMES, math.ceil(frames / SHORT_STEP_FRAMES) * SHORT_STEP_FRAMES)
+
+
+def fitted_frames(n_samples: int) -> int:
+    """Mel frames a final is encoded over when the rest of its window is silence's encoding."""
+    frames = n_samples // HOP + FITTED_TAIL_FRAMES
+    return min(WINDOW_FRAMES, math.ceil(frames / FITTED_STEP_FRAMES) * FITTED_STEP_FRAMES)
 
 
 def token_budget(duration_s: float, n_text_ctx: int) -> int:
@@ -185,6 +193,7 @@ class Request:
     prompt_tokens: tuple[int, ...] = ()  # engines that tokenize before batching
     prefix_tokens: tuple[int, ...] = ()  # forced start of the text (TranscribeOptions.prefix)
     window: int = WINDOW_FRAMES          # a full window's frames (WHISPER_FINAL_WINDOW_S)
+    pad_encoding: bool = False           # encoded over ``window``, the rest silence's encoding
 
     @property
     def duration_s(self) -> float:
@@ -195,6 +204,8 @@ class Request:
         """Mel frames this request is encoded over: a short window, or the full one (Whisper's
         30 s, or WHISPER_FINAL_WINDOW_S when that is shorter and the audio fits)."""
         frames = short_window_frames(self.audio.size)
+        if self.pad_encoding:
+            return self.window
         return frames if self.short else min(WINDOW_FRAMES, max(frames, self.window))
 
 
