@@ -143,9 +143,9 @@ async def test_partials_use_a_short_window_and_batch_across_sessions(
 async def test_finals_encode_their_audio_and_read_as_the_whole_window(
         engine: FasterWhisperEngine, corpus: Path) -> None:
     """WHISPER_FINAL_ENCODE=audio (the default): a final's encoder pass covers its audio plus
-    2 s, the rest of the 30 s window is a cached encoding of silence. On 20 corpus clips its
-    WER is no worse than encoding the whole window (tolerance 0.01; here 0.025 against 0.037,
-    on all 70 clips 0.049 against 0.050), in fewer frames."""
+    3 s, the rest of the 30 s window is a cached encoding of silence. On 20 corpus clips its
+    WER is no worse than encoding the whole window (tolerance 0.01; on all 70 clips 0.048
+    against 0.050), in fewer frames."""
     window = FasterWhisperEngine(final_encode="window")
     await window.start()
     try:
@@ -158,7 +158,7 @@ async def test_finals_encode_their_audio_and_read_as_the_whole_window(
                 r = await e.transcribe(audio, TranscribeOptions(language="en"))
                 pairs[name].append((ref, r.text))
                 frames = list(e.passes - before)
-                expected = (-(-(audio.size // 160 + 200) // 100) * 100) if name == "audio" else 3000
+                expected = (-(-(audio.size // 160 + 300) // 100) * 100) if name == "audio" else 3000
                 assert frames == [min(3000, expected)], (name, frames)
     finally:
         await window.close()

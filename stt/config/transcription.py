@@ -77,7 +77,7 @@ class TranscriptionSettings(Area):
                                             "(tiny.en).")
     whisper_final_encode: str = setting("audio", "WHISPER_FINAL_ENCODE",
                                         "What a final's encoder pass covers (faster-whisper on "
-                                        "CPU): audio = its audio plus 2 s, the rest of the 30 s "
+                                        "CPU): audio = its audio plus 3 s, the rest of the 30 s "
                                         "window filled from a cached encoding of silence (about "
                                         "half the CPU time, the same corpus WER); window = "
                                         "WHISPER_FINAL_WINDOW_S of audio and padding. GPUs always "

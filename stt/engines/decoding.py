@@ -34,7 +34,7 @@ HOP = 160                     # samples per mel frame (10 ms)
 WINDOW_FRAMES = WINDOW_S * SAMPLE_RATE // HOP
 SHORT_STEP_FRAMES = 200       # short windows grow in 2 s steps: few distinct shapes to batch
 SHORT_TAIL_FRAMES = 50        # >= 0.5 s of silence after the speech, or the last word suffers
-FITTED_TAIL_FRAMES = 200      # finals padded with silence's encoding: their audio + 2 s ...
+FITTED_TAIL_FRAMES = 300      # finals padded with silence's encoding: their audio + 3 s ...
 FITTED_STEP_FRAMES = 100      # ... in 1 s steps (+0.5 s in 0.5 s steps: corpus WER 0.058 vs 0.050)
 FALLBACK_TEMPERATURES = (0.4, 0.8)  # finals only; two retries bound the worst-case latency
 CONTEXT_MAX_CHARS = 300       # previous final given as context: its end matters, keep it short

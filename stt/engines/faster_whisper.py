@@ -14,7 +14,7 @@ Theory of operation
   grouped by the length of their prompt (partials, without context, batch across sessions).
 * Partials are encoded over a short window (speech + at least 0.5 s of silence, 2 s steps), as
   whisper.cpp's ``audio_ctx`` does. Finals (``WHISPER_FINAL_ENCODE=audio``, the default on CPU)
-  encode only their audio plus 2 s of silence, in 1 s steps, and the rest of Whisper's 30 s
+  encode only their audio plus 3 s of silence, in 1 s steps, and the rest of Whisper's 30 s
   window is filled from a cached encoding of a silent window: the decoder still sees the 1500
   positions it was trained on (a window merely cut short costs accuracy: corpus WER 0.15 against
   0.05), for about half the CPU time of encoding the whole window (``docs/quality.md``). With
