@@ -142,12 +142,12 @@ async def test_partials_use_a_short_window_and_batch_across_sessions(
 
 async def test_finals_encode_their_audio_and_read_as_the_whole_window(
         engine: FasterWhisperEngine, corpus: Path) -> None:
-    """WHISPER_FINAL_ENCODE=audio (the default): a final's encoder pass covers its audio plus
+    """WHISPER_FINAL_ENCODE=audio (opt-in): a final's encoder pass covers its audio plus
     3 s, the rest of the 30 s window is a cached encoding of silence. On 20 corpus clips its
     WER is no worse than encoding the whole window (tolerance 0.01; on all 70 clips 0.048
     against 0.050), in fewer frames."""
-    window = FasterWhisperEngine(final_encode="window")
-    await window.start()
+    window, engine = engine, FasterWhisperEngine(final_encode="audio")
+    await engine.start()
     try:
         clips = corpus_clips(corpus)[::3][:20]
         pairs: dict[str, list[tuple[str, str]]] = {"audio": [], "window": []}
@@ -161,8 +161,9 @@ async def test_finals_encode_their_audio_and_read_as_the_whole_window(
                 expected = (-(-(audio.size // 160 + 300) // 100) * 100) if name == "audio" else 3000
                 assert frames == [min(3000, expected)], (name, frames)
     finally:
-        await window.close()
+        await engine.close()
     assert engine.describe()["final_encode"] == "audio"
+    assert window.describe()["final_encode"] == "window"  # the default
     assert wer(pairs["audio"]) <= wer(pairs["window"]) + 0.01, pairs
 
 

@@ -13,12 +13,12 @@ Theory of operation
   its start-of-transcript token must sit at the same position in every item: requests are
   grouped by the length of their prompt (partials, without context, batch across sessions).
 * Partials are encoded over a short window (speech + at least 0.5 s of silence, 2 s steps), as
-  whisper.cpp's ``audio_ctx`` does. Finals (``WHISPER_FINAL_ENCODE=audio``, the default on CPU)
-  encode only their audio plus 3 s of silence, in 1 s steps, and the rest of Whisper's 30 s
-  window is filled from a cached encoding of a silent window: the decoder still sees the 1500
-  positions it was trained on (a window merely cut short costs accuracy: corpus WER 0.15 against
-  0.05), for about half the CPU time of encoding the whole window (``docs/quality.md``). With
-  ``window``, finals are encoded over ``WHISPER_FINAL_WINDOW_S`` (30 s = Whisper's own). Mel
+  whisper.cpp's ``audio_ctx`` does. Finals are encoded over ``WHISPER_FINAL_WINDOW_S`` (30 s =
+  Whisper's own). With ``WHISPER_FINAL_ENCODE=audio`` (opt-in, CPU) they encode only their
+  audio plus 3 s of silence, in 1 s steps, and the rest of Whisper's 30 s window is filled from
+  a cached encoding of a silent window: the decoder still sees the 1500 positions it was trained
+  on (a window merely cut short costs accuracy: corpus WER 0.15 against 0.05), for about half
+  the CPU time of encoding the whole window (``docs/engines.md``). Mel
   features come from the audio padded with zeros, as openai-whisper does, so both local engines
   see the same input.
 * Word timings come from CTranslate2's cross-attention alignment (the model's alignment heads),
@@ -90,7 +90,7 @@ class FasterWhisperEngine(LocalWhisperEngine):
                  batch_wait_s: float = 0.005, short_window: str = "partials",
                  beam_size: int = 1, use_context: bool = True,
                  guards: Guards | None = None, final_window_s: float = 30.0,
-                 final_encode: str = "audio") -> None:
+                 final_encode: str = "window") -> None:
         super().__init__(model, device=device, download_root=download_root,
                          cpu_threads=cpu_threads, batch_size=batch_size,
                          batch_wait_s=batch_wait_s, short_window=short_window,
