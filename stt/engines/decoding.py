@@ -193,7 +193,7 @@ class Request:
     prompt_tokens: tuple[int, ...] = ()  # engines that tokenize before batching
     prefix_tokens: tuple[int, ...] = ()  # forced start of the text (TranscribeOptions.prefix)
     window: int = WINDOW_FRAMES          # a full window's frames (WHISPER_FINAL_WINDOW_S)
-    pad_encoding: bool = False           # encoded over ``window``, the rest silence's encoding
+    pad_encoding: bool = False           # encoded over its audio, the rest silence's encoding
 
     @property
     def duration_s(self) -> float:
@@ -201,11 +201,12 @@ class Request:
 
     @property
     def n_frames(self) -> int:
-        """Mel frames this request is encoded over: a short window, or the full one (Whisper's
-        30 s, or WHISPER_FINAL_WINDOW_S when that is shorter and the audio fits)."""
-        frames = short_window_frames(self.audio.size)
+        """Mel frames this request is encoded over: a short window, its audio's fitted one (the
+        rest of the window is silence's encoding), or the full one (Whisper's 30 s, or
+        WHISPER_FINAL_WINDOW_S when that is shorter and the audio fits)."""
         if self.pad_encoding:
-            return self.window
+            return fitted_frames(self.audio.size)
+        frames = short_window_frames(self.audio.size)
         return frames if self.short else min(WINDOW_FRAMES, max(frames, self.window))
 
 

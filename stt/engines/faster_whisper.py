@@ -49,7 +49,6 @@ from stt.engines.decoding import (
     Request,
     available_cpus,
     compression_ratio,
-    fitted_frames,
     join_words,
     long_form_transcription,
     pick_language,
@@ -145,11 +144,9 @@ class FasterWhisperEngine(LocalWhisperEngine):
         second = np.zeros(SAMPLE_RATE, dtype=np.float32)
         for final in (False, True):
             options = TranscribeOptions(language="en", is_partial=not final, word_timestamps=True)
-            padded = final and self.final_encode == "audio"
             self._decode_group([Request(second, options, "en", None, final=final,
-                                        short=not final, pad_encoding=padded,
-                                        window=fitted_frames(second.size) if padded
-                                        else self.final_window)])
+                                        short=not final, window=self.final_window,
+                                        pad_encoding=self._pads(final, short=not final))])
 
     # --- requests -------------------------------------------------------------------------
 
@@ -166,13 +163,15 @@ class FasterWhisperEngine(LocalWhisperEngine):
         prefix = self._prompt_prefix(prompt)
         forced = (tuple(self._tokenizer(None).encode(" " + options.prefix.strip()))
                   [:MAX_LENGTH // 2 - 1] if options.prefix and final else ())
-        padded = final and not short and self.final_encode == "audio"
         return (Request(audio, options, language, prompt, final=final, short=short,
                         prompt_tokens=tuple(prefix), prefix_tokens=forced,
-                        window=fitted_frames(audio.size) if padded else self.final_window,
-                        pad_encoding=padded),
+                        window=self.final_window, pad_encoding=self._pads(final, short)),
                 (short, final, options.word_timestamps, len(prefix), len(forced),
                  options.temperature))
+
+    def _pads(self, final: bool, short: bool) -> bool:
+        """Is this request's encoding its audio's, the rest a silent window's? (WHISPER_FINAL_ENCODE)"""
+        return final and not short and self.final_encode == "audio"
 
     def _codes(self) -> tuple[str, ...]:
         return tuple(self.model.supported_languages)  # ["en"] for an English-only model
