@@ -277,6 +277,26 @@ def test_a_wordless_interrupt_is_cancelled_as_soon_as_its_decode_says_so() -> No
     assert cancelled["state"] == "responding" and h.session.state is State.RESPONDING
 
 
+def test_a_final_holds_the_same_audio_whenever_its_decode_starts() -> None:
+    """The model's early "probably over" starts the final's decode once the final's tail of
+    silence (STT_HANGOVER_MS) is in, not before: a final started by the model and one started at
+    STT_SPECULATIVE_MS decode the same audio (Whisper's text can change with its length)."""
+    jobs = []
+    for p in (0.9, 0.05):
+        h = TurnHarness([p], turn_query_s="0.06,0.45,0.9", hangover_ms=150, speculative_ms=300)
+        h.feed(silence(0.3))
+        h.feed(SENTENCE_1)
+        h.feed(silence(0.15))  # the query was answered at 0.06 s of silence: too soon
+        assert len(h.queries) == 1 and h.jobs == []
+        h.feed(silence(0.09))   # 0.15 s of silence
+        assert [j.speculative for j in h.jobs] == ([True] if p == 0.9 else [])
+        h.feed(silence(0.15))   # 0.3 s
+        (job,) = h.jobs
+        jobs.append(job)
+    assert jobs[0].audio.size == jobs[1].audio.size
+    assert np.array_equal(jobs[0].audio, jobs[1].audio)
+
+
 def test_a_pause_the_model_calls_mid_sentence_costs_no_early_decode() -> None:
     low = TurnHarness([0.05], speculative_ms=300)
     low.feed(silence(0.3))

@@ -52,8 +52,10 @@ class SessionSettings(Area):
                                 "opens an utterance.")
     preroll_ms: int = setting(300, "STT_PREROLL_MS",
                               "Audio kept before detected speech, so first syllables survive.")
-    hangover_ms: int = setting(300, "STT_HANGOVER_MS",
-                               "Silence kept after speech in a finalized segment.")
+    hangover_ms: int = setting(150, "STT_HANGOVER_MS",
+                               "Silence kept after speech in a finalized segment (every final "
+                               "of an utterance ends exactly this long after its last voiced "
+                               "frame).")
     noise_gate_db: float = setting(10.0, "STT_NOISE_GATE_DB",
                                    "A voiced frame less than this far above the noise floor "
                                    "does not hold an utterance open (breath, room noise after "

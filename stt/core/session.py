@@ -131,6 +131,7 @@ class _Utterance:
     spec_result: Transcription | None = None
     spec_speech: int = 0              # speech frames when it was asked for
     spec_stable: int = 0              # stable words then
+    spec_wanted: bool = False         # the model said "probably over" before the final's tail
     turn: Turn | None = None          # end of turn (model endpointing)
     turn_query: int = 0               # the query in flight, by id
 
@@ -582,6 +583,7 @@ class Session:
         assert turn is not None
         if not seg.trailing_silence:
             utt.turn_query = 0  # an answer still coming is for a silence that is over
+            utt.spec_wanted = False
             if turn.resumed():
                 return [self._emit(TurnResumed(self.session_id, self.speaker_id,
                                                segment_id=seg.segment_id))]
@@ -627,9 +629,13 @@ class Session:
         utt.turn.scored(probability)
         actions: list[Action] = []
         if probability >= utt.turn.params.speculate_p and self._may_speculate(utt):
-            # probably the end: the final's decode starts now, not at STT_SPECULATIVE_MS (a
-            # pause the model calls mid-sentence costs no decode that speech would waste)
-            actions += self._speculate(utt, now)
+            # probably the end: the final's decode starts now (or once the final's tail of
+            # silence is in), not at STT_SPECULATIVE_MS (a pause the model calls mid-sentence
+            # costs no decode that speech would waste)
+            if utt.segment.trailing_silence >= self.params.segmenter.hangover_frames:
+                actions += self._speculate(utt, now)
+            else:
+                utt.spec_wanted = True
         return actions + self._judge_turn(utt, now) + self._pump(now)
 
     def turn_failed(self, query_id: int, now: float) -> list[Action]:
@@ -672,8 +678,14 @@ class Session:
     # --- speculative finals ----------------------------------------------------------------
 
     def _speculation_due(self, utt: _Utterance) -> bool:
-        at = self.params.speculative_frames
-        return at > 0 and utt.segment.trailing_silence == at and self._may_speculate(utt)
+        """At STT_SPECULATIVE_MS of silence, or as soon as the final's tail is in when the model
+        asked for it sooner; never before: every final of an utterance then ends exactly
+        ``hangover_frames`` after its last voiced frame, whatever the timing (Whisper's text
+        can change with the audio's length)."""
+        at, tail = self.params.speculative_frames, self.params.segmenter.hangover_frames
+        silence = utt.segment.trailing_silence
+        due = silence == max(at, tail) or (utt.spec_wanted and silence == tail)
+        return at > 0 and due and self._may_speculate(utt)
 
     def _may_speculate(self, utt: _Utterance) -> bool:
         seg = utt.segment
