@@ -16,6 +16,7 @@ import pytest
 
 from stt.cli.wiring import build_worker
 from stt.config import Settings
+from stt.core.textnorm import normalize
 from stt.engines.base import Engine
 from stt.transport.nats_server import NatsServer
 from stt.transport.worker import Worker
@@ -56,6 +57,13 @@ def make_settings(nats_url: str, **overrides: Any) -> Settings:
 
 
 WorkerFactory = Callable[..., Any]
+
+
+def words_of(finals: list[str]) -> list[list[str]]:
+    """Each final's words (stt.core.textnorm.normalize: no case, no punctuation): what "word for
+    word" compares. A comma is not a word, and tiny.en places one differently when a segment's
+    edge moves by a frame or the batch it was decoded in differs."""
+    return [normalize(f).split() for f in finals]
 
 
 @pytest.fixture

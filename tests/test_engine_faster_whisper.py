@@ -18,7 +18,7 @@ from stt.core.textnorm import normalize, wer
 from stt.core.transcription import TranscribeOptions
 from stt.engines import create_engine
 from stt.engines.base import EngineError, EngineUnavailable
-from stt.engines.decoding import Guards, UnsupportedLanguage, is_stock_phrase
+from stt.engines.decoding import Guards, UnsupportedLanguage, fitted_frames, is_stock_phrase
 from stt.engines.faster_whisper import FasterWhisperEngine
 from stt.engines.models import EMBEDDED, resolve_ct2
 
@@ -142,12 +142,12 @@ async def test_partials_use_a_short_window_and_batch_across_sessions(
 
 async def test_finals_encode_their_audio_and_read_as_the_whole_window(
         engine: FasterWhisperEngine, corpus: Path) -> None:
-    """WHISPER_FINAL_ENCODE=audio (opt-in): a final's encoder pass covers its audio plus
+    """WHISPER_FINAL_ENCODE=audio (the default on CPU): a final's encoder pass covers its audio plus
     3 s, the rest of the 30 s window is a cached encoding of silence. On 20 corpus clips its
     WER is no worse than encoding the whole window (tolerance 0.01; on all 70 clips 0.048
     against 0.050), in fewer frames."""
-    window, engine = engine, FasterWhisperEngine(final_encode="audio")
-    await engine.start()
+    window = FasterWhisperEngine(final_encode="window")
+    await window.start()
     try:
         clips = corpus_clips(corpus)[::3][:20]
         pairs: dict[str, list[tuple[str, str]]] = {"audio": [], "window": []}
@@ -161,19 +161,24 @@ async def test_finals_encode_their_audio_and_read_as_the_whole_window(
                 expected = (-(-(audio.size // 160 + 300) // 100) * 100) if name == "audio" else 3000
                 assert frames == [min(3000, expected)], (name, frames)
     finally:
-        await engine.close()
-    assert engine.describe()["final_encode"] == "audio"
-    assert window.describe()["final_encode"] == "window"  # the default
+        await window.close()
+    assert engine.describe()["final_encode"] == "audio"  # the default
+    assert window.describe()["final_encode"] == "window"
     assert wer(pairs["audio"]) <= wer(pairs["window"]) + 0.01, pairs
 
 
 async def test_batched_text_equals_one_by_one(engine: FasterWhisperEngine,
                                               speech: np.ndarray) -> None:
-    clips = [speech[i * 3 * SAMPLE_RATE: (i * 3 + 4) * SAMPLE_RATE] for i in range(4)]
+    """A final reads the same whatever it was batched with: clips of 3-6 s, so each needs its
+    own encoder length (WHISPER_FINAL_ENCODE=audio encodes each at its own)."""
+    clips = [speech[i * 3 * SAMPLE_RATE: (i * 4 + 3) * SAMPLE_RATE] for i in range(4)]
     one = [(await engine.transcribe(c, TranscribeOptions(language="en"))).text for c in clips]
+    before = engine.passes.copy()
     together = await asyncio.gather(*(engine.transcribe(c, TranscribeOptions(language="en"))
                                       for c in clips))
     assert [r.text for r in together] == one
+    assert engine._batcher is not None and engine._batcher.stats.largest >= 2
+    assert sorted(engine.passes - before) == [fitted_frames(c.size) for c in clips]
 
 
 async def test_english_only_model_refuses_other_languages(engine: FasterWhisperEngine,

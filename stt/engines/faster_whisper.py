@@ -13,12 +13,13 @@ Theory of operation
   its start-of-transcript token must sit at the same position in every item: requests are
   grouped by the length of their prompt (partials, without context, batch across sessions).
 * Partials are encoded over a short window (speech + at least 0.5 s of silence, 2 s steps), as
-  whisper.cpp's ``audio_ctx`` does. Finals are encoded over ``WHISPER_FINAL_WINDOW_S`` (30 s =
-  Whisper's own). With ``WHISPER_FINAL_ENCODE=audio`` (opt-in, CPU) they encode only their
-  audio plus 3 s of silence, in 1 s steps, and the rest of Whisper's 30 s window is filled from
-  a cached encoding of a silent window: the decoder still sees the 1500 positions it was trained
-  on (a window merely cut short costs accuracy: corpus WER 0.15 against 0.05), for about half
-  the CPU time of encoding the whole window (``docs/engines.md``). Mel
+  whisper.cpp's ``audio_ctx`` does. Finals (``WHISPER_FINAL_ENCODE=audio``, the default on
+  CPU) encode only their audio plus 3 s of silence, in 1 s steps, each at its own length
+  whatever it is batched with, and the rest of Whisper's 30 s window is filled from a cached
+  encoding of a silent window: the decoder still sees the 1500 positions it was trained on (a
+  window merely cut short costs accuracy: corpus WER 0.15 against 0.05), for about half the CPU
+  time of encoding the whole window (``docs/engines.md``). ``window`` (and every GPU) encodes
+  ``WHISPER_FINAL_WINDOW_S`` (30 s = Whisper's own). Mel
   features come from the audio padded with zeros, as openai-whisper does, so both local engines
   see the same input.
 * Word timings come from CTranslate2's cross-attention alignment (the model's alignment heads),
@@ -89,7 +90,7 @@ class FasterWhisperEngine(LocalWhisperEngine):
                  batch_wait_s: float = 0.005, short_window: str = "partials",
                  beam_size: int = 1, use_context: bool = True,
                  guards: Guards | None = None, final_window_s: float = 30.0,
-                 final_encode: str = "window") -> None:
+                 final_encode: str = "audio") -> None:
         super().__init__(model, device=device, download_root=download_root,
                          cpu_threads=cpu_threads, batch_size=batch_size,
                          batch_wait_s=batch_wait_s, short_window=short_window,
@@ -209,19 +210,24 @@ class FasterWhisperEngine(LocalWhisperEngine):
         return ctranslate2.StorageView.from_array(batch)
 
     def _encode(self, requests: list[Request], n_frames: int) -> Any:
-        self.passes[n_frames] += 1
         if n_frames >= WINDOW_FRAMES or not requests[0].pad_encoding:
+            self.passes[n_frames] += 1
             return self.model.model.encode(self._features(requests, n_frames), to_cpu=False)
         import ctranslate2
 
-        # the audio's positions, then a silent window's for the rest of the 30 s (CPU only)
-        encoded = np.asarray(self.model.model.encode(self._features(requests, n_frames),
-                                                     to_cpu=True))
+        # Each request's audio positions, encoded at its own fitted length (never its batchmates':
+        # what a final reads must not depend on what else was decoded with it), then a silent
+        # window's positions for the rest of the 30 s (CPU only).
         silence = self._silent_window()
-        rest = np.broadcast_to(silence[:, encoded.shape[1]:],
-                               (encoded.shape[0], silence.shape[1] - encoded.shape[1],
-                                silence.shape[2]))
-        return ctranslate2.StorageView.from_array(np.concatenate([encoded, rest], axis=1))
+        out = np.empty((len(requests), *silence.shape[1:]), dtype=silence.dtype)
+        for frames in sorted({r.n_frames for r in requests}):
+            rows = [i for i, r in enumerate(requests) if r.n_frames == frames]
+            self.passes[frames] += 1
+            encoded = np.asarray(self.model.model.encode(
+                self._features([requests[i] for i in rows], frames), to_cpu=True))
+            out[rows, :encoded.shape[1]] = encoded
+            out[rows, encoded.shape[1]:] = silence[0, encoded.shape[1]:]
+        return ctranslate2.StorageView.from_array(out)
 
     def _silent_window(self) -> np.ndarray:
         """The encoder's output for 30 s of silence (digital zeros, as the padding), once."""
