@@ -67,6 +67,7 @@ class Result:
     resumed: int = 0
     pairs: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # group: (offline, finals)
     info: dict[str, Any] = field(default_factory=dict)
+    sessions: list[str] = field(default_factory=list)  # one line each, for --verbose
 
 
 async def all_cut_points(clips: list[CorpusClip]) -> dict[str, dict[str, float]]:
@@ -134,8 +135,14 @@ def score(played: list[Played], offline: dict[str, str], result: Result) -> None
         text = " ".join(m.get("transcript", "") for m, _ in finals)
         result.pairs.setdefault(sc.group, []).append((offline[sc.name], text))
         if not finals:
+            result.sessions.append(f"    {sc.name}: no final")
             continue
         last_at = finals[-1][1]
+        last = finals[-1][0]
+        after = last_at - (sc.duration_s if sc.group == "ptt" else utt.offset_s)
+        result.sessions.append(
+            f"    {sc.name}: {after:.2f} s, P {last.get('turn_probability')}, "
+            f"{len(finals)} final(s), ...{last.get('transcript', '')[-40:]!r}")
         if sc.group == "ptt":
             result.after_end.append(last_at - sc.duration_s)
             continue
@@ -154,7 +161,7 @@ def fmt(values: list[float]) -> str:
     return f"{percentile(values, 50):.2f} / {percentile(values, 95):.2f} s"
 
 
-def report(label: str, sessions: int, r: Result) -> list[str]:
+def report(label: str, sessions: int, r: Result, verbose: bool = False) -> list[str]:
     rows = [f"{label}, {sessions} session{'s' if sessions > 1 else ''} at once:",
             f"  end of speech -> final p50 / p95: finished {fmt(r.latency_finished)}; all "
             f"sentences {fmt(r.latency)}"]
@@ -169,6 +176,9 @@ def report(label: str, sessions: int, r: Result) -> list[str]:
     every = [pair for pairs in r.pairs.values() for pair in pairs]
     rows.append(f"  WER of the finals against the whole-clip decode: {wer(every):.3f} ("
                 + ", ".join(f"{g} {wer(p):.3f}" for g, p in sorted(r.pairs.items())) + ")")
+    if verbose:
+        rows += ["  each session: its last final after the end of speech (push-to-talk: after "
+                 "the end message), the model's last probability, its words", *r.sessions]
     info = r.info
     if info.get("turn_scored"):
         rows.append(f"  model: {info['turn_scored']} queries, {1000 * info['turn_s'] / info['turn_scored']:.0f} ms each "
@@ -194,7 +204,7 @@ async def run(args: argparse.Namespace) -> int:
                 f"{label} x{n}", seed=True)
             result = Result(info=info)
             score(played, offline, result)
-            for row in report(label, n, result):
+            for row in report(label, n, result, args.verbose):
                 print(row, flush=True)
             p95 = percentile(result.latency, 95)
             if p95 is not None and p95 <= args.goal_s:
@@ -214,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--ptt", action="store_true", help="push-to-talk sessions too")
     ap.add_argument("--all-pauses", action="store_true")
+    ap.add_argument("--verbose", action="store_true", help="one line per session")
     ap.add_argument("--goal-s", type=float, default=0.8, help="final p95 goal for capacity")
     ap.add_argument("--set", dest="sets", action="append", default=[], type=lambda s: s.split("=", 1),
                     metavar="NAME=VALUE")
