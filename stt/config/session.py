@@ -122,7 +122,7 @@ class TurnSettings(Area):
     turn_query_s: str = setting("0.06,0.3,0.75", "STT_TURN_QUERY_S",
                                 "Model endpointing: the trailing silences (seconds, ascending) "
                                 "at which the end-of-turn model is asked.")
-    turn_thresholds: str = setting("0.06:0.8,0.3:1.1,0.75:1.1", "STT_TURN_THRESHOLDS",
+    turn_thresholds: str = setting("0.06:0.8,0.3:1.1,0.75:0.3", "STT_TURN_THRESHOLDS",
                                    "Model endpointing: silence:score pairs; from that much "
                                    "silence on, a combined score (the model's probability, plus "
                                    "STT_TURN_FINISHED_BONUS when the words end a sentence; never "

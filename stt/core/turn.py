@@ -53,7 +53,7 @@ class TurnParams:
     mode: str = "model"
     query_s: tuple[float, ...] = (0.06, 0.3, 0.75)   # the model is asked at these silences
     # (from this silence on, this combined score ends the turn), ascending in silence
-    thresholds: tuple[tuple[float, float], ...] = ((0.06, 0.8), (0.3, 1.1), (0.75, 1.1))
+    thresholds: tuple[tuple[float, float], ...] = ((0.06, 0.8), (0.3, 1.1), (0.75, 0.3))
     finished_bonus: float = 0.3    # added when the words end like a finished sentence
     eager: float = 0.6             # combined score that sends eager_end_of_turn
     sure: float = 2.0              # the model alone this sure ends the turn before the words
