@@ -131,7 +131,6 @@ class _Utterance:
     spec_result: Transcription | None = None
     spec_speech: int = 0              # speech frames when it was asked for
     spec_stable: int = 0              # stable words then
-    spec_wanted: bool = False         # the model said "probably over" before the final's tail
     turn: Turn | None = None          # end of turn (model endpointing)
     turn_query: int = 0               # the query in flight, by id
 
@@ -583,7 +582,6 @@ class Session:
         assert turn is not None
         if not seg.trailing_silence:
             utt.turn_query = 0  # an answer still coming is for a silence that is over
-            utt.spec_wanted = False
             if turn.resumed():
                 return [self._emit(TurnResumed(self.session_id, self.speaker_id,
                                                segment_id=seg.segment_id))]
@@ -628,14 +626,13 @@ class Session:
         utt.turn_query = 0
         utt.turn.scored(probability)
         actions: list[Action] = []
-        if probability >= utt.turn.params.speculate_p and self._may_speculate(utt):
-            # probably the end: the final's decode starts now (or once the final's tail of
-            # silence is in), not at STT_SPECULATIVE_MS (a pause the model calls mid-sentence
-            # costs no decode that speech would waste)
-            if utt.segment.trailing_silence >= self.params.segmenter.hangover_frames:
-                actions += self._speculate(utt, now)
-            else:
-                utt.spec_wanted = True
+        if (self._model_says_over(utt) and self._may_speculate(utt)
+                and utt.segment.trailing_silence >= self.params.segmenter.hangover_frames):
+            # probably the end: the final's decode starts now, not at STT_SPECULATIVE_MS (a
+            # pause the model calls mid-sentence costs no decode that speech would waste); an
+            # answer that came before the final's tail of silence starts it once the tail is
+            # in (_speculation_due)
+            actions += self._speculate(utt, now)
         return actions + self._judge_turn(utt, now) + self._pump(now)
 
     def turn_failed(self, query_id: int, now: float) -> list[Action]:
@@ -684,8 +681,16 @@ class Session:
         can change with the audio's length)."""
         at, tail = self.params.speculative_frames, self.params.segmenter.hangover_frames
         silence = utt.segment.trailing_silence
-        due = silence == max(at, tail) or (utt.spec_wanted and silence == tail)
+        due = silence == max(at, tail) or (silence == tail and self._model_says_over(utt))
         return at > 0 and due and self._may_speculate(utt)
+
+    @staticmethod
+    def _model_says_over(utt: _Utterance) -> bool:
+        """The model's answer in this silence (Turn forgets it when speech resumes) says the
+        turn is probably over (STT_TURN_SPECULATE_P): start the final's decode early."""
+        turn = utt.turn
+        return (turn is not None and turn.probability is not None
+                and turn.probability >= turn.params.speculate_p)
 
     def _may_speculate(self, utt: _Utterance) -> bool:
         seg = utt.segment
