@@ -210,7 +210,7 @@ class FasterWhisperEngine(LocalWhisperEngine):
         return ctranslate2.StorageView.from_array(batch)
 
     def _encode(self, requests: list[Request], n_frames: int) -> Any:
-        if n_frames >= WINDOW_FRAMES or not requests[0].pad_encoding:
+        if not requests[0].pad_encoding:
             self.passes[n_frames] += 1
             return self.model.model.encode(self._features(requests, n_frames), to_cpu=False)
         import ctranslate2
