@@ -137,18 +137,17 @@ def score(played: list[Played], offline: dict[str, str], result: Result) -> None
         if not finals:
             result.sessions.append(f"    {sc.name}: no final")
             continue
-        last_at = finals[-1][1]
-        last = finals[-1][0]
+        last, last_at = finals[-1]
         after = last_at - (sc.duration_s if sc.group == "ptt" else utt.offset_s)
         result.sessions.append(
             f"    {sc.name}: {after:.2f} s, P {last.get('turn_probability')}, "
             f"{len(finals)} final(s), ...{last.get('transcript', '')[-40:]!r}")
         if sc.group == "ptt":
-            result.after_end.append(last_at - sc.duration_s)
+            result.after_end.append(after)
             continue
-        result.latency.append(last_at - utt.offset_s)
+        result.latency.append(after)
         if sc.group == "finished":
-            result.latency_finished.append(last_at - utt.offset_s)
+            result.latency_finished.append(after)
             continue
         gap_start, gap_end = utt.gaps[0]
         split = any(gap_start - 0.1 <= m.get("end", 0.0) <= gap_end + 0.05 for m, _ in finals)

@@ -225,9 +225,10 @@ async def test_real_whisper_sessions_on_a_sigkilled_replica_read_as_on_one_repli
     the seed's chunks (no ``seq``), two on each replica. In the middle of the second sentence the
     replica serving two of them is SIGKILLed: the other claims its partitions when the leases
     lapse and replays their audio from the stream. Every session's finals equal the same
-    sentences on one worker, word for word (conftest.words_of; no other tolerance: the replayed sentence is decoded from
-    the same audio with the same context, the previous final, kept in the snapshot; greedy
-    decoding on CPU repeats itself; silence endpointing, no partials, no speculative finals).
+    sentences on one worker, word for word (conftest.words_of; no other tolerance: the replayed
+    sentence is decoded from the same audio with the same context, the previous final, kept in
+    the snapshot; greedy decoding on CPU repeats itself; silence endpointing, no partials, no
+    speculative finals).
     Without durable mode the killed replica's sessions lose that sentence."""
     from test_handover import GAP_S, reference_finals
 

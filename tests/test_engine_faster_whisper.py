@@ -142,8 +142,8 @@ async def test_partials_use_a_short_window_and_batch_across_sessions(
 
 async def test_finals_encode_their_audio_and_read_as_the_whole_window(
         engine: FasterWhisperEngine, corpus: Path) -> None:
-    """WHISPER_FINAL_ENCODE=audio (the default on CPU): a final's encoder pass covers its audio plus
-    3 s, the rest of the 30 s window is a cached encoding of silence. On 20 corpus clips its
+    """WHISPER_FINAL_ENCODE=audio (the default on CPU): a final's encoder pass covers its audio
+    plus 3 s, the rest of the 30 s window is a cached encoding of silence. On 20 corpus clips its
     WER is no worse than encoding the whole window (tolerance 0.01; on all 70 clips 0.048
     against 0.050), in fewer frames."""
     window = FasterWhisperEngine(final_encode="window")

@@ -381,9 +381,9 @@ async def test_real_whisper_sessions_moved_by_a_join_and_a_sigterm_read_as_on_on
     sample's first four sentences with 2.5 s pauses. Replica A is alone; B joins 5 s in and
     balancing hands it sessions (each at a pause between its sentences); 20 s in B is
     SIGTERMed and hands them back. Every session's finals equal the same sentences on one
-    worker, word for word (conftest.words_of; no other tolerance: the hand-over falls between utterances and carries
-    the decoding context; greedy decoding on CPU repeats itself; silence endpointing, no
-    partials, no speculative finals, so nothing depends on timing). Every session ends once,
+    worker, word for word (conftest.words_of; no other tolerance: the hand-over falls between
+    utterances and carries the decoding context; greedy decoding on CPU repeats itself; silence
+    endpointing, no partials, no speculative finals, so nothing depends on timing). Every session ends once,
     its ``sequence`` unbroken; the moves are counted by reason."""
     from bench.replicas import Replica
     from stt.cluster.membership import partition_of, wait_balanced
