@@ -181,6 +181,36 @@ async def test_batched_text_equals_one_by_one(engine: FasterWhisperEngine,
     assert sorted(engine.passes - before) == [fitted_frames(c.size) for c in clips]
 
 
+async def test_cpu_passes_run_side_by_side_and_read_as_one_at_a_time(speech: np.ndarray) -> None:
+    """On CPU one pass per core (up to 4), one thread each: two sessions' finals decode
+    together, and each reads as it does alone. STT_ENGINE_WORKERS=1 gives one pass on every
+    thread, as before."""
+    from stt.engines.decoding import available_cpus
+
+    cpus = available_cpus()
+    single = FasterWhisperEngine(batch_size=1, workers=1)
+    await single.start()
+    try:
+        assert (single.slots, single.threads) == (1, cpus)
+        clips = [speech[i * 4 * SAMPLE_RATE: (i * 4 + 4) * SAMPLE_RATE] for i in range(3)]
+        alone = [(await single.transcribe(c, TranscribeOptions(language="en"))).text
+                 for c in clips]
+    finally:
+        await single.close()
+    engine = FasterWhisperEngine(batch_size=1)  # a pass per request: no batching
+    await engine.start()
+    try:
+        workers = min(cpus, 4)
+        assert (engine.slots, engine.threads) == (workers, max(1, cpus // workers))
+        assert engine.describe()["workers"] == workers
+        together = await asyncio.gather(*(engine.transcribe(c, TranscribeOptions(language="en"))
+                                          for c in clips))
+        assert [r.text for r in together] == alone
+        assert engine._batcher is not None and engine._batcher.stats.largest == 1
+    finally:
+        await engine.close()
+
+
 async def test_english_only_model_refuses_other_languages(engine: FasterWhisperEngine,
                                                           speech: np.ndarray) -> None:
     with pytest.raises(UnsupportedLanguage, match="English-only"):

@@ -301,6 +301,37 @@ async def test_batcher_serves_finals_before_partials_and_groups_by_key() -> None
     assert batcher.stats.dropped == 1
 
 
+async def test_batcher_runs_as_many_passes_at_once_as_it_has_workers() -> None:
+    """Two workers: a second group starts while the first is still in its pass (two sessions'
+    finals side by side), a third waits for one of them; closing fails what never ran."""
+    started: list[str] = []
+    release = threading.Event()
+
+    def run(items: list[str]) -> list[str]:
+        started.append(items[0])
+        release.wait(5)
+        return [i.upper() for i in items]
+
+    with ThreadPoolExecutor(2) as pool:
+        batcher: MicroBatcher[str, str] = MicroBatcher(run, pool, max_batch=1, max_wait_s=0,
+                                                       workers=2)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit("a", "en"))
+        second = asyncio.ensure_future(batcher.submit("b", "en"))
+        third = asyncio.ensure_future(batcher.submit("c", "en"))
+        for _ in range(100):
+            if len(started) == 2:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert sorted(started) == ["a", "b"]  # both in a pass, the third waits for a worker
+        assert batcher.queued == 1
+        release.set()
+        assert await asyncio.gather(first, second, third) == ["A", "B", "C"]
+        assert batcher.stats.batches == 3
+        await batcher.close()
+
+
 # --- GPU ----------------------------------------------------------------------------------
 
 

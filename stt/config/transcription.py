@@ -24,7 +24,11 @@ class TranscriptionSettings(Area):
                           "tiny.en by default), whisper (local openai-whisper on PyTorch: CUDA, "
                           "ROCm, CPU), http (OpenAI-compatible service), or module:Class.")
     engine_workers: int = setting(0, "STT_ENGINE_WORKERS",
-                                  "http engine: requests in flight (0 = 16).")
+                                  "Passes the engine runs at once. http: requests in flight "
+                                  "(0 = 16); faster-whisper on CPU: model passes side by side, "
+                                  "each on WHISPER_CPU_THREADS threads (0 = one per CPU, up to "
+                                  "4: two sessions' finals decode together instead of one "
+                                  "after the other); GPU and the whisper engine: 1.")
     language: str = setting("en", "STT_LANGUAGE",
                             "Default language when a session's start gives none ('' = detect).")
     whisper_url: str = setting("http://127.0.0.1:8000", "WHISPER_URL",
@@ -54,8 +58,9 @@ class TranscriptionSettings(Area):
                                       "Longest one transcription may take before it fails.")
     # local engines (faster-whisper, whisper)
     whisper_cpu_threads: int = setting(0, "WHISPER_CPU_THREADS",
-                                       "Inference threads on CPU (0 = the CPUs this process may "
-                                       "use, cgroup quota included).")
+                                       "Threads of each model pass on CPU (0 = the CPUs this "
+                                       "process may use, cgroup quota included, shared among "
+                                       "STT_ENGINE_WORKERS).")
     whisper_batch_size: int = setting(8, "WHISPER_BATCH_SIZE",
                                       "Most segments (from any sessions) decoded in one model "
                                       "pass; 1 = no batching.")
@@ -131,6 +136,7 @@ class TranscriptionSettings(Area):
              f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)} or module:Class")
         need(self.engine_timeout_s > 0, "engine_timeout_s", "must be > 0 seconds")
         need(self.whisper_cpu_threads >= 0, "whisper_cpu_threads", "must be >= 0")
+        need(self.engine_workers >= 0, "engine_workers", "must be >= 0")
         need(1 <= self.whisper_batch_size <= 256, "whisper_batch_size",
              "must be between 1 and 256")
         need(0 <= self.whisper_batch_wait_ms <= 1000, "whisper_batch_wait_ms",

@@ -1,13 +1,15 @@
 """Cross-session micro-batching: many sessions' segments through the model in one pass.
 
 Requests are awaited from the event loop; one task takes them off a queue in groups and runs
-each group on one inference thread. A group holds requests with the same ``key`` (those that
-can share one decoder pass: same language, prompt, window), at most ``max_batch`` of them,
-lowest ``priority`` first (finals before partials), oldest first within a priority.
+each group on an inference thread, at most ``workers`` groups at once (a CPU model with one
+worker per core decodes two sessions' finals side by side instead of one after the other). A
+group holds requests with the same ``key`` (those that can share one decoder pass: same
+language, prompt, window), at most ``max_batch`` of them, lowest ``priority`` first (finals
+before partials), oldest first within a priority.
 
-When the model is idle and a request arrives, the batcher waits up to ``max_wait_s`` for
-others to join (a few milliseconds: the price of batching when load is light). When the model
-is busy, requests pile up on their own and the next group leaves as soon as it is free.
+When a worker is idle and a request arrives, the batcher waits up to ``max_wait_s`` for
+others to join (a few milliseconds: the price of batching when load is light). When every
+worker is busy, requests pile up on their own and the next group leaves as soon as one is free.
 A request whose caller gave up (timeout, cancellation) is dropped before it costs a pass.
 """
 
@@ -58,16 +60,19 @@ class MicroBatcher(Generic[T, R]):
     """
 
     def __init__(self, run_batch: Callable[[list[T]], Sequence[R | BaseException]],
-                 executor: Executor, *, max_batch: int = 8, max_wait_s: float = 0.005) -> None:
+                 executor: Executor, *, max_batch: int = 8, max_wait_s: float = 0.005,
+                 workers: int = 1) -> None:
         self.run_batch = run_batch
         self.executor = executor
         self.max_batch = max(1, max_batch)
+        self.workers = max(1, workers)  # groups in the executor at once
         self.max_wait_s = max(0.0, max_wait_s)
         self.stats = BatchStats()
         self._pending: list[_Pending[T]] = []
         self._arrived = asyncio.Event()
         self._seq = itertools.count()
         self._task: asyncio.Task[None] | None = None
+        self._passes: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         if self._task is None:
@@ -79,6 +84,8 @@ class MicroBatcher(Generic[T, R]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for task in list(self._passes):
+            task.cancel()
         for p in self._pending:
             if not p.future.done():
                 p.future.set_exception(RuntimeError("engine closed"))
@@ -100,39 +107,52 @@ class MicroBatcher(Generic[T, R]):
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        free = asyncio.Semaphore(self.workers)
         while True:
+            await free.acquire()
             if not self._pending:
                 self._arrived.clear()
                 await self._arrived.wait()
                 await self._gather_companions(loop)
             batch = self._take()
             if not batch:
+                free.release()
                 continue
             self.stats.batches += 1
             self.stats.requests += len(batch)
             self.stats.largest = max(self.stats.largest, len(batch))
-            try:
-                outcomes = await loop.run_in_executor(self.executor, self.run_batch,
-                                                      [p.item for p in batch])
-                if len(outcomes) != len(batch):
-                    raise RuntimeError(f"run_batch returned {len(outcomes)} outcomes "
-                                       f"for {len(batch)} requests")
-            except asyncio.CancelledError:
-                for p in batch:
-                    p.future.cancel()
-                raise
-            except Exception as exc:
-                outcomes = [exc] * len(batch)
-            for p, outcome in zip(batch, outcomes, strict=True):
-                if p.future.done():
-                    continue
-                if isinstance(outcome, BaseException):
-                    p.future.set_exception(outcome)
-                else:
-                    p.future.set_result(outcome)
+            task = loop.create_task(self._pass(loop, batch), name="micro-batch")
+            self._passes.add(task)
+
+            def done(finished: asyncio.Task[None]) -> None:
+                self._passes.discard(finished)
+                free.release()
+
+            task.add_done_callback(done)
+
+    async def _pass(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[T]]) -> None:
+        try:
+            outcomes = await loop.run_in_executor(self.executor, self.run_batch,
+                                                  [p.item for p in batch])
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"run_batch returned {len(outcomes)} outcomes "
+                                   f"for {len(batch)} requests")
+        except asyncio.CancelledError:
+            for p in batch:
+                p.future.cancel()
+            raise
+        except Exception as exc:
+            outcomes = [exc] * len(batch)
+        for p, outcome in zip(batch, outcomes, strict=True):
+            if p.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                p.future.set_exception(outcome)
+            else:
+                p.future.set_result(outcome)
 
     async def _gather_companions(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The model was idle: give other sessions' requests a moment to join this pass."""
+        """A worker was idle: give other sessions' requests a moment to join this pass."""
         if self.max_batch == 1 or self.max_wait_s == 0:
             return
         deadline = loop.time() + self.max_wait_s

@@ -64,6 +64,7 @@ from stt.engines.local import LocalWhisperEngine
 from stt.engines.models import DEFAULT_MODEL, resolve_ct2
 
 MAX_LENGTH = 448                 # Whisper's text context
+AUTO_CPU_WORKERS = 4             # STT_ENGINE_WORKERS=0 on CPU: one pass per CPU, up to this
 MAX_INITIAL_TIMESTAMP_INDEX = 50  # the first timestamp within 1 s, as Whisper's transcribe()
 
 
@@ -90,12 +91,12 @@ class FasterWhisperEngine(LocalWhisperEngine):
                  batch_wait_s: float = 0.005, short_window: str = "partials",
                  beam_size: int = 1, use_context: bool = True,
                  guards: Guards | None = None, final_window_s: float = 30.0,
-                 final_encode: str = "audio") -> None:
+                 final_encode: str = "audio", workers: int = 0) -> None:
         super().__init__(model, device=device, download_root=download_root,
                          cpu_threads=cpu_threads, batch_size=batch_size,
                          batch_wait_s=batch_wait_s, short_window=short_window,
                          beam_size=beam_size, use_context=use_context, guards=guards or Guards(),
-                         final_window_s=final_window_s)
+                         final_window_s=final_window_s, workers=workers)
         self.requested_compute_type = compute_type
         self.compute_type = ""
         self.final_encode = final_encode  # "audio": finals pad a fitted encoding with silence's
@@ -119,8 +120,15 @@ class FasterWhisperEngine(LocalWhisperEngine):
         self.device = resolve_device(self.requested_device)
         self.compute_type = (self.requested_compute_type if self.requested_compute_type != "auto"
                              else "float16" if self.device == "cuda" else "int8")
-        self.threads = (self.cpu_threads or available_cpus()) if self.device == "cpu" else 0
-        if self.device != "cpu":
+        if self.device == "cpu":
+            # Passes side by side, one thread each: a pass of one segment gains little from a
+            # second thread (the decoder's steps are small), two sessions' finals gain a core each
+            cpus = available_cpus()
+            self.slots = self.requested_workers or min(cpus, AUTO_CPU_WORKERS)
+            self.threads = self.cpu_threads or max(1, cpus // self.slots)
+        else:
+            self.slots = self.requested_workers or 1
+            self.threads = 0
             self.final_encode = "window"  # a GPU encodes the whole window in milliseconds
 
     def _describe_model(self) -> dict[str, Any]:
@@ -134,7 +142,7 @@ class FasterWhisperEngine(LocalWhisperEngine):
         try:
             self.model = WhisperModel(str(self.source.path), device=self.device,
                                       compute_type=self.compute_type, cpu_threads=self.threads,
-                                      num_workers=1)
+                                      num_workers=self.slots)
         except Exception as exc:  # a damaged directory, an unsupported compute type
             raise EngineUnavailable(f"cannot load Whisper model {self.source.name!r} from "
                                     f"{self.source.path} ({self.compute_type} on {self.device}): "
@@ -211,7 +219,7 @@ class FasterWhisperEngine(LocalWhisperEngine):
 
     def _encode(self, requests: list[Request], n_frames: int) -> Any:
         if not requests[0].pad_encoding:
-            self.passes[n_frames] += 1
+            self._count_pass(n_frames)
             return self.model.model.encode(self._features(requests, n_frames), to_cpu=False)
         import ctranslate2
 
@@ -222,7 +230,7 @@ class FasterWhisperEngine(LocalWhisperEngine):
         out = np.empty((len(requests), *silence.shape[1:]), dtype=silence.dtype)
         for frames in sorted({r.n_frames for r in requests}):
             rows = [i for i, r in enumerate(requests) if r.n_frames == frames]
-            self.passes[frames] += 1
+            self._count_pass(frames)
             encoded = np.asarray(self.model.model.encode(
                 self._features([requests[i] for i in rows], frames), to_cpu=True))
             out[rows, :encoded.shape[1]] = encoded

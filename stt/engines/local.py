@@ -1,4 +1,4 @@
-"""What the two local Whisper engines share around the model: one inference thread, the
+"""What the two local Whisper engines share around the model: the inference threads, the
 cross-session micro-batcher, timed load and warm-up, and the path of a request from
 ``transcribe`` to a batch. Each engine (``whisper``, ``faster-whisper``) fills in how it loads,
 warms up, names languages and decodes a group; the decoding rules are
@@ -12,6 +12,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,11 +37,13 @@ class LocalWhisperEngine(Engine):
 
     def __init__(self, model: str, *, device: str, download_root: str, cpu_threads: int,
                  batch_size: int, batch_wait_s: float, short_window: str, beam_size: int,
-                 use_context: bool, guards: Guards, final_window_s: float = 30.0) -> None:
+                 use_context: bool, guards: Guards, final_window_s: float = 30.0,
+                 workers: int = 0) -> None:
         self.model_name = model
         self.requested_device = device
         self.download_root = download_root
         self.cpu_threads = cpu_threads
+        self.requested_workers = workers  # 0: the engine decides in _prepare
         self.batch_size = batch_size
         self.batch_wait_s = batch_wait_s
         self.short_window = short_window
@@ -50,7 +53,8 @@ class LocalWhisperEngine(Engine):
         self.use_context = use_context
         self.guards = guards
         self.batches = batch_size > 1
-        self.per_pass = batch_size  # one inference thread (slots = 1), batches of batch_size
+        self.slots = 1  # passes at once (inference threads), set by _prepare
+        self.per_pass = batch_size
         self.device = "cpu"
         self.threads = 0  # CPU inference threads (0 on GPU)
         self.model: Any = None
@@ -63,6 +67,7 @@ class LocalWhisperEngine(Engine):
         self._pass_started: dict[int, float] = {}  # id(request) -> when its pass began
         #: Model passes by window length in mel frames (3000 = a full 30 s window).
         self.passes: collections.Counter[int] = collections.Counter()
+        self._passes_lock = threading.Lock()  # several inference threads count
 
     @staticmethod
     def settings_kwargs(t: TranscriptionSettings) -> dict[str, Any]:
@@ -70,6 +75,7 @@ class LocalWhisperEngine(Engine):
         return {"model": t.whisper_model_size, "device": t.whisper_device,
                 "download_root": t.whisper_download_root,
                 "cpu_threads": t.whisper_cpu_threads,
+                "workers": t.engine_workers,
                 "batch_size": t.whisper_batch_size,
                 "batch_wait_s": t.whisper_batch_wait_ms / 1000.0,
                 "short_window": t.whisper_short_window,
@@ -81,7 +87,8 @@ class LocalWhisperEngine(Engine):
 
     @abc.abstractmethod
     def _prepare(self) -> None:
-        """Check the packages, pick the device and thread count (before the thread exists)."""
+        """Check the packages, pick the device, the passes at once (``slots``) and the threads
+        of each (before the threads exist)."""
 
     @abc.abstractmethod
     def _load(self) -> None:
@@ -100,7 +107,7 @@ class LocalWhisperEngine(Engine):
 
     async def start(self) -> None:
         self._prepare()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=self.name)
+        self._executor = ThreadPoolExecutor(self.slots, thread_name_prefix=self.name)
         loop = asyncio.get_running_loop()
         try:
             t0 = time.perf_counter()
@@ -115,10 +122,10 @@ class LocalWhisperEngine(Engine):
             raise
         log.info(f"{self.name} model loaded", extra={
             "model": self.model_name or DEFAULT_MODEL, **(self.source.describe() if self.source else {}),
-            **self._describe_model(), "cpu_threads": self.threads,
+            **self._describe_model(), "cpu_threads": self.threads, "workers": self.slots,
             "load_s": round(self.load_s, 2), "warmup_s": round(self.warmup_s, 2)})
         self._batcher = MicroBatcher(self._run_batch, self._executor, max_batch=self.batch_size,
-                                     max_wait_s=self.batch_wait_s)
+                                     max_wait_s=self.batch_wait_s, workers=self.slots)
         self._batcher.start()
 
     async def close(self) -> None:
@@ -135,6 +142,7 @@ class LocalWhisperEngine(Engine):
         out: dict[str, Any] = {"name": self.name, "model": self.model_name or DEFAULT_MODEL,
                                **self._describe_model(), "batch_size": self.batch_size,
                                "short_window": self.short_window, "cpu_threads": self.threads,
+                               "workers": self.slots,
                                "load_s": round(self.load_s, 2)}
         if self.source is not None:
             out.update(self.source.describe())
@@ -185,7 +193,7 @@ class LocalWhisperEngine(Engine):
             return result
         return dataclasses.replace(result, queued_s=max(0.0, started - submitted))
 
-    # --- the inference thread -------------------------------------------------------------
+    # --- the inference threads ------------------------------------------------------------
 
     @abc.abstractmethod
     def _decode_group(self, requests: list[Request]) -> list[Transcription | BaseException]:
@@ -194,6 +202,10 @@ class LocalWhisperEngine(Engine):
     @abc.abstractmethod
     def _transcribe_long(self, request: Request) -> Transcription:
         """Audio longer than one window: the library's own sequential long-form decoding."""
+
+    def _count_pass(self, frames: int) -> None:
+        with self._passes_lock:
+            self.passes[frames] += 1
 
     def _run_batch(self, requests: list[Request]) -> list[Transcription | BaseException]:
         started = time.perf_counter()  # on the inference thread: the pass begins
