@@ -441,6 +441,24 @@ def test_interrupt_fires_on_sustained_speech_and_the_words_are_kept() -> None:
     assert h.published[0]["type"] == "interrupt"
 
 
+def test_a_false_start_before_a_pause_does_not_delay_the_interrupt_that_follows() -> None:
+    """A click opens a segment, a pause keeps it open, then the user talks: the interrupt is
+    judged on the speech after the pause, so it fires as soon as for speech alone (its voiced
+    share was once counted from the click, and the interrupt came a second late)."""
+    h = Harness(Start(state=State.RESPONDING), interrupt_min_speech_ms=300)
+    h.feed(silence(1.0))
+    h.feed(SENTENCE_2[: int(0.12 * SR)])
+    h.feed(silence(0.45))  # shorter than the endpoint: the click's segment is still open
+    assert h.session._utt is not None and h.of("interrupt") == []
+    speech_at = h.now
+    for i in range(0, int(0.6 * SR), int(CHUNK_S * SR)):
+        h.feed(SENTENCE_2[int(0.12 * SR) + i: int(0.12 * SR) + i + int(CHUNK_S * SR)])
+        if h.of("interrupt"):
+            break
+    assert h.of("interrupt"), "no interrupt within 0.6 s of speech"
+    assert h.now - speech_at <= 0.45
+
+
 def test_a_click_while_responding_is_not_an_interrupt_and_not_transcribed() -> None:
     h = Harness(Start(state=State.RESPONDING), interrupt_min_speech_ms=300)
     click = SENTENCE_2[: int(0.12 * SR)]

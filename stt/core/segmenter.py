@@ -47,6 +47,9 @@ from stt.core.vad import FRAME_S, FRAME_SAMPLES, PERIODIC_THRESHOLD, FrameVAD, p
 
 VAD_START_WINDOW_MS = 150  # the window STT_VAD_START_MS of voiced audio must fall in
 ONSET_WINDOW_FRAMES = round(VAD_START_WINDOW_MS / 1000 / FRAME_S)
+# A pause this long inside a segment starts the onset over: speech after it is judged (for an
+# interrupt) on its own frames, not diluted by a false start on noise long before it
+ONSET_RESET_FRAMES = round(0.3 / FRAME_S)
 CUT_SEARCH_S = 3.0               # how far back from the size limit to look for a quiet point
 PITCH_CHECK_FRAMES = 3           # periodicity is computed in batches of this many new frames
 BYTES_PER_SECOND_16K = SAMPLE_RATE * 2  # STT_BUFFER_SIZE_BYTES is counted in 16 kHz s16 mono
@@ -246,9 +249,11 @@ class Segmenter:
         floor = self._floor if self._floor_frames >= FLOOR_LEARN_FRAMES else 0.0
         speech = voiced and (energy >= floor * self._gate or seg.peak < floor * GATE_RANGE)
         seg.append(frame, voiced, energy, speech)
-        seg.frames_since_onset += 1
-        if voiced:
-            seg.voiced_since_onset += 1
+        if seg.trailing_silence >= ONSET_RESET_FRAMES:
+            seg.frames_since_onset = seg.voiced_since_onset = 0
+        else:
+            seg.frames_since_onset += 1
+            seg.voiced_since_onset += voiced
         if seg.trailing_silence >= self._endpoint_frames:
             return self.close()
         if seg.n_frames >= self._max_frames:
