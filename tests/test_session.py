@@ -788,6 +788,32 @@ def test_a_speculative_final_still_decoding_at_the_endpoint_becomes_the_final() 
     assert [f["transcript"] for f in h.finals] == ["he was not"] and len(h.jobs) == 1
 
 
+def test_the_size_limit_reached_in_the_pause_leaves_the_speculative_final_and_the_turn_alone() -> None:
+    """An utterance whose size limit falls in its trailing silence: the speech is all in, so it
+    is not cut there (a cut dropped the decode already running, decoded the same audio again and
+    left the turn without a final that ends it); the endpoint ends it with that decode."""
+    probe = spec_harness()
+    probe.feed(SPEAKING)
+    probe.feed(silence(0.4))
+    assert probe.session._utt is not None
+    limit_s = (len(probe.session._utt.segment) + 3) * 0.03  # 0.09 s after the decode started
+    h = spec_harness(max_segment_s=limit_s)
+    h.feed(SPEAKING)
+    h.feed(silence(1.0))
+    assert len(h.jobs) == 1  # the decode started in the pause, not a second one
+    h.answer("he was not")
+    (final,) = h.finals
+    assert final["transcript"] == "he was not" and final["end_of_turn"] is True
+    # speech that resumes after the limit is cut in the pause, within the limit
+    h = spec_harness(max_segment_s=limit_s)
+    h.auto_answer = True
+    h.feed(SPEAKING)
+    h.feed(silence(0.45))
+    h.feed(SENTENCE_2)
+    assert h.finals and h.finals[0]["end_of_turn"] is False
+    assert all(j.end_s - j.start_s <= limit_s + 1e-6 for j in h.jobs if j.is_final)
+
+
 def test_speech_that_resumes_withdraws_the_speculative_final() -> None:
     h = spec_harness()
     h.feed(SPEAKING)

@@ -256,7 +256,9 @@ class Segmenter:
             seg.voiced_since_onset += voiced
         if seg.trailing_silence >= self._endpoint_frames:
             return self.close()
-        if seg.n_frames >= self._max_frames:
+        if seg.n_frames >= self._max_frames and not seg.trailing_silence:
+            # in a pause the speech is all in: the endpoint (or the turn) ends the segment, its
+            # final is the one already decoding; speech that resumes is cut at the pause
             return self._cut()
         return None
 
@@ -307,7 +309,7 @@ class Segmenter:
         """The segment reached the size limit: finalize up to its quietest recent point."""
         seg = self.segment
         assert seg is not None
-        n = len(seg)
+        n = min(len(seg), self._max_frames)  # a pause may have carried it past the limit
         lo = max(1, n - int(CUT_SEARCH_S / FRAME_S), n // 2)
         best, best_run, run = None, 0, 0
         for i in range(lo, n):  # longest unvoiced run; cut in its middle
@@ -318,7 +320,7 @@ class Segmenter:
             best = lo + int(np.argmin(seg.energy[lo:n]))
         cut = max(1, best)
         rest = self._new_segment(seg.first_frame + cut)
-        for i in range(cut, n):
+        for i in range(cut, len(seg)):
             rest.append(seg.frame(i), seg.voiced[i], seg.energy[i], seg.speech[i])
         rest.frames_since_onset = len(rest)
         rest.voiced_since_onset = sum(rest.voiced)
