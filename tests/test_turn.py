@@ -43,6 +43,29 @@ def test_the_model_is_asked_once_per_query_point_and_one_at_a_time() -> None:
     assert turn.queries == 2
 
 
+def test_the_model_is_not_asked_when_the_words_already_decide() -> None:
+    """Words that announce more hold the turn whatever the model says; words that end like a
+    sentence and clear the threshold on their own end it with any probability: a query would
+    only cost CPU the finals need."""
+    params = TurnParams(query_s=(0.15, 0.45, 0.9), thresholds=((0.15, 0.9), (0.9, 0.1)),
+                        finished_bonus=0.15)
+    turn = Turn(params)
+    assert turn.query_due(0.15, None)                     # no words yet: ask
+    turn.asked(0.15)
+    turn.scored(0.3)
+    assert not turn.query_due(0.45, "Book a table for the")  # dangling: skipped ...
+    assert turn.query_due(0.9, "Book a table for four")      # no full stop: 0 < 0.1, ask
+    turn = Turn(params)
+    turn.asked(0.15)
+    turn.scored(0.3)
+    assert turn.query_due(0.45, "Book a table for four.")    # 0.15 < 0.9: the model decides
+    turn.asked(0.45)
+    turn.scored(0.4)
+    assert not turn.query_due(0.9, "Book a table for four.")  # 0.15 >= 0.1: the words end it
+    assert turn.decide(0.9, "Book a table for four.") is Verdict.END
+    assert turn.queries == 2
+
+
 def test_a_confident_model_and_a_finished_sentence_end_the_turn_early() -> None:
     turn = Turn(PARAMS)
     turn.asked(0.15)
@@ -179,6 +202,7 @@ def test_dangling_words_wait_for_the_maximum_silence() -> None:
     h.spec_reply("He hoped there would be stew for the")
     h.feed(silence(1.0))
     assert h.finals() == []
+    assert len(h.queries) == 1  # the words hold the turn: asking again would change nothing
     h.feed(silence(0.3))                                  # past 1.6 s
     (final,) = h.finals()
     assert final["end_of_turn"] is True

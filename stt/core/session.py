@@ -587,7 +587,8 @@ class Session:
                                                segment_id=seg.segment_id))]
             return []
         silence_s = seg.trailing_silence * FRAME_S
-        if not turn.query_due(silence_s) or not seg.speech_count or not self._pitched(seg):
+        if (not turn.query_due(silence_s, self._spec_words(utt)) or not seg.speech_count
+                or not self._pitched(seg)):
             return []
         n = len(seg)
         query = ScoreTurn(self._next_query_id, self.session_id,
@@ -602,8 +603,7 @@ class Session:
         turn, seg = utt.turn, utt.segment
         if turn is None or utt.candidate or self._utt is not utt or not seg.trailing_silence:
             return []
-        words = (utt.spec_result.text if utt.spec_result is not None
-                 and self._speculation_holds(utt) else None)
+        words = self._spec_words(utt)
         if words is not None and not words.strip():
             # no words at all (a cough, a click, the TV): nothing to wait for; an interrupt it
             # raised is cancelled now instead of after the longest silence
@@ -616,6 +616,11 @@ class Session:
                 self.session_id, self.speaker_id, segment_id=seg.segment_id, text=words,
                 turn_probability=turn.probability, silence_s=seg.trailing_silence * FRAME_S))]
         return []
+
+    def _spec_words(self, utt: _Utterance) -> str | None:
+        """The speculative final's text while it still holds; None before it is decoded."""
+        return (utt.spec_result.text if utt.spec_result is not None
+                and self._speculation_holds(utt) else None)
 
     def turn_scored(self, query_id: int, probability: float, now: float) -> list[Action]:
         """The end-of-turn model's answer to a :class:`ScoreTurn`."""

@@ -124,12 +124,26 @@ class Turn:
         self.queries = 0
         self._next_query = 0
 
-    def query_due(self, silence_s: float) -> bool:
-        """Ask the model now? Once per query point reached, one query at a time."""
+    def query_due(self, silence_s: float, words: str | None = None) -> bool:
+        """Ask the model now? Once per query point reached, one query at a time, and not when
+        ``words`` (the speculative final's text) already decide whatever it would answer: they
+        announce more, or they end the turn at this silence with any probability. A query
+        costs 30-150 ms of a CPU that two sessions' finals are decoding on."""
         p = self.params
         if not p.uses_model or self.in_flight or self._next_query >= len(p.query_s):
             return False
-        return silence_s + 1e-9 >= p.query_s[self._next_query]
+        if silence_s + 1e-9 < p.query_s[self._next_query]:
+            return False
+        if words is not None and not self._worth_asking(silence_s, words):
+            self._next_query += 1  # this point is passed, unasked
+            return False
+        return True
+
+    def _worth_asking(self, silence_s: float, words: str) -> bool:
+        signal = words_signal(words, self.params.finished_bonus)
+        if signal is None:
+            return False
+        return self.probability is None or signal < self.params.threshold(silence_s)
 
     def asked(self, silence_s: float) -> None:
         self.in_flight = True
