@@ -48,7 +48,9 @@ def check_sequences(messages: list[dict[str, Any]]) -> None:
 
 async def test_full_session_partials_while_speaking_then_finals(worker_factory: Any,
                                                                  nc: Any) -> None:
-    await worker_factory(partial_interval_s=0.5, engine_workers=2)
+    worker = await worker_factory(partial_interval_s=0.5, engine_workers=2)
+    # the scheduler plans for the started engine's passes (two side by side), one kept for finals
+    assert (worker.engine.slots, worker.scheduler.slots, worker.scheduler.reserve) == (2, 2, 1)
     result = await stream_audio(nc, FIRST_TWO, SR, session_id="full", speed=2.0,
                                 speaker_id="alice", raw_bytes=False)
     finals, partials = result.finals, result.partials

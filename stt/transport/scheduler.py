@@ -11,7 +11,7 @@ A voice assistant waits for the final; a partial only keeps a display lively. So
   job's task is cancelled (a local engine's batcher drops a request not yet in a pass; the http
   engine aborts the request).
 
-Capacity is the engine's: ``slots`` passes at once (the local engines: one inference thread;
+Capacity is the engine's: ``slots`` passes at once (faster-whisper on CPU: one per CPU, side by side;
 the http engine: its concurrency) of ``per_pass`` jobs each (a local engine's batch size).
 With more than one slot, a quarter of them (at least one) is kept for finals: partials start
 only while fewer than ``slots - reserve`` passes are busy. With one slot, partials start only
@@ -61,11 +61,16 @@ class Scheduler:
     stats: SchedulerStats = field(default_factory=SchedulerStats)
 
     def __post_init__(self) -> None:
-        self.slots = max(1, self.slots)
-        self.per_pass = max(1, self.per_pass)
-        self.reserve = final_reserve(self.slots)
+        self.resize(self.slots, self.per_pass)
         self._running: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._waiting: dict[tuple[str, int], _Waiting] = {}  # partials, in arrival order
+
+    def resize(self, slots: int, per_pass: int) -> None:
+        """The engine's capacity, known once it has started (a local engine on CPU: a pass per
+        CPU)."""
+        self.slots = max(1, slots)
+        self.per_pass = max(1, per_pass)
+        self.reserve = final_reserve(self.slots)
 
     @property
     def running(self) -> int:

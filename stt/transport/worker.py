@@ -180,6 +180,7 @@ class Worker(PartitionSide):
         for what retrying cannot fix."""
         t0 = time.perf_counter()
         await self.engine.start()
+        self.scheduler.resize(self.engine.slots, self.engine.per_pass)
         self._start_turn_model()
         self.engine_ready = True
         log.info("engine ready", extra={"engine": self.engine.describe(),
