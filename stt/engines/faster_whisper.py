@@ -96,7 +96,8 @@ class FasterWhisperEngine(LocalWhisperEngine):
                          cpu_threads=cpu_threads, batch_size=batch_size,
                          batch_wait_s=batch_wait_s, short_window=short_window,
                          beam_size=beam_size, use_context=use_context, guards=guards or Guards(),
-                         final_window_s=final_window_s, workers=workers)
+                         final_window_s=final_window_s)
+        self.requested_workers = workers  # STT_ENGINE_WORKERS (0: one pass per CPU, up to 4)
         self.requested_compute_type = compute_type
         self.compute_type = ""
         self.final_encode = final_encode  # "audio": finals pad a fitted encoding with silence's
@@ -106,7 +107,8 @@ class FasterWhisperEngine(LocalWhisperEngine):
     @classmethod
     def from_settings(cls, t: TranscriptionSettings) -> FasterWhisperEngine:
         return cls(**cls.settings_kwargs(t), compute_type=t.whisper_compute_type,
-                   guards=Guards.from_settings(t), final_encode=t.whisper_final_encode)
+                   guards=Guards.from_settings(t), final_encode=t.whisper_final_encode,
+                   workers=t.engine_workers)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -203,7 +205,7 @@ class FasterWhisperEngine(LocalWhisperEngine):
         tokens = tokenizer.encode(" " + prompt.strip())[-(MAX_LENGTH // 2 - 1):]
         return [tokenizer.sot_prev, *tokens]
 
-    # --- the inference thread -------------------------------------------------------------
+    # --- the inference threads ------------------------------------------------------------
 
     def _features(self, requests: list[Request], n_frames: int) -> Any:
         import ctranslate2

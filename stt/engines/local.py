@@ -37,13 +37,11 @@ class LocalWhisperEngine(Engine):
 
     def __init__(self, model: str, *, device: str, download_root: str, cpu_threads: int,
                  batch_size: int, batch_wait_s: float, short_window: str, beam_size: int,
-                 use_context: bool, guards: Guards, final_window_s: float = 30.0,
-                 workers: int = 0) -> None:
+                 use_context: bool, guards: Guards, final_window_s: float = 30.0) -> None:
         self.model_name = model
         self.requested_device = device
         self.download_root = download_root
         self.cpu_threads = cpu_threads
-        self.requested_workers = workers  # 0: the engine decides in _prepare
         self.batch_size = batch_size
         self.batch_wait_s = batch_wait_s
         self.short_window = short_window
@@ -53,7 +51,7 @@ class LocalWhisperEngine(Engine):
         self.use_context = use_context
         self.guards = guards
         self.batches = batch_size > 1
-        self.slots = 1  # passes at once (inference threads), set by _prepare
+        self.slots = 1  # passes at once (inference threads): the whisper engine runs one
         self.per_pass = batch_size
         self.device = "cpu"
         self.threads = 0  # CPU inference threads (0 on GPU)
@@ -75,7 +73,6 @@ class LocalWhisperEngine(Engine):
         return {"model": t.whisper_model_size, "device": t.whisper_device,
                 "download_root": t.whisper_download_root,
                 "cpu_threads": t.whisper_cpu_threads,
-                "workers": t.engine_workers,
                 "batch_size": t.whisper_batch_size,
                 "batch_wait_s": t.whisper_batch_wait_ms / 1000.0,
                 "short_window": t.whisper_short_window,

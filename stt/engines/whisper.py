@@ -146,9 +146,7 @@ class WhisperEngine(LocalWhisperEngine):
                  cpu_threads: int = 0, batch_size: int = 8, batch_wait_s: float = 0.005,
                  short_window: str = "partials", beam_size: int = 1, use_context: bool = True,
                  no_speech_threshold: float = 0.6, logprob_threshold: float = -1.0,
-                 compression_ratio_threshold: float = 2.4, final_window_s: float = 30.0,
-                 workers: int = 0) -> None:
-        # one pass at a time (``workers`` is faster-whisper's): PyTorch's own threads share the work
+                 compression_ratio_threshold: float = 2.4, final_window_s: float = 30.0) -> None:
         super().__init__(model, device=device, download_root=download_root,
                          cpu_threads=cpu_threads, batch_size=batch_size,
                          batch_wait_s=batch_wait_s, short_window=short_window,
