@@ -31,7 +31,8 @@ class SessionSettings(Area):
     buffer_size_bytes: int = setting(480_000, "STT_BUFFER_SIZE_BYTES",
                                      "Longest segment before it is cut (at a quiet point) and "
                                      "finalized, in bytes of 16 kHz 16-bit mono audio (32000 "
-                                     "per second) whatever the session's format.")
+                                     "per second) whatever the session's format. Reached in a "
+                                     "pause, the pause's end of utterance decides instead.")
     chunk_timeout_s: float = setting(0.8, "STT_CHUNK_TIMEOUT",
                                      "Seconds of silence that end an utterance.")
     audio_gap_timeout_s: float = setting(1.0, "STT_AUDIO_GAP_TIMEOUT",
