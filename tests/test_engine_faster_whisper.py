@@ -4,7 +4,10 @@ multilingual base, both from the package registry, so every test runs real Whisp
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,13 +16,14 @@ import numpy as np
 import pytest
 from conftest import SAMPLE, SAMPLE_TEXT, corpus_clips, loop_gaps, make_settings
 
+from stt.config.transcription import TranscriptionSettings
 from stt.core.audio import SAMPLE_RATE, load_16k_mono
 from stt.core.textnorm import normalize, wer
 from stt.core.transcription import TranscribeOptions
 from stt.engines import create_engine
 from stt.engines.base import EngineError, EngineUnavailable
 from stt.engines.decoding import Guards, UnsupportedLanguage, fitted_frames, is_stock_phrase
-from stt.engines.faster_whisper import FasterWhisperEngine
+from stt.engines.faster_whisper import LOW_PRIORITY_THREADS, FasterWhisperEngine
 from stt.engines.models import EMBEDDED, resolve_ct2
 
 pytest.importorskip("faster_whisper")
@@ -209,6 +213,48 @@ async def test_cpu_passes_run_side_by_side_and_read_as_one_at_a_time(speech: np.
         assert engine._batcher is not None and engine._batcher.stats.largest == 1
     finally:
         await engine.close()
+
+
+def thread_nices() -> dict[int, int]:
+    """This process's threads and their nice values (Linux's /proc)."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+            out[int(tid)] = int(stat.rsplit(")", 1)[1].split()[16])
+    return out
+
+
+@pytest.mark.skipif(not LOW_PRIORITY_THREADS, reason="per-thread priorities are Linux's")
+async def test_partials_decode_on_a_low_priority_copy_and_read_as_on_the_finals_copy(
+        speech: np.ndarray) -> None:
+    """WHISPER_PARTIAL_NICE: on CPU, partials run on a copy of the model whose inference
+    threads (and only those) have the lower priority; what they read does not change."""
+    clip = first_sentence(speech)
+    partial = TranscribeOptions(language="en", is_partial=True, word_timestamps=True)
+    final = TranscribeOptions(language="en")
+    shared = FasterWhisperEngine(batch_size=1)
+    await shared.start()
+    try:
+        assert shared.partial_model is shared.model and shared.describe()["partial_nice"] == 0
+        expected = [await shared.transcribe(clip, o) for o in (partial, final)]
+    finally:
+        await shared.close()
+    before = thread_nices()
+    engine = FasterWhisperEngine(batch_size=1, partial_nice=7)
+    await engine.start()
+    try:
+        assert engine.partial_model is not engine.model
+        assert engine.describe()["partial_nice"] == 7
+        niced = {tid for tid, nice in thread_nices().items() if nice == 7} - set(before)
+        assert len(niced) == engine.slots  # the copy's inference workers
+        assert thread_nices()[threading.get_native_id()] == before[threading.get_native_id()]
+        got = [await engine.transcribe(clip, o) for o in (partial, final)]
+        assert [(r.text, r.words) for r in got] == [(r.text, r.words) for r in expected]
+        assert got[0].words  # the partial was aligned on the copy
+    finally:
+        await engine.close()
+    assert FasterWhisperEngine.from_settings(TranscriptionSettings()).partial_nice == 10
 
 
 async def test_english_only_model_refuses_other_languages(engine: FasterWhisperEngine,

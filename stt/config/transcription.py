@@ -89,6 +89,13 @@ class TranscriptionSettings(Area):
                                         "WHISPER_FINAL_WINDOW_S of audio and padding, as "
                                         "Whisper does. GPUs always encode the window.",
                                         choices=("audio", "window"))
+    whisper_partial_nice: int = setting(10, "WHISPER_PARTIAL_NICE",
+                                        "faster-whisper on CPU (Linux): partials decode on a "
+                                        "second copy of the model whose threads run at this "
+                                        "nice value, so a partial decoding when a final or the "
+                                        "turn model needs a core gets only what they leave "
+                                        "(the model's memory twice); 0 = one copy, partials "
+                                        "and finals share the cores equally.")
     whisper_beam_size: int = setting(1, "WHISPER_BEAM_SIZE",
                                      "Beam search width for finals (1 = greedy; partials are "
                                      "always greedy).")
@@ -143,6 +150,8 @@ class TranscriptionSettings(Area):
              "must be between 0 and 1000 ms")
         need(2.0 <= self.whisper_final_window_s <= 30.0, "whisper_final_window_s",
              "must be between 2 and 30 s")
+        need(0 <= self.whisper_partial_nice <= 19, "whisper_partial_nice",
+             "must be between 0 and 19")
         need(1 <= self.whisper_beam_size <= 16, "whisper_beam_size", "must be between 1 and 16")
         need(0 <= self.whisper_no_speech_threshold <= 1, "whisper_no_speech_threshold",
              "must be between 0 and 1")

@@ -4,9 +4,11 @@ CUDA), with OpenAI's tiny.en embedded from the package registry (:mod:`stt.engin
 Theory of operation
 -------------------
 * The model loads once (the embedded default, a directory, or a name downloaded into the Hugging
-  Face cache), then every decode path is warmed up. All model work runs on one inference
-  thread; CTranslate2 uses ``WHISPER_CPU_THREADS`` threads inside each call, so the event loop
-  only awaits.
+  Face cache), then every decode path is warmed up. Model work runs on inference threads
+  (on CPU one pass per core, ``STT_ENGINE_WORKERS``, of ``WHISPER_CPU_THREADS`` each), so the
+  event loop only awaits. On CPU (Linux) partials decode on a second copy of the model whose
+  threads run at ``WHISPER_PARTIAL_NICE``: the kernel gives a partial only the CPU that finals
+  and the turn model leave, since a CPU pass, once started, cannot be interrupted.
 * Segments from all sessions go through a :class:`~stt.engines.batching.MicroBatcher` and are
   decoded in one CTranslate2 ``encode`` + ``generate`` call per group (at most
   ``WHISPER_BATCH_SIZE``), finals ahead of partials. CTranslate2 takes one prompt per item, but
@@ -32,8 +34,11 @@ Theory of operation
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable
-from typing import Any
+import os
+import sys
+import threading
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -66,6 +71,31 @@ from stt.engines.models import DEFAULT_MODEL, resolve_ct2
 MAX_LENGTH = 448                 # Whisper's text context
 AUTO_CPU_WORKERS = 4             # STT_ENGINE_WORKERS=0 on CPU: one pass per CPU, up to this
 MAX_INITIAL_TIMESTAMP_INDEX = 50  # the first timestamp within 1 s, as Whisper's transcribe()
+# A Linux thread has its own nice value and passes it to the threads it creates.
+LOW_PRIORITY_THREADS = sys.platform.startswith("linux")
+
+T = TypeVar("T")
+
+
+def at_low_priority(nice: int, build: Callable[[], T]) -> T:
+    """``build()`` on a thread of its own at ``nice``, so that the threads it starts (a
+    CTranslate2 model's inference workers) run at that priority for good. Raising a nice value
+    needs no privilege; the calling thread keeps its own."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            box["value"] = build()
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="low-priority-load")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def resolve_device(requested: str) -> str:
@@ -91,13 +121,15 @@ class FasterWhisperEngine(LocalWhisperEngine):
                  batch_wait_s: float = 0.005, short_window: str = "partials",
                  beam_size: int = 1, use_context: bool = True,
                  guards: Guards | None = None, final_window_s: float = 30.0,
-                 final_encode: str = "audio", workers: int = 0) -> None:
+                 final_encode: str = "audio", workers: int = 0, partial_nice: int = 0) -> None:
         super().__init__(model, device=device, download_root=download_root,
                          cpu_threads=cpu_threads, batch_size=batch_size,
                          batch_wait_s=batch_wait_s, short_window=short_window,
                          beam_size=beam_size, use_context=use_context, guards=guards or Guards(),
                          final_window_s=final_window_s)
         self.requested_workers = workers  # STT_ENGINE_WORKERS (0: one pass per CPU, up to 4)
+        self.partial_nice = partial_nice  # WHISPER_PARTIAL_NICE (0: partials share the finals' copy)
+        self.partial_model: Any = None
         self.requested_compute_type = compute_type
         self.compute_type = ""
         self.final_encode = final_encode  # "audio": finals pad a fitted encoding with silence's
@@ -108,7 +140,7 @@ class FasterWhisperEngine(LocalWhisperEngine):
     def from_settings(cls, t: TranscriptionSettings) -> FasterWhisperEngine:
         return cls(**cls.settings_kwargs(t), compute_type=t.whisper_compute_type,
                    guards=Guards.from_settings(t), final_encode=t.whisper_final_encode,
-                   workers=t.engine_workers)
+                   workers=t.engine_workers, partial_nice=t.whisper_partial_nice)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -135,16 +167,27 @@ class FasterWhisperEngine(LocalWhisperEngine):
 
     def _describe_model(self) -> dict[str, Any]:
         return {"device": self.device, "compute_type": self.compute_type,
-                "final_encode": self.final_encode}
+                "final_encode": self.final_encode,
+                "partial_nice": self.partial_nice if self.partial_model is not self.model else 0}
 
     def _load(self) -> None:
         from faster_whisper import WhisperModel
 
-        self.source = resolve_ct2(self.model_name, self.download_root)
+        self.source = source = resolve_ct2(self.model_name, self.download_root)
+
+        def load() -> Any:
+            return WhisperModel(str(source.path), device=self.device,
+                                compute_type=self.compute_type, cpu_threads=self.threads,
+                                num_workers=self.slots)
+
         try:
-            self.model = WhisperModel(str(self.source.path), device=self.device,
-                                      compute_type=self.compute_type, cpu_threads=self.threads,
-                                      num_workers=self.slots)
+            self.model = load()
+            self.partial_model = self.model
+            if self.device == "cpu" and self.partial_nice and LOW_PRIORITY_THREADS:
+                # Partials on a copy of their own whose inference threads run at a lower
+                # priority: on a CPU short of cores, a partial decoding when a final (or the
+                # turn model) needs the core gets only what they leave.
+                self.partial_model = at_low_priority(self.partial_nice, load)
         except Exception as exc:  # a damaged directory, an unsupported compute type
             raise EngineUnavailable(f"cannot load Whisper model {self.source.name!r} from "
                                     f"{self.source.path} ({self.compute_type} on {self.device}): "
@@ -207,6 +250,10 @@ class FasterWhisperEngine(LocalWhisperEngine):
 
     # --- the inference threads ------------------------------------------------------------
 
+    def _for(self, requests: list[Request]) -> Any:
+        """The model copy a group decodes on: partials' own (WHISPER_PARTIAL_NICE) or the finals'."""
+        return self.model if requests[0].final else self.partial_model
+
     def _features(self, requests: list[Request], n_frames: int) -> Any:
         import ctranslate2
 
@@ -222,7 +269,8 @@ class FasterWhisperEngine(LocalWhisperEngine):
     def _encode(self, requests: list[Request], n_frames: int) -> Any:
         if not requests[0].pad_encoding:
             self._count_pass(n_frames)
-            return self.model.model.encode(self._features(requests, n_frames), to_cpu=False)
+            return self._for(requests).model.encode(self._features(requests, n_frames),
+                                                    to_cpu=False)
         import ctranslate2
 
         # Each request's audio positions, encoded at its own fitted length (never its batchmates':
@@ -251,7 +299,7 @@ class FasterWhisperEngine(LocalWhisperEngine):
     def _detect(self, encoded: Any, requests: list[Request]) -> list[str]:
         languages = [r.language for r in requests]
         if any(lang is None for lang in languages):
-            detected = self.model.model.detect_language(encoded)
+            detected = self._for(requests).model.detect_language(encoded)
             languages = [lang or d[0][0][2:-2] for lang, d in zip(languages, detected, strict=True)]
         return [lang or "en" for lang in languages]
 
@@ -268,7 +316,7 @@ class FasterWhisperEngine(LocalWhisperEngine):
             {"beam_size": 1, "sampling_topk": 0, "sampling_temperature": temperature}
             if temperature > 0 else
             {"beam_size": self.beam_size if requests[0].final else 1})
-        results = self.model.model.generate(
+        results = self._for(requests).model.generate(
             encoded, prompts, max_length=min(MAX_LENGTH, max(map(len, prompts)) + budget),
             return_scores=True, return_no_speech_prob=True, suppress_blank=True,
             suppress_tokens=[-1], max_initial_timestamp_index=MAX_INITIAL_TIMESTAMP_INDEX,
@@ -371,7 +419,7 @@ class FasterWhisperEngine(LocalWhisperEngine):
             sub = encoded if len(group) == len(requests) else self._encode(
                 [requests[i] for i in group], n_frames)
             tokenizer = self._tokenizer(language)
-            alignments = self.model.find_alignment(
+            alignments = self._for(requests).find_alignment(
                 tokenizer, [texts[i] for i in group], sub,
                 [requests[i].audio.size // HOP for i in group])
             for i, alignment in zip(group, alignments, strict=True):
