@@ -229,7 +229,7 @@ def create_app(engine: Engine, settings: Settings) -> Any:
         try:
             result = await engine.transcribe(audio, TranscribeOptions(
                 language=language, prompt=prompt, word_timestamps=words_wanted,
-                temperature=temperature))
+                temperature=temperature, segment_times=True))
         except UnsupportedLanguage as exc:
             raise ApiError(400, str(exc), param="language",
                            code="unsupported_language") from None

@@ -200,6 +200,12 @@ class Request:
         return self.audio.size / SAMPLE_RATE
 
     @property
+    def timed(self) -> bool:
+        """Decoded with Whisper's timestamp tokens into timed segments: a final whose caller
+        asked for them (TranscribeOptions.segment_times) and has no forced prefix."""
+        return self.final and self.options.segment_times and not self.options.prefix
+
+    @property
     def n_frames(self) -> int:
         """Mel frames this request is encoded over: a short window, its audio's fitted one (the
         rest of the window is silence's encoding), or the full one (Whisper's 30 s, or

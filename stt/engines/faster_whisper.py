@@ -220,8 +220,8 @@ class FasterWhisperEngine(LocalWhisperEngine):
         return (Request(audio, options, language, prompt, final=final, short=short,
                         prompt_tokens=tuple(prefix), prefix_tokens=forced,
                         window=self.final_window, pad_encoding=self._pads(final, short)),
-                (short, final, options.word_timestamps, len(prefix), len(forced),
-                 options.temperature))
+                (short, final, options.word_timestamps, options.segment_times, len(prefix),
+                 len(forced), options.temperature))
 
     def _pads(self, final: bool, short: bool) -> bool:
         """Is this request's encoding its audio's, the rest a silent window's? (WHISPER_FINAL_ENCODE)"""
@@ -334,10 +334,10 @@ class FasterWhisperEngine(LocalWhisperEngine):
     def _forced(request: Request, tokenizer: Any) -> list[int]:
         """What follows the start-of-transcript sequence in the prompt.
 
-        A final with a forced prefix is decoded without timestamps, as partials are: it is
-        one segment (its words are still timed by alignment).
+        Only a final that wants timed segments is decoded with timestamps; the rest are one
+        segment, as partials are (their words are still timed by alignment).
         """
-        if not request.final or request.prefix_tokens:
+        if not request.timed:
             return [tokenizer.no_timestamps, *request.prefix_tokens]
         return []
 
@@ -391,7 +391,7 @@ class FasterWhisperEngine(LocalWhisperEngine):
         tokenizer = self._tokenizer(language)
         duration = request.duration_s
         spans = (split_segments(tokens, tokenizer.timestamp_begin, duration)
-                 if request.final else [(0.0, duration, tokens)])
+                 if request.timed else [(0.0, duration, tokens)])
         segments: list[Segment] = []
         text_tokens: list[int] = []
         for start, end, span in spans:

@@ -268,7 +268,7 @@ class WhisperEngine(LocalWhisperEngine):
         return (Request(audio, options, language, prompt, final=final, short=short,
                         window=self.final_window),
                 (short, final, language, prompt, options.temperature,
-                 options.prefix if final else None))
+                 options.prefix if final else None, options.segment_times))
 
     def _language(self, requested: str | None) -> str | None:
         from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
@@ -322,7 +322,7 @@ class WhisperEngine(LocalWhisperEngine):
             task="transcribe", language=first.language, temperature=first.options.temperature,
             sample_len=sample_len or max(token_budget(r.duration_s, self.model.dims.n_text_ctx)
                                          for r in requests),
-            prompt=first.prompt, prefix=prefix, without_timestamps=not first.final or bool(prefix),
+            prompt=first.prompt, prefix=prefix, without_timestamps=not first.timed,
             fp16=self.fp16,
             beam_size=(self.beam_size if first.final and self.beam_size > 1
                        and first.options.temperature == 0 else None))
@@ -365,7 +365,7 @@ class WhisperEngine(LocalWhisperEngine):
         # openai-whisper leaves a forced prefix out of the result: it is the text's start
         tokens = [*tokenizer.encode(" " + prefix), *result.tokens] if prefix else result.tokens
         spans = (split_segments(tokens, tokenizer.timestamp_begin, duration)
-                 if request.final and not prefix else [(0.0, duration, list(tokens))])
+                 if request.timed else [(0.0, duration, list(tokens))])
         segments: list[Segment] = []
         text_tokens: list[int] = []
         for start, end, tokens in spans:
