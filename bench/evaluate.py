@@ -159,13 +159,14 @@ class Played:
 
 
 async def play(nc: Any, subjects: Subjects, sc: Scenario, speed: float,
-               chunk_ms: int = CHUNK_MS, seed: bool = False) -> Played:
+               chunk_ms: int = CHUNK_MS, seed: bool = False, words: bool = True) -> Played:
     """Stream ``sc`` as a live session, sending its ``state_change`` messages on time.
 
     Not :func:`stt.transport.client.stream_audio`: that sends each chunk when its capture *starts* and has
     no mid-stream state changes; here chunk ``i`` leaves when its 40 ms have been "recorded",
     so stream time and the worker's view of the audio agree. ``seed``: chunks as the seed's
-    front-ends send them (``audio_b64`` and ``timestamp``, no ``seq``).
+    front-ends send them (``audio_b64`` and ``timestamp``, no ``seq``). ``words``: the ``start``
+    asks for word timestamps (the word-timing figures need them; a seed front-end does not ask).
     """
     sid = f"eval{uuid.uuid4().hex[:8]}-{sc.name}"
     audio = sc.audio
@@ -176,7 +177,7 @@ async def play(nc: Any, subjects: Subjects, sc: Scenario, speed: float,
         await send(nc, subjects, sid, {"type": "start", "session_id": sid,
                                        "sample_rate": SAMPLE_RATE, "channels": 1,
                                        "state": sc.state, "encoding": "pcm_s16le",
-                                       "word_timestamps": True})
+                                       "word_timestamps": words})
         t0 = time.monotonic()
         next_change = 0
         for i, offset in enumerate(range(0, audio.size, step)):
@@ -206,7 +207,8 @@ async def play(nc: Any, subjects: Subjects, sc: Scenario, speed: float,
 
 
 async def play_all(nc: Any, subjects: Subjects, scenarios: list[Scenario], speed: float,
-                   concurrency: int, label: str, seed: bool = False) -> list[Played]:
+                   concurrency: int, label: str, seed: bool = False,
+                   words: bool = True) -> list[Played]:
     """Every scenario, ``concurrency`` sessions at a time, longest first (tighter packing)."""
     order = sorted(scenarios, key=lambda s: -s.duration_s)
     slots = asyncio.Semaphore(concurrency)
@@ -217,7 +219,7 @@ async def play_all(nc: Any, subjects: Subjects, scenarios: list[Scenario], speed
         async with slots:
             if i < concurrency:
                 await asyncio.sleep(i * STAGGER_S)
-            played = await play(nc, subjects, sc, speed, seed=seed)
+            played = await play(nc, subjects, sc, speed, seed=seed, words=words)
         done += 1
         print(f"  [{label}] {done}/{len(order)} {sc.name}"
               + ("" if played.ended else " (no end message!)"), file=sys.stderr, flush=True)
@@ -235,7 +237,8 @@ def make_settings(nats_url: str, engine: str, overrides: dict[str, str]) -> Sett
 
 async def run_config(engine: str, overrides: dict[str, str], scenarios: list[Scenario],
                      speed: float, concurrency: int, label: str,
-                     seed: bool = False) -> tuple[list[Played], Settings, dict[str, Any]]:
+                     seed: bool = False,
+                     words: bool = True) -> tuple[list[Played], Settings, dict[str, Any]]:
     """A fresh nats-server and worker for one configuration; both are stopped afterwards."""
     with NatsServer() as server:
         settings = make_settings(server.url, engine, overrides)
@@ -248,7 +251,7 @@ async def run_config(engine: str, overrides: dict[str, str], scenarios: list[Sce
             await worker.start()
             nc = await nats.connect(server.url)
             played = await play_all(nc, worker.subjects, scenarios, speed, concurrency, label,
-                                    seed)
+                                    seed, words)
         finally:
             if nc is not None:
                 with contextlib.suppress(Exception):

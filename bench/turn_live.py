@@ -7,9 +7,9 @@ time, model endpointing and fixed silence side by side in one run.
 
 The clips are the corpus clips :mod:`bench.turn` did *not* fit its knobs on (the odd ones in
 name order), so the figures are held out. Each clip becomes three sessions, streamed in 40 ms
-chunks as the seed's front-ends send them (``audio_b64``, ``timestamp``, no ``seq``) on a
-real-time schedule (:func:`bench.evaluate.play`), with 2.5 s of room tone after the
-speech and then ``end``:
+chunks as the seed's front-ends send them (``audio_b64``, ``timestamp``, no ``seq``; a
+``start`` without word timestamps) on a real-time schedule (:func:`bench.evaluate.play`),
+with 2.5 s of room tone after the speech and then ``end``:
 
 * **finished**: the sentence as recorded;
 * **hesitation after a function word** and **after another word**: the sentence cut near its
@@ -200,7 +200,7 @@ async def run(args: argparse.Namespace) -> int:
         for label in args.configs:
             played, _settings, info = await run_config(
                 "faster-whisper", {**CONFIGS[label], **dict(args.sets)}, scenarios, 1.0, n,
-                f"{label} x{n}", seed=True)
+                f"{label} x{n}", seed=True, words=False)
             result = Result(info=info)
             score(played, offline, result)
             for row in report(label, n, result, args.verbose):
