@@ -305,6 +305,22 @@ def test_guards_drop_stock_phrases_only_when_the_model_says_no_speech() -> None:
     assert not guards.needs_fallback("he hoped there would be stew", -0.2, 0.0)
 
 
+async def test_a_sandbox_that_refuses_priorities_gets_one_copy_and_a_warning(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def refuse(*_args: Any) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    engine = FasterWhisperEngine(batch_size=1, partial_nice=10)
+    with caplog.at_level("WARNING", logger="stt.engines"):
+        await engine.start()
+    try:
+        assert engine.partial_model is engine.model and engine.describe()["partial_nice"] == 0
+        assert "cannot lower a thread's priority" in caplog.text
+    finally:
+        await engine.close()
+
+
 async def test_only_a_final_that_asks_for_timed_segments_decodes_timestamps(
         engine: FasterWhisperEngine, speech: np.ndarray) -> None:
     """A streaming final is one segment (decoded without timestamp tokens: a tenth sooner on

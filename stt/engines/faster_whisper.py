@@ -34,6 +34,7 @@ Theory of operation
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 import threading
@@ -71,6 +72,7 @@ from stt.engines.models import DEFAULT_MODEL, resolve_ct2
 MAX_LENGTH = 448                 # Whisper's text context
 AUTO_CPU_WORKERS = 4             # STT_ENGINE_WORKERS=0 on CPU: one pass per CPU, up to this
 MAX_INITIAL_TIMESTAMP_INDEX = 50  # the first timestamp within 1 s, as Whisper's transcribe()
+log = logging.getLogger("stt.engines")
 # A Linux thread has its own nice value and passes it to the threads it creates.
 LOW_PRIORITY_THREADS = sys.platform.startswith("linux")
 
@@ -85,7 +87,10 @@ def at_low_priority(nice: int, build: Callable[[], T]) -> T:
 
     def run() -> None:
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            except OSError as exc:  # nothing built: say why, as a permission problem
+                raise PermissionError(f"setpriority: {exc}") from exc
             box["value"] = build()
         except BaseException as exc:  # handed to the caller
             box["error"] = exc
@@ -187,7 +192,12 @@ class FasterWhisperEngine(LocalWhisperEngine):
                 # Partials on a copy of their own whose inference threads run at a lower
                 # priority: on a CPU short of cores, a partial decoding when a final (or the
                 # turn model) needs the core gets only what they leave.
-                self.partial_model = at_low_priority(self.partial_nice, load)
+                try:
+                    self.partial_model = at_low_priority(self.partial_nice, load)
+                except PermissionError as exc:  # a sandbox that refuses setpriority
+                    log.warning("partials share the finals' model copy: cannot lower a "
+                                f"thread's priority here ({exc}); WHISPER_PARTIAL_NICE=0 "
+                                "silences this")
         except Exception as exc:  # a damaged directory, an unsupported compute type
             raise EngineUnavailable(f"cannot load Whisper model {self.source.name!r} from "
                                     f"{self.source.path} ({self.compute_type} on {self.device}): "
