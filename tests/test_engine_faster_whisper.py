@@ -99,6 +99,12 @@ def test_from_settings_and_create_engine() -> None:
     assert (engine.model_name, engine.batch_size, engine.batch_wait_s,
             engine.requested_compute_type, engine.guards.no_speech_threshold) == (
         "", 4, 0.02, "int8", 0.5)
+    # the low-priority copy for partials only where partials are asked for
+    assert engine.partial_nice == 10
+    assert create_engine(settings, partials=False).partial_nice == 0  # stt serve
+    no_partials = make_settings("nats://127.0.0.1:1", engine="faster-whisper",
+                                partial_interval_s=0)
+    assert create_engine(no_partials).partial_nice == 0
 
 
 async def test_cuda_requested_without_gpu_says_what_to_set() -> None:

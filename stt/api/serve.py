@@ -332,7 +332,7 @@ async def serve(settings: Settings) -> int:
     from stt.engines import create_engine
 
     try:
-        engine = create_engine(settings)
+        engine = create_engine(settings, partials=False)  # uploads are decoded as finals
         await engine.start()
     except EngineUnavailable as exc:
         log.error("engine unavailable: %s", exc)

@@ -94,8 +94,9 @@ class TranscriptionSettings(Area):
                                         "second copy of the model whose threads run at this "
                                         "nice value, so a partial decoding when a final or the "
                                         "turn model needs a core gets only what they leave "
-                                        "(the model's memory twice); 0 = one copy, partials "
-                                        "and finals share the cores equally.")
+                                        "(the model's memory twice; not with "
+                                        "STT_PARTIAL_INTERVAL=0 or stt serve); 0 = one copy, "
+                                        "partials and finals share the cores equally.")
     whisper_beam_size: int = setting(1, "WHISPER_BEAM_SIZE",
                                      "Beam search width for finals (1 = greedy; partials are "
                                      "always greedy).")

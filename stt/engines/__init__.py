@@ -14,8 +14,10 @@ __all__ = ["Engine", "EngineError", "EngineUnavailable", "TranscribeOptions", "T
            "Word", "create_engine"]
 
 
-def create_engine(settings: Settings) -> Engine:
-    """Build (not start) the engine named by ``STT_ENGINE``.
+def create_engine(settings: Settings, *, partials: bool = True) -> Engine:
+    """Build (not start) the engine named by ``STT_ENGINE``. ``partials``: whether it will be
+    asked for partials (the worker, unless STT_PARTIAL_INTERVAL=0; not an upload server), so
+    that faster-whisper loads its low-priority copy for them only then.
 
     ``module:Class`` loads any :class:`Engine` subclass, constructed with the settings; the
     benchmarks use that for an engine that answers at once.
@@ -24,7 +26,8 @@ def create_engine(settings: Settings) -> Engine:
     if name == "faster-whisper":
         from stt.engines.faster_whisper import FasterWhisperEngine
 
-        return FasterWhisperEngine.from_settings(settings.transcription)
+        return FasterWhisperEngine.from_settings(
+            settings.transcription, partials=partials and settings.session.partial_interval_s > 0)
     if name == "whisper":
         from stt.engines.whisper import WhisperEngine
 

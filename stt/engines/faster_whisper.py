@@ -87,10 +87,11 @@ def at_low_priority(nice: int, build: Callable[[], T]) -> T:
 
     def run() -> None:
         try:
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-            except OSError as exc:  # nothing built: say why, as a permission problem
-                raise PermissionError(f"setpriority: {exc}") from exc
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError as exc:  # nothing built: say why, as a permission problem
+            box["error"] = PermissionError(f"setpriority: {exc}")
+            return
+        try:
             box["value"] = build()
         except BaseException as exc:  # handed to the caller
             box["error"] = exc
@@ -142,10 +143,11 @@ class FasterWhisperEngine(LocalWhisperEngine):
         self._silence: np.ndarray | None = None  # encoder output of a silent 30 s window
 
     @classmethod
-    def from_settings(cls, t: TranscriptionSettings) -> FasterWhisperEngine:
+    def from_settings(cls, t: TranscriptionSettings, partials: bool = True) -> FasterWhisperEngine:
         return cls(**cls.settings_kwargs(t), compute_type=t.whisper_compute_type,
                    guards=Guards.from_settings(t), final_encode=t.whisper_final_encode,
-                   workers=t.engine_workers, partial_nice=t.whisper_partial_nice)
+                   workers=t.engine_workers,
+                   partial_nice=t.whisper_partial_nice if partials else 0)
 
     # --- lifecycle ------------------------------------------------------------------------
 
