@@ -13,18 +13,24 @@ them: ``audio_b64`` and a capture ``timestamp``, no ``seq`` unless ``--seq``. ``
 (9 s) in, the replica holding most partitions (``--victim sessions``: serving most of the six
 sessions) is SIGKILLed; ``--term-after-s`` (10 s) later,
 another is SIGTERMed; the last one serves everything to the end, when every session sends
-``end``. Then each session's whole audio is decoded in this process with the same engine.
+``end``. First the same six sessions are streamed the same way through one replica that
+nothing moves them from (the control); at the end each session's whole audio is decoded in this
+process with the same engine.
 
 Printed per session and in total:
 
 * WER of the session's finals joined (in ``sequence`` order) against the sample's text, beside
-  the WER of the whole-clip decode and of its sentences decoded one by one with the previous as
-  context (what one replica says); the check: no session more than 0.03 worse than its
-  whole-clip decode (and, printed beside it, than the sentence-by-sentence decode) (sessions that lost an utterance at the SIGKILL are left out: a crash loses
-  the audio of its window);
-* utterances lost (under half their words found, in order, in the finals), by where: the
+  the WER of the same session on one replica and of the whole-clip decode, and how many words
+  differ from one replica's; the check: no session more than 0.03 worse than on one replica
+  (sessions the SIGKILL lost or cut an utterance of are left out: a crash loses the audio of
+  its window). The whole-clip decode reads some sentences better than any streaming decode
+  (more context: tiny.en reads the sample's "ill-disposed" as "old-sposed" in a sentence of
+  its own, moved or not), so it is printed, not checked;
+* utterances lost (under half their words found, in order, in the finals) or cut (over
+  ``CUT_SHARE`` of its words missing that one replica found), by where: the
   SIGKILL (its final was due within 4 s before it, or its speech began before the partitions
-  were claimed plus 3 s), the SIGTERM (until 10 s after it), elsewhere;
+  were claimed plus 3 s), the SIGTERM (until 10 s after it), elsewhere; at most 2 at the
+  SIGKILL in core mode, none anywhere else, or at all in durable mode;
 * repeated phrases: any 4 words in a row that the finals hold twice or more, and more often
   than the text;
 * each session's ``end`` messages (one expected), ``sequence`` numbers repeated or going back;
@@ -50,6 +56,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +86,8 @@ from .replicas import CHUNK_S, LAPSED, MID_HANDOVER, PHRASES, SAMPLE, Replica
 SAMPLE_TEXT = SAMPLE.with_suffix(".txt")  # the sample's sentences, one a line (PHRASES)
 
 LEAD_S = 0.5
+# an utterance is cut when this share of its words more than one replica found is missing
+CUT_SHARE = 0.1
 
 
 @dataclass
@@ -105,18 +114,6 @@ class Session:
                 if m.get("type") == "transcript" and m.get("is_final") and m["transcript"]]
 
 
-async def one_by_one(engine: Any, s: Session) -> str:
-    """The session's sentences decoded one at a time, each with the previous one's text as its
-    context: what one replica's finals would say, with no move and no crash (the VAD's edges
-    aside). The whole-clip decode reads some sentences differently (more context)."""
-    texts: list[str] = []
-    for a, b in s.spans:
-        clip = s.audio[int(max(0.0, a - 0.3) * SAMPLE_RATE):int((b + 0.3) * SAMPLE_RATE)]
-        options = TranscribeOptions(language="en", context=texts[-1] if texts else None)
-        texts.append((await engine.transcribe(clip, options)).text)
-    return " ".join(texts)
-
-
 def repeats(hyp: list[str], ref: list[str], n: int = 4) -> list[str]:
     """n-grams the hypothesis holds twice or more, and more often than the reference."""
     def grams(words: list[str]) -> collections.Counter[str]:
@@ -137,13 +134,84 @@ def matched_per_utterance(refs: list[list[str]], hyp: list[str]) -> list[float]:
     return [h / max(1, len(words)) for h, words in zip(hit, refs, strict=True)]
 
 
-async def one_run(args: argparse.Namespace, run: int, engine: Any, speech: np.ndarray,
-                  tmp: Path, mode: str = "core") -> dict[str, Any]:
-    sessions = [Session(f"h{run}s{i}-{os.urandom(2).hex()}",
+async def stream(nc: Any, sessions: list[Session], *, seq: bool) -> None:
+    """Every session's audio at real time in 40 ms chunks, as a seed front-end sends them
+    (``audio_b64`` and a capture ``timestamp``; ``seq`` only with ``--seq``), then its ``end``."""
+    step = int(CHUNK_S * SAMPLE_RATE)
+    t0 = time.monotonic()
+    captured = time.time()
+    pcms = [to_pcm16(s.audio) for s in sessions]
+    for s in sessions:
+        s.started = t0
+    n = max(len(p) for p in pcms) // (2 * step) + 1
+    for tick in range(n):
+        for s, pcm in zip(sessions, pcms, strict=True):
+            piece = pcm[tick * 2 * step:(tick + 1) * 2 * step]
+            if not piece:
+                if tick * 2 * step < len(pcm) + 2 * step:  # just ran out: it ends
+                    await nc.publish(f"ai.voice.stream.{s.sid}", protocol.pack({"type": "end"}))
+                continue
+            body: dict[str, Any] = {"type": "chunk", "timestamp": captured,
+                                    "audio_b64": base64.b64encode(piece).decode()}
+            if seq:
+                body["seq"] = tick + 1
+            await nc.publish(f"ai.voice.stream.{s.sid}", protocol.pack(body))
+        captured += CHUNK_S
+        await asyncio.sleep(max(0.0, t0 + (tick + 1) * CHUNK_S - time.monotonic()))
+    for s, pcm in zip(sessions, pcms, strict=True):
+        if n * 2 * step < len(pcm) + 2 * step:  # the longest: ends now
+            await nc.publish(f"ai.voice.stream.{s.sid}", protocol.pack({"type": "end"}))
+
+
+def new_sessions(args: argparse.Namespace, speech: np.ndarray, tag: str) -> list[Session]:
+    """Session i speaks the sample's sentences i, i+1, i+2 (the same in every run)."""
+    sessions = [Session(f"{tag}s{i}-{os.urandom(2).hex()}",
                         [(i + k) % len(PHRASES) for k in range(3)]) for i in range(args.sessions)]
     for s in sessions:
         s.build(speech, args.gap_s)
+    return sessions
+
+
+def collect(sessions: list[Session]) -> Callable[[Any], Awaitable[None]]:
+    """A subscription callback that files each transcript message under its session."""
     by_sid = {s.sid: s for s in sessions}
+
+    async def on_out(msg: Any) -> None:
+        sid = msg.subject.rsplit(".", 1)[-1]
+        if sid in by_sid:
+            by_sid[sid].out.append((time.monotonic(), msgpack.unpackb(msg.data),
+                                    (msg.headers or {}).get(REPLICA_HEADER)))
+    return on_out
+
+
+async def one_replica(args: argparse.Namespace, speech: np.ndarray, tmp: Path) -> list[list[str]]:
+    """The same sessions, the same way, on one replica that nothing moves them from: each
+    session's finals as the control the moved sessions are compared with, word for word."""
+    sessions = new_sessions(args, speech, "c")
+    with NatsServer.for_replicas() as server:
+        nc = await nats.connect(server.url)
+        replica = Replica(server.url, tmp / "one-replica.log", args.engine,
+                          STT_PARTIAL_INTERVAL=str(Settings.from_env({}).session.partial_interval_s))
+        try:
+            await wait_balanced(nc, 1, REPLICAS_PARTITIONS, timeout_s=120)
+            await nc.subscribe("ai.voice.transcription.*", cb=collect(sessions))
+            await nc.flush()
+            for s in sessions:
+                await nc.publish(f"ai.voice.stream.{s.sid}", protocol.pack(
+                    {"type": "start", "sample_rate": SAMPLE_RATE}))
+            await stream(nc, sessions, seq=args.seq)
+            await poll_until(lambda: all(any(m.get("type") == "end" for _, m, _ in s.out)
+                                         for s in sessions), 60)
+        finally:
+            replica.stop()
+            await nc.close()
+    return [s.finals() for s in sessions]
+
+
+async def one_run(args: argparse.Namespace, run: int, engine: Any, speech: np.ndarray,
+                  tmp: Path, one_replica_finals: list[list[str]],
+                  mode: str = "core") -> dict[str, Any]:
+    sessions = new_sessions(args, speech, f"h{run}")
     step = int(CHUNK_S * SAMPLE_RATE)
     with NatsServer.for_replicas() as server:
         nc = await nats.connect(server.url)
@@ -163,13 +231,7 @@ async def one_run(args: argparse.Namespace, run: int, engine: Any, speech: np.nd
                 r.learn_id()
             spread_3 = [len(hb.partitions) for hb in hbs.values()]
 
-            async def on_out(msg: Any) -> None:
-                sid = msg.subject.rsplit(".", 1)[-1]
-                if sid in by_sid:
-                    by_sid[sid].out.append((time.monotonic(), msgpack.unpackb(msg.data),
-                                            (msg.headers or {}).get(REPLICA_HEADER)))
-
-            await nc.subscribe("ai.voice.transcription.*", cb=on_out)
+            await nc.subscribe("ai.voice.transcription.*", cb=collect(sessions))
             await nc.flush()
             procs = [server.proc.pid if server.proc else 0, *(r.proc.pid for r in replicas)]
             cpu0 = {pid: cpu_s(pid) for pid in procs}
@@ -177,34 +239,7 @@ async def one_run(args: argparse.Namespace, run: int, engine: Any, speech: np.nd
                 await nc.publish(f"ai.voice.stream.{s.sid}", protocol.pack(
                     {"type": "start", "sample_rate": SAMPLE_RATE}))
 
-            async def pump() -> None:
-                t0 = time.monotonic()
-                captured = time.time()
-                pcms = [to_pcm16(s.audio) for s in sessions]
-                for s in sessions:
-                    s.started = t0
-                n = max(len(p) for p in pcms) // (2 * step) + 1
-                for tick in range(n):
-                    for s, pcm in zip(sessions, pcms, strict=True):
-                        piece = pcm[tick * 2 * step:(tick + 1) * 2 * step]
-                        if not piece:
-                            if tick * 2 * step < len(pcm) + 2 * step:  # just ran out: it ends
-                                await nc.publish(f"ai.voice.stream.{s.sid}",
-                                                 protocol.pack({"type": "end"}))
-                            continue
-                        body: dict[str, Any] = {"type": "chunk", "timestamp": captured,
-                                                "audio_b64": base64.b64encode(piece).decode()}
-                        if args.seq:
-                            body["seq"] = tick + 1
-                        await nc.publish(f"ai.voice.stream.{s.sid}", protocol.pack(body))
-                    captured += CHUNK_S
-                    await asyncio.sleep(max(0.0, t0 + (tick + 1) * CHUNK_S - time.monotonic()))
-                for s, pcm in zip(sessions, pcms, strict=True):
-                    if n * 2 * step < len(pcm) + 2 * step:  # the longest: ends now
-                        await nc.publish(f"ai.voice.stream.{s.sid}",
-                                         protocol.pack({"type": "end"}))
-
-            pumping = asyncio.create_task(pump())
+            pumping = asyncio.create_task(stream(nc, sessions, seq=args.seq))
             t0 = time.monotonic()
             await asyncio.sleep(args.kill_at_s)
             hbs = await heartbeats(nc)
@@ -280,40 +315,48 @@ async def one_run(args: argparse.Namespace, run: int, engine: Any, speech: np.nd
           f"{min(claims, default=float('nan')):.1f}-{claimed_s:.1f} s after); SIGTERM at "
           f"{term_at:.1f} s exited {term_rc}", flush=True)
     totals: dict[str, Any] = collections.Counter()
-    worst = worst_one = 0.0
+    worst = worst_replica = 0.0
     truth = [normalize(line) for line in SAMPLE_TEXT.read_text().splitlines() if line.strip()]
-    for s in sessions:
+    for s, control in zip(sessions, one_replica_finals, strict=True):
         whole = normalize((await engine.transcribe(s.audio, TranscribeOptions(language="en"))).text)
-        one = normalize(await one_by_one(engine, s))
+        alone = normalize(" ".join(control))
         refs = [truth[i].split() for i in s.phrases]
         ref = " ".join(" ".join(r) for r in refs)
         hyp = normalize(" ".join(s.finals())).split()
-        found = matched_per_utterance(refs, hyp)
         where = []
-        for (a, b), share in zip(s.spans, found, strict=True):
-            if share >= 0.5:
+        for (a, b), share, control_share in zip(s.spans, matched_per_utterance(refs, hyp),
+                                                matched_per_utterance(refs, alone.split()),
+                                                strict=True):
+            if share >= max(0.5, control_share - CUT_SHARE):
                 continue
-            # its final was due by the kill, or its speech came before the partitions were
-            # claimed (plus an endpoint and a decode)
+            # lost (under half its words found) or cut (a part of it missing that one replica
+            # found); at the kill if its final was due by then, or its speech came before the
+            # partitions were claimed (plus an endpoint and a decode)
             if a < kill_at + claimed_s + 3 and b > kill_at - 4:
-                where.append("kill")
+                place = "kill"
             elif a < term_at + 10 and b > term_at:
-                where.append("term")
+                place = "term"
             else:
-                where.append("elsewhere")
+                place = "elsewhere"
+            where.append(place if share < 0.5 else place + " (cut)")
         for w in where:
-            totals["lost_" + w] += 1
+            totals[("cut_" if w.endswith("(cut)") else "lost_") + w.split()[0]] += 1
         errors, n = word_errors(ref, " ".join(hyp))
         base, _ = word_errors(ref, whole)
-        base_one, _ = word_errors(ref, one)
-        rate, base_rate, one_rate = errors / max(1, n), base / max(1, n), base_one / max(1, n)
-        if "kill" not in where:  # a crash loses what it loses; the rest must read as one decode
+        base_replica, _ = word_errors(ref, alone)
+        differ, n_alone = word_errors(alone, " ".join(hyp))
+        rate, base_rate, replica_rate = (errors / max(1, n), base / max(1, n),
+                                         base_replica / max(1, n))
+        if not any(w.startswith("kill") for w in where):
+            # a crash loses what it loses; the rest must read as on one replica
             worst = max(worst, rate - base_rate)
-            worst_one = max(worst_one, rate - one_rate)
+            worst_replica = max(worst_replica, rate - replica_rate)
             totals["errors"] += errors
             totals["base_errors"] += base
-            totals["one_errors"] += base_one
+            totals["replica_errors"] += base_replica
             totals["words"] += n
+            totals["differ"] += differ
+            totals["words_alone"] += n_alone
         rep = repeats(hyp, ref.split())
         totals["repeated"] += len(rep)
         ends = sum(m.get("type") == "end" for _, m, _ in s.out)
@@ -325,15 +368,16 @@ async def one_run(args: argparse.Namespace, run: int, engine: Any, speech: np.nd
         totals["sequence_duplicates"] += len(seqs) - len(set(seqs))
         spoke = [r for _, _, r in s.out]
         moves = sum(a != b for a, b in itertools.pairwise(spoke))
-        print(f"  {s.sid}: WER {rate:.3f}, whole-clip decode {base_rate:.3f}, sentence by sentence "
-              f"{one_rate:.3f}; lost {where or 'none'}; "
+        print(f"  {s.sid}: WER {rate:.3f}, on one replica {replica_rate:.3f} ({differ} of "
+              f"{n_alone} words differ), whole-clip decode {base_rate:.3f}; lost "
+              f"{where or 'none'}; "
               f"repeated {rep or 'none'}; ends {ends}; sequence back/dup {backwards}/"
               f"{len(seqs) - len(set(seqs))}; replica changes {moves}", flush=True)
-        if args.verbose or rate > base_rate + 0.03 or rep:
-            print(f"    whole: {whole}\n    one by one: {one}\n    finals: "
+        if args.verbose or rate > replica_rate + 0.03 or rep:
+            print(f"    whole: {whole}\n    one replica: {' | '.join(control)}\n    finals: "
                   f"{' | '.join(s.finals())}", flush=True)
     totals["worst_wer"] = worst
-    totals["worst_wer_one"] = worst_one
+    totals["worst_wer_replica"] = worst_replica
     totals["term_rc"] = term_rc
     totals["spread_3"] = max(spread_3) / max(1, min(spread_3))
     totals["spread_2"] = max(spread_2, default=0) / max(1, min(spread_2, default=1))
@@ -348,29 +392,34 @@ async def main_async(args: argparse.Namespace) -> int:
     engine = create_engine(Settings.from_env({}))
     await engine.start()
     tmp = Path(tempfile.mkdtemp(prefix="stt-handover-"))
+    print("--- the same sessions on one replica, nothing moved (the control)", flush=True)
+    alone = await one_replica(args, speech, tmp)
     failed = 0
     costs: dict[str, list[dict[str, Any]]] = {}
     for run, mode in itertools.product(range(1, args.runs + 1), args.modes.split(",")):
         print(f"--- {mode}, run {run}", flush=True)
-        t = await one_run(args, run, engine, speech, tmp, mode)
+        t = await one_run(args, run, engine, speech, tmp, alone, mode)
         costs.setdefault(mode, []).append(t)
         may_lose = 2 if mode == "core" else 0
-        ok = (t.get("lost_term", 0) == 0 and t.get("lost_elsewhere", 0) == 0
-              and t.get("lost_kill", 0) <= may_lose and t.get("repeated", 0) == 0
-              and t["worst_wer"] <= 0.03 and not t.get("ends_missing") and not t.get("ends_extra")
-              and not t.get("sequence_duplicates") and not t.get("sequence_backwards")
-              and t["term_rc"] == 0 and t["spread_3"] <= 1.5 and t["spread_2"] <= 1.5)
+        crash = t.get("lost_kill", 0) + t.get("cut_kill", 0)
+        ok = (all(t.get(k, 0) == 0 for k in ("lost_term", "cut_term", "lost_elsewhere",
+                                             "cut_elsewhere", "repeated", "ends_missing",
+                                             "ends_extra", "sequence_duplicates",
+                                             "sequence_backwards", "term_rc"))
+              and crash <= may_lose and t["worst_wer_replica"] <= 0.03
+              and t["spread_3"] <= 1.5 and t["spread_2"] <= 1.5)
         failed += not ok
-        print(f"run {run}: {'PASS' if ok else 'FAIL'} (WER against the whole-clip decode; against "
-              f"the sentences decoded one by one with the previous as context, as one replica does: "
-              f"worst session +{t['worst_wer_one']:.3f}, "
-              f"{'within' if t['worst_wer_one'] <= 0.03 else 'NOT within'} 0.03): "
-              f"utterances lost at SIGKILL "
-              f"{t.get('lost_kill', 0)}, at SIGTERM {t.get('lost_term', 0)}, elsewhere "
-              f"{t.get('lost_elsewhere', 0)}; repeated phrases {t.get('repeated', 0)}; WER of the "
-              f"joined finals {t.get('errors', 0) / max(1, t.get('words', 1)):.3f}, of the "
-              f"whole-clip decode {t.get('base_errors', 0) / max(1, t.get('words', 1)):.3f} "
-              f"(sessions without a crash loss; worst session +{t['worst_wer']:.3f}); "
+        words = max(1, t.get("words", 1))
+        print(f"run {run}: {'PASS' if ok else 'FAIL'}: utterances lost (cut) at SIGKILL "
+              f"{t.get('lost_kill', 0)} ({t.get('cut_kill', 0)}), at SIGTERM "
+              f"{t.get('lost_term', 0)} ({t.get('cut_term', 0)}), elsewhere "
+              f"{t.get('lost_elsewhere', 0)} ({t.get('cut_elsewhere', 0)}); repeated phrases "
+              f"{t.get('repeated', 0)}; sessions without a crash loss: WER of the joined finals "
+              f"{t.get('errors', 0) / words:.3f}, of the same sessions on one replica "
+              f"{t.get('replica_errors', 0) / words:.3f} (worst session "
+              f"+{t['worst_wer_replica']:.3f}, {t.get('differ', 0)} of "
+              f"{t.get('words_alone', 0)} words differ), of the whole-clip decode "
+              f"{t.get('base_errors', 0) / words:.3f} (worst session +{t['worst_wer']:.3f}); "
               f"ends missing {t.get('ends_missing', 0)}, "
               f"extra {t.get('ends_extra', 0)}; sequence duplicates "
               f"{t.get('sequence_duplicates', 0)}, backwards {t.get('sequence_backwards', 0)}; "
