@@ -4,6 +4,7 @@ exercised by tests/test_replicas.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import time
@@ -26,6 +27,7 @@ from stt.cluster.membership import (
     fair_share,
     next_moves,
     partition_of,
+    poll_until,
     preferred,
     session_key,
 )
@@ -277,5 +279,59 @@ async def test_a_taker_reserves_numbers_before_it_publishes() -> None:
                 session_key(5, "s1"))).value))
             assert kept.next_sequence == 40 + SEQUENCE_AHEAD and not kept.exact
             assert kept.next_segment_id == 3 + SEGMENTS_AHEAD and kept.frames == 900
+        finally:
+            await nc.close()
+
+
+class GivesUntilDropped(EndsWhatItAdopts):
+    """A giver whose handover waits on an utterance that never ends, until the partition is
+    dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped: list[int] = []
+        self._gone = asyncio.Event()
+
+    async def give_partition(self, partition: int,
+                             wait_s: float) -> dict[str, SessionSnapshot] | None:
+        await self._gone.wait()
+        return None
+
+    def drop_partition(self, partition: int) -> None:
+        self.dropped.append(partition)
+        self._gone.set()
+
+
+async def test_a_handover_whose_taker_died_stops_when_another_replica_claims_the_partition() -> None:
+    """The taker was SIGKILLed mid-handover and a third replica claimed the partition: it
+    resumes the sessions (durable: replays what was not acknowledged), so the giver must not
+    finish its open utterance, which would publish it twice, nor write a handover note."""
+    with NatsServer.for_replicas() as server:
+        nc = await nats.connect(server.url)
+        host = GivesUntilDropped()
+        cluster = Cluster(make_settings(server.url, partitions=REPLICAS_PARTITIONS), host)
+        host.cluster = cluster
+        try:
+            js = nc.jetstream()
+            cluster._js, cluster._names = js, ("stt-leases", "stt-sessions")
+            cluster._leases = await _bucket(js, "stt-leases", 2.0)
+            cluster._store = await _bucket(js, "stt-sessions", SESSION_TTL_S)
+            me = cluster.replica_id
+            cluster.owned[5] = await cluster._leases.create(
+                "p.5", json.dumps({"owner": me, "state": "owned"}).encode())
+            await cluster._leases.put("p.5", json.dumps(
+                {"owner": "taker", "state": "taking", "from": me}).encode())
+            cluster.giving[5] = "taker"
+            await cluster._renew()  # step 3 starts: the giver finishes its sessions
+            assert 5 in cluster._busy and not host.dropped
+            await cluster._renew()  # the taker alive: the handover goes on
+            assert not host.dropped
+            await cluster._leases.put("p.5", json.dumps(
+                {"owner": "third", "state": "owned"}).encode())  # the taker died; claimed
+            await cluster._renew()
+            await poll_until(lambda: 5 not in cluster._busy, 5.0)
+            assert host.dropped == [5] and 5 not in cluster.owned
+            with pytest.raises(KeyNotFoundError):
+                await cluster._leases.get("h.5")
         finally:
             await nc.close()

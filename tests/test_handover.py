@@ -195,6 +195,22 @@ async def test_an_utterance_in_progress_ends_on_the_giver_in_one_final(seq: bool
     assert check_output(c)["segments"] == 3
 
 
+async def test_a_giver_whose_partition_was_claimed_meanwhile_stops_without_a_word() -> None:
+    """The taker died mid-handover and a third replica claimed the partition (the membership
+    drops it here): the giver's open utterance is the claimer's to transcribe, from its replay
+    or from what reaches it, so the giver publishes nothing more and hands over nothing."""
+    async with one_final_then_a_taker(False) as (giver, _taker, c):
+        await c.send(utter(4, 5, 6, 7))  # no pause yet
+        await handled(giver, c)
+        giving = asyncio.create_task(giver.give_partition(P, 0.3))
+        await asyncio.sleep(0.2)
+        giver.drop_partition(P)
+        await c.send(np.concatenate([utter(8, 9), silence(1.5)]))
+        assert await giving is None
+        await asyncio.sleep(0.5)
+        assert c.finals() == ["w1 w2 w3"] and c.sid not in giver.sessions
+
+
 def test_an_onset_under_way_is_not_a_pause() -> None:
     """Voiced frames that have not opened an utterance yet would be lost to both replicas."""
     session = Session("s", make_settings("nats://x").session_profile(model=False), 0.0, Start())

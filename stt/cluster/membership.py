@@ -249,12 +249,14 @@ class PartitionHost(Protocol):
         """Resume these sessions, then handle the held messages and go live (``handed_over``:
         the snapshots are all the giver's live sessions)."""
 
-    async def give_partition(self, partition: int, wait_s: float) -> dict[str, SessionSnapshot]:
+    async def give_partition(self, partition: int,
+                             wait_s: float) -> dict[str, SessionSnapshot] | None:
         """Wait for quiet (at most ``wait_s``), stop taking messages, finish what is open;
-        the sessions' exact snapshots."""
+        the sessions' exact snapshots (None: :meth:`drop_partition` was called meanwhile)."""
 
     def drop_partition(self, partition: int) -> None:
-        """The lease was lost: forget the partition's sessions without a word."""
+        """The lease was lost: forget the partition's sessions without a word (a handover of
+        it under way included)."""
 
     def partition_loads(self) -> dict[int, int]: ...
 
@@ -300,6 +302,7 @@ class Cluster:
         self.gone_seen = 0  # replicas found gone by their closed connection (not the lease TTL)
         self._gone: dict[str, float] = {}   # replica -> when it was found gone (monotonic)
         self._orphans: dict[int, str] = {}  # partition -> the gone replica whose lease it is
+        self._voided: set[int] = set()  # partitions given whose handover went void
         self._reconnects = 0
         self._probe_from = 0.0              # no replica is taken for gone before this
 
@@ -545,6 +548,8 @@ class Cluster:
 
     async def _renew(self) -> None:
         for p, rev in list(self.owned.items()):
+            if p in self._busy and p in self.owned:
+                await self._check_giving(p)
             if p in self._busy or p not in self.owned:
                 continue  # handing over, or handed over while this loop awaited another write
             lease_value: dict[str, Any] = {"owner": self.replica_id, "state": "owned"}
@@ -572,6 +577,23 @@ class Cluster:
                 self._received.pop(p, None)
                 self.host.drop_partition(p)
 
+    async def _check_giving(self, p: int) -> None:
+        """A handover under way whose taker died: the replica that claimed the partition
+        after it resumes the sessions from the bucket (and, durable, replays what was not
+        acknowledged), so this one stops at once, without a word more for them; finishing
+        its open utterances here would publish them twice."""
+        to = self.giving.get(p)
+        try:
+            owner = json.loads((await self._leases.get(f"p.{p}")).value or b"{}").get("owner")
+        except (KeyNotFoundError, ValueError):
+            return  # lapsed, and not claimed yet
+        if owner in (self.replica_id, to) or p in self._voided:
+            return
+        log.warning("handover void: the partition was claimed by another replica while "
+                    "being handed over", extra={"partition": p, "to": to, "owner": owner})
+        self._voided.add(p)
+        self.host.drop_partition(p)
+
     async def _give(self, p: int, to: str) -> None:
         """Step 3 of a handover: finish here, then tell the taker."""
         try:
@@ -579,6 +601,8 @@ class Cluster:
             if not self.leaving:  # nothing hurries a rebalancing move: no utterance is cut
                 wait_s = max(wait_s, REBALANCE_WAIT_S)
             snaps = await self.host.give_partition(p, wait_s)
+            if snaps is None:
+                return  # void (_check_giving): the partition is another replica's now
             wall = time.time()
             sessions = {sid: snap.to_dict(sid, wall) for sid, snap in snaps.items()}
             await self._leases.put(f"h.{p}", json.dumps({"from": self.replica_id, "to": to,
@@ -596,6 +620,7 @@ class Cluster:
             self._offered.pop(p, None)
             self._received.pop(p, None)
             self._busy.discard(p)
+            self._voided.discard(p)
             self._settle_until = time.monotonic() + MOVE_SETTLE_S
 
     async def _take_offered(self, view: Mapping[str, Heartbeat]) -> None:

@@ -121,6 +121,7 @@ class PartitionSide:
         self._saved: dict[str, SessionSnapshot] = {}  # last snapshot written, per session
         self._handed: dict[str, SessionSnapshot] = {}  # sessions closed for a handover
         self._given: dict[int, dict[str, Session]] = {}  # partition -> its sessions handed so far
+        self._void: set[int] = set()  # partitions claimed by a third replica while being given
         self._last_in: dict[str, bytes] = {}  # session -> payload of the last message it handled
         # STT_DURABLE: the partitions' audio from a JetStream stream, acknowledged once final
         self.audio_log = (AudioLog(settings.cluster, self._on_log_msg)
@@ -329,13 +330,16 @@ class PartitionSide:
                             extra={"partition": partition})
                 await asyncio.sleep(1.0)
 
-    async def give_partition(self, partition: int, wait_s: float) -> dict[str, SessionSnapshot]:
+    async def give_partition(self, partition: int,
+                             wait_s: float) -> dict[str, SessionSnapshot] | None:
         """Hand the partition's sessions over, each as it reaches a pause between utterances
         (its final, if one is decoding, is published here first). One still speaking after
         ``wait_s`` is handed when that utterance ends (an utterance is at most
         STT_BUFFER_SIZE_BYTES long); only one still going after that, or past the time a
         SIGTERM leaves, is cut: its finals so far published here, the rest the taker's. A
-        session handed early is silent until the taker resumes the partition."""
+        session handed early is silent until the taker resumes the partition. None: the
+        partition was dropped meanwhile (:meth:`drop_partition`; the taker died and another
+        replica claimed it), and nothing is handed or saved."""
         given: dict[str, Session] = {}
         self._given[partition] = given
         if self.audio_log is not None:  # the taker replays from the floor as it stands now
@@ -364,6 +368,9 @@ class PartitionSide:
             self._execute(session, session.hand_over(now))
         await poll_until(lambda: all(s.closed for s in sessions),
                          self.settings.limits.drain_timeout_s)
+        if partition in self._void:
+            self._void.discard(partition)
+            return None  # the claimer resumed from the bucket; our snapshots would undo its
         snaps: dict[str, SessionSnapshot] = {}
         for session in [*given.values(), *sessions]:
             sid = session.session_id
@@ -393,7 +400,10 @@ class PartitionSide:
                       s.turn.endpoint_max_s))
 
     def drop_partition(self, partition: int) -> None:
-        """The lease went to another replica: this one says nothing more for these sessions."""
+        """The lease went to another replica: this one says nothing more for these sessions
+        (a handover under way stops: :meth:`give_partition` returns None)."""
+        if partition in self._given:
+            self._void.add(partition)
         self._ended.pop(partition, None)
         self._spawn(self.unsubscribe_partition(partition))
         for session in self._sessions_in(partition):
