@@ -77,6 +77,7 @@ from stt.core.audio import SAMPLE_RATE, load_16k_mono, to_pcm16
 from stt.core.textnorm import normalize, word_errors
 from stt.core.transcription import TranscribeOptions
 from stt.engines import create_engine
+from stt.transport.connection import subscribed
 from stt.transport.nats_server import REPLICAS_PARTITIONS, NatsServer
 from stt.wire import protocol
 
@@ -195,7 +196,7 @@ async def one_replica(args: argparse.Namespace, speech: np.ndarray, tmp: Path) -
         try:
             await wait_balanced(nc, 1, REPLICAS_PARTITIONS, timeout_s=120)
             await nc.subscribe("ai.voice.transcription.*", cb=collect(sessions))
-            await nc.flush()
+            await subscribed(nc)
             for s in sessions:
                 await nc.publish(f"ai.voice.stream.{s.sid}", protocol.pack(
                     {"type": "start", "sample_rate": SAMPLE_RATE}))
@@ -232,7 +233,7 @@ async def one_run(args: argparse.Namespace, run: int, engine: Any, speech: np.nd
             spread_3 = [len(hb.partitions) for hb in hbs.values()]
 
             await nc.subscribe("ai.voice.transcription.*", cb=collect(sessions))
-            await nc.flush()
+            await subscribed(nc)
             procs = [server.proc.pid if server.proc else 0, *(r.proc.pid for r in replicas)]
             cpu0 = {pid: cpu_s(pid) for pid in procs}
             for s in sessions:

@@ -45,6 +45,7 @@ import soxr
 
 from stt.core.audio import SAMPLE_RATE, to_pcm16
 from stt.core.textnorm import wer
+from stt.transport.connection import subscribed
 from stt.transport.nats_server import NatsServer, free_port
 from stt.wire import protocol
 from stt.wire.protocol import Subjects
@@ -107,7 +108,7 @@ async def websocket_pass(base_url: str, nats_url: str, pcm: bytes) -> dict[str, 
                     finals.append(time.monotonic())
 
             await nc.subscribe(subjects.output(sid), cb=on_final)
-            await nc.flush()
+            await subscribed(nc)
             sender = asyncio.create_task(send_pcm(
                 conn, pcm, on_sent=lambda s: sent.append((s, time.monotonic()))))
             async for event in conn:
@@ -191,7 +192,7 @@ async def clip_through_websocket(client: Any, nc: Any, pcm: bytes, speech_end_s:
                 run.finals.append(m["transcript"])
 
         sub = await nc.subscribe(Subjects().output(sid), cb=on_final)
-        await nc.flush()
+        await subscribed(nc)
         sender = asyncio.create_task(send_pcm(
             conn, pcm, speed=speed, on_sent=lambda s: sent.append((s, time.monotonic()))))
         order: dict[str, list[str]] = {}

@@ -49,6 +49,7 @@ import nats
 
 from stt.cluster.membership import REPLICA_HEADER, heartbeats, partition_of, wait_balanced
 from stt.core.audio import load_16k_mono, to_pcm16
+from stt.transport.connection import subscribed
 from stt.transport.nats_server import REPLICAS_PARTITIONS, NatsServer
 from stt.wire import protocol
 
@@ -103,7 +104,7 @@ async def mapping(messages: int) -> None:
         # and acknowledged (what pinned consumers or a durable mode need)
         await js.add_stream(name="bench", subjects=["durable.>"], storage="file")
         pull = await js.pull_subscribe("durable.bench", durable="bench")
-        await nc.flush()
+        await subscribed(nc)
 
         async def one(kind: str) -> None:
             if kind == "jetstream":

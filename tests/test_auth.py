@@ -30,7 +30,13 @@ from conftest import ROOT, SAMPLE
 
 from stt.config import Settings
 from stt.config.nats import NatsSettings
-from stt.transport.connection import FATAL_TRIES, ConnectionFatal, NatsUnreachable, connect
+from stt.transport.connection import (
+    FATAL_TRIES,
+    ConnectionFatal,
+    NatsUnreachable,
+    connect,
+    subscribed,
+)
 from stt.transport.nats_server import NatsServer, free_port
 
 nkeys = pytest.importorskip("nkeys")
@@ -284,7 +290,7 @@ async def answer_ends(url: str, env: dict[str, str]) -> Any:
                  "audio_seconds": 1.0, "segments": 0}))
 
     await nc.subscribe("ai.voice.stream.*", cb=cb)
-    await nc.flush()
+    await subscribed(nc)
     return nc
 
 

@@ -21,6 +21,7 @@ from conftest import ROOT, SAMPLE, eventually
 
 from stt.core.audio import load_16k_mono, to_pcm16
 from stt.transport.client import Listener, send, stream_audio
+from stt.transport.connection import subscribed
 from stt.transport.nats_server import NatsServer, free_port
 from stt.wire import protocol
 from stt.wire.protocol import Subjects
@@ -227,7 +228,7 @@ async def test_a_worker_busy_for_a_while_does_not_cut_the_utterance_it_has_not_r
             finals.append(m)
 
     await nc.subscribe(SUBJECTS.output(sid), cb=on)
-    await nc.flush()
+    await subscribed(nc)
     sent = [0.0]
 
     def client() -> None:  # another thread: it goes on while the worker's loop is blocked

@@ -33,6 +33,7 @@ from stt.core.session import Session
 from stt.core.transcription import Transcription
 from stt.core.vad import FRAME_S
 from stt.engines import create_engine
+from stt.transport.connection import subscribed
 from stt.transport.nats_server import NatsServer
 from stt.transport.worker import Worker
 from stt.wire import protocol
@@ -43,6 +44,34 @@ pytestmark = pytest.mark.timeout(120)
 SR = 16000
 P = 7  # the partition both workers serve
 CHUNK_S = 0.04
+
+
+async def test_a_subscription_reaches_the_server_before_subscribed_returns() -> None:
+    """The handover rests on it: the taker subscribes, and from then on every message of the
+    partition reaches it. nats-py's flush() alone returned before the server had the SUB a few
+    times in a thousand (tests/test_handover.py's fixture lost its first utterance so)."""
+    with NatsServer() as server:
+        a, b = await nats.connect(server.url), await nats.connect(server.url)
+        try:
+            missed = []
+            for i in range(400):
+                got = asyncio.Event()
+
+                async def on(msg: Any, got: asyncio.Event = got) -> None:
+                    got.set()
+
+                sub = await a.subscribe(f"t.{i}.*", cb=on)
+                await subscribed(a)
+                await b.publish(f"t.{i}.x", b"")
+                try:
+                    await asyncio.wait_for(got.wait(), 2.0)
+                except TimeoutError:
+                    missed.append(i)
+                await sub.unsubscribe()
+            assert not missed
+        finally:
+            await a.close()
+            await b.close()
 
 
 def test_the_tone_words_read_back() -> None:
@@ -66,6 +95,7 @@ class Client:
             self.out.append(msgpack.unpackb(msg.data))
 
         await self.nc.subscribe(f"ai.voice.transcription.{self.sid}", cb=on)
+        await subscribed(self.nc)
 
     async def publish(self, body: dict[str, Any]) -> None:
         await self.nc.publish(f"stt.in.{P}.{self.sid}", protocol.pack(body))

@@ -40,6 +40,7 @@ from bench.realtime import (
 from stt.core.audio import SAMPLE_RATE, load_16k_mono
 from stt.core.textnorm import wer
 from stt.transport.client import stream_audio
+from stt.transport.connection import subscribed
 from stt.wire import protocol
 from stt.wire.protocol import Subjects
 
@@ -79,7 +80,7 @@ async def test_the_official_client_gets_deltas_and_the_workers_finals(
                     finals_on_nats.append(m["transcript"])
 
             await nc.subscribe(Subjects().output(sid), cb=on_final)
-            await nc.flush()
+            await subscribed(nc)
             await conn.session.update(session={"type": "transcription", "audio": {"input": {
                 "format": {"type": "audio/pcm", "rate": 24000},
                 "transcription": {"model": "gpt-4o-transcribe", "language": "en"},

@@ -46,6 +46,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from stt.ops.otel import OtelTelemetry
+from stt.transport.connection import subscribed
 
 SR = 16000
 SENTENCE = load_16k_mono(str(SAMPLE))[int(8.2 * SR): int(11.8 * SR)]  # "he was not an ill..."
@@ -163,7 +164,7 @@ async def collect(nc: Any, session_id: str) -> AsyncIterator[list[tuple[dict[str
         got.append((protocol.unpack(msg.data), dict(msg.headers or {})))
 
     sub = await nc.subscribe(SUBJECTS.output(session_id), cb=cb)
-    await nc.flush()
+    await subscribed(nc)
     try:
         yield got
     finally:

@@ -16,7 +16,7 @@ from stt.cli.wiring import stop_on_signals
 from stt.config import Settings
 from stt.config.nats import NatsSettings
 from stt.ops import logs
-from stt.transport.connection import ConnectError
+from stt.transport.connection import ConnectError, subscribed
 
 CLIENT_TRIES = 3  # `stt stream`/`stt tail`: tries while NATS does not answer (0.5 + 1 s apart)
 
@@ -155,7 +155,7 @@ async def _tail(args: argparse.Namespace, settings: Settings) -> int:
             print(time.strftime("%H:%M:%S ") + describe(message), flush=True)
 
     await nc.subscribe(subject, cb=cb)
-    await nc.flush()
+    await subscribed(nc)
     print(f"listening on {subject} at {url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     await stop.wait()
     with contextlib.suppress(Exception):

@@ -96,6 +96,7 @@ from stt.config import Settings
 from stt.config.cluster import ClusterSettings
 from stt.core.snapshot import SessionSnapshot
 from stt.core.vad import FRAME_S
+from stt.transport.connection import subscribed
 
 log = logging.getLogger("stt.cluster")
 
@@ -319,7 +320,7 @@ class Cluster:
         await self.check_mapping(nc)
         # answered while this replica's connection lives: the others probe it (_gone)
         await nc.subscribe(self.alive_subject, cb=self._on_alive)
-        await nc.flush()
+        await subscribed(nc)
         await self._beat()
         self._task = asyncio.create_task(self._run())
         self._spawn(self._writer())
@@ -343,7 +344,7 @@ class Cluster:
         base = source.rsplit(".", 1)[0]
         subs = [await nc.subscribe(f"{target}.*.{i}", cb=on_probe) for i in ids]
         try:
-            await nc.flush()
+            await subscribed(nc)
             for i in ids:
                 await nc.publish(f"{base}.{i}", b"")
             with contextlib.suppress(TimeoutError):

@@ -19,6 +19,7 @@ import numpy as np
 from nats.aio.client import Client
 
 from stt.core.audio import to_pcm16
+from stt.transport.connection import subscribed
 from stt.wire import protocol
 from stt.wire.protocol import Subjects
 
@@ -69,7 +70,7 @@ class Listener:
                 self.done.set()
 
         self._sub = await self.nc.subscribe(self.subjects.output(self.session_id), cb=cb)
-        await self.nc.flush()
+        await subscribed(self.nc)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -42,6 +42,21 @@ FATAL_TRIES = 3       # tries before an authorization or certificate error is fi
 CONNECT_TIMEOUT_S = 3  # one server's TCP + TLS + CONNECT/PING exchange
 
 
+async def subscribed(nc: Client, timeout_s: int = 10) -> None:
+    """Until the server holds every subscription this connection made so far, so that a
+    message published from now on, from any connection, reaches them.
+
+    One ``flush()`` is not enough with nats-py (2.12-2.16 at least): its PING is written to the
+    socket at once, while a SUB made just before waits in the pending buffer for the flusher
+    task, so the PONG can come back before the server has the SUB (measured: with another
+    connection publishing right after, a few of every thousand subscriptions missed the
+    message, under no load). The first round trip lets the flusher write the SUB; the second
+    PING goes out behind it.
+    """
+    await nc.flush(timeout=timeout_s)
+    await nc.flush(timeout=timeout_s)
+
+
 class ConnectError(Exception):
     """Connecting to NATS failed; ``str()`` is one line for a person."""
 

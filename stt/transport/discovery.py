@@ -26,6 +26,7 @@ from nats.micro.service import EndpointStats, Service
 
 from stt.config import Settings
 from stt.ops.status import Status, StatusSource, package_version
+from stt.transport.connection import subscribed
 
 log = logging.getLogger("stt.discovery")
 
@@ -85,7 +86,7 @@ class Discovery:
                                         handler=self._on_status)
         # Registered means the server has our subscriptions: until this round trip, a $SRV.PING
         # from another connection can pass this worker by.
-        await nc.flush()
+        await subscribed(nc)
         log.info("registered with NATS service discovery",
                  extra={"service": SERVICE_NAME, "id": self.service.id,
                         "status_subject": self.status_subject})

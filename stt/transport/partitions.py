@@ -37,6 +37,7 @@ from stt.core.segmenter import BYTES_PER_SECOND_16K
 from stt.core.session import Session
 from stt.core.snapshot import SessionSnapshot
 from stt.core.vad import FRAME_S
+from stt.transport.connection import subscribed
 from stt.transport.durable import ACK, AudioLog
 from stt.transport.scheduler import Scheduler
 from stt.wire import protocol
@@ -239,7 +240,7 @@ class PartitionSide:
         self._psubs[partition] = await self.nc.subscribe(
             f"{self.settings.cluster.partition_subject}.{partition}.*",
             cb=functools.partial(self._on_partition_msg, partition), **SUBSCRIPTION_LIMITS)
-        await self.nc.flush()  # the server has it: what is published from now on reaches us
+        await subscribed(self.nc)  # the server has it: what is published from now on reaches us
 
     async def unsubscribe_partition(self, partition: int) -> None:
         if self.audio_log is not None:

@@ -200,7 +200,7 @@ class Worker(PartitionSide):
             self._sub = await self.nc.subscribe(
                 self.settings.nats.input_subject, queue=self.settings.nats.queue_group,
                 cb=self._on_msg, **SUBSCRIPTION_LIMITS)
-        await self.nc.flush()
+        await connection.subscribed(self.nc)
         log.info("listening", extra={"subject": self.settings.nats.input_subject,
                                      "output": self.subjects.output_wildcard,
                                      "nats": self.nc.connected_url.netloc if self.nc.connected_url else None})
