@@ -19,7 +19,8 @@ with 2.5 s of room tone after the speech and then ``end``:
 and, with ``--ptt``, once more as **push-to-talk**: the audio stops 0.1 s after the speech and
 ``end`` is sent at once.
 
-Printed per configuration and session count: end of speech → final p50/p95 (the last final of a
+Printed per configuration and session count: end of speech → final p50/p95 (finished sentences,
+all, and each hesitation kind; the last final of a
 session against its last speech, stream time; push-to-talk: against the ``end`` message too);
 hesitations that ended the turn (a final whose audio ends inside the pause), per kind and pause
 length; eager end-of-turn events and how many were followed by ``turn_resumed``; the WER of each
@@ -61,6 +62,7 @@ PTT_RELEASE_S = 0.1
 class Result:
     latency: list[float] = field(default_factory=list)          # finished + hesitation sessions
     latency_finished: list[float] = field(default_factory=list)
+    latency_by_kind: dict[str, list[float]] = field(default_factory=dict)  # the hesitation kinds
     after_end: list[float] = field(default_factory=list)        # push-to-talk
     ended: dict[tuple[str, float], list[bool]] = field(default_factory=dict)
     eager: int = 0
@@ -149,6 +151,7 @@ def score(played: list[Played], offline: dict[str, str], result: Result) -> None
         if sc.group == "finished":
             result.latency_finished.append(after)
             continue
+        result.latency_by_kind.setdefault(sc.group, []).append(after)
         gap_start, gap_end = utt.gaps[0]
         split = any(gap_start - 0.1 <= m.get("end", 0.0) <= gap_end + 0.05 for m, _ in finals)
         result.ended.setdefault((sc.group, float(sc.kind)), []).append(split)
@@ -163,7 +166,8 @@ def fmt(values: list[float]) -> str:
 def report(label: str, sessions: int, r: Result, verbose: bool = False) -> list[str]:
     rows = [f"{label}, {sessions} session{'s' if sessions > 1 else ''} at once:",
             f"  end of speech -> final p50 / p95: finished {fmt(r.latency_finished)}; all "
-            f"sentences {fmt(r.latency)}"]
+            f"sentences {fmt(r.latency)}"
+            + "".join(f"; {kind} {fmt(v)}" for kind, v in sorted(r.latency_by_kind.items()))]
     if r.after_end:
         rows.append(f"  push-to-talk: final after the end message p50 / p95 {fmt(r.after_end)}")
     for kind in ("cut-function", "cut-other"):
