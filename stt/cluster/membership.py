@@ -96,7 +96,6 @@ from stt.config import Settings
 from stt.config.cluster import ClusterSettings
 from stt.core.snapshot import SessionSnapshot
 from stt.core.vad import FRAME_S
-from stt.transport.connection import subscribed
 
 log = logging.getLogger("stt.cluster")
 
@@ -320,7 +319,7 @@ class Cluster:
         await self.check_mapping(nc)
         # answered while this replica's connection lives: the others probe it (_gone)
         await nc.subscribe(self.alive_subject, cb=self._on_alive)
-        await subscribed(nc)
+        await _subscribed(nc)
         await self._beat()
         self._task = asyncio.create_task(self._run())
         self._spawn(self._writer())
@@ -344,7 +343,7 @@ class Cluster:
         base = source.rsplit(".", 1)[0]
         subs = [await nc.subscribe(f"{target}.*.{i}", cb=on_probe) for i in ids]
         try:
-            await subscribed(nc)
+            await _subscribed(nc)
             for i in ids:
                 await nc.publish(f"{base}.{i}", b"")
             with contextlib.suppress(TimeoutError):
@@ -786,6 +785,14 @@ class Cluster:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+async def _subscribed(nc: Client) -> None:
+    """Until the server holds this connection's subscriptions: two round trips, as
+    stt.transport.connection.subscribed (which this layer may not import) explains; one
+    ``flush()`` can come back before a SUB still in nats-py's buffer."""
+    await nc.flush()
+    await nc.flush()
 
 
 async def poll_until(done: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> bool:
