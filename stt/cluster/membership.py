@@ -302,6 +302,7 @@ class Cluster:
         self.gone_seen = 0  # replicas found gone by their closed connection (not the lease TTL)
         self._gone: dict[str, float] = {}   # replica -> when it was found gone (monotonic)
         self._orphans: dict[int, str] = {}  # partition -> the gone replica whose lease it is
+        self._takers: dict[int, str] = {}  # partition being given -> the replica taking it
         self._voided: set[int] = set()  # partitions given whose handover went void
         self._reconnects = 0
         self._probe_from = 0.0              # no replica is taken for gone before this
@@ -567,7 +568,8 @@ class Cluster:
                 lease = {}
             if lease.get("state") == "taking" and lease.get("from") == self.replica_id:
                 self._busy.add(p)
-                self._spawn(self._give(p, str(lease["owner"])))
+                self._takers[p] = str(lease["owner"])
+                self._spawn(self._give(p, self._takers[p]))
             else:
                 log.warning("partition lease lost (this replica was too slow to renew it)",
                             extra={"partition": p, "owner": lease.get("owner")})
@@ -582,7 +584,7 @@ class Cluster:
         after it resumes the sessions from the bucket (and, durable, replays what was not
         acknowledged), so this one stops at once, without a word more for them; finishing
         its open utterances here would publish them twice."""
-        to = self.giving.get(p)
+        to = self._takers.get(p)
         try:
             owner = json.loads((await self._leases.get(f"p.{p}")).value or b"{}").get("owner")
         except (KeyNotFoundError, ValueError):
@@ -620,6 +622,7 @@ class Cluster:
             self._offered.pop(p, None)
             self._received.pop(p, None)
             self._busy.discard(p)
+            self._takers.pop(p, None)
             self._voided.discard(p)
             self._settle_until = time.monotonic() + MOVE_SETTLE_S
 
