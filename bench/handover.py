@@ -110,6 +110,9 @@ class Session:
             at += len(clip) / SAMPLE_RATE + gap_s
         self.audio = np.concatenate(parts)
 
+    def ended(self) -> bool:
+        return any(m.get("type") == "end" for _, m, _ in self.out)
+
     def finals(self) -> list[str]:
         return [m["transcript"] for _, m, _ in sorted(self.out, key=lambda x: x[1]["sequence"])
                 if m.get("type") == "transcript" and m.get("is_final") and m["transcript"]]
@@ -136,8 +139,12 @@ def matched_per_utterance(refs: list[list[str]], hyp: list[str]) -> list[float]:
 
 
 async def stream(nc: Any, sessions: list[Session], *, seq: bool) -> None:
-    """Every session's audio at real time in 40 ms chunks, as a seed front-end sends them
-    (``audio_b64`` and a capture ``timestamp``; ``seq`` only with ``--seq``), then its ``end``."""
+    """Every session's ``start``, then its audio at real time in 40 ms chunks, as a seed
+    front-end sends them (``audio_b64`` and a capture ``timestamp``; ``seq`` only with
+    ``--seq``), then its ``end``."""
+    for s in sessions:
+        await nc.publish(f"ai.voice.stream.{s.sid}", protocol.pack(
+            {"type": "start", "sample_rate": SAMPLE_RATE}))
     step = int(CHUNK_S * SAMPLE_RATE)
     t0 = time.monotonic()
     captured = time.time()
@@ -173,6 +180,16 @@ def new_sessions(args: argparse.Namespace, speech: np.ndarray, tag: str) -> list
     return sessions
 
 
+def replica(url: str, log_path: Path, args: argparse.Namespace, mode: str = "core") -> Replica:
+    """One ``stt worker`` as every run starts them (the control on one replica included)."""
+    return Replica(url, log_path, args.engine,
+                   STT_PARTIAL_INTERVAL=str(Settings.from_env({}).session.partial_interval_s),
+                   STT_DURABLE="0" if mode == "core" else "1",
+                   STT_DURABLE_STORAGE="memory" if mode == "durable-memory" else "file",
+                   # k8s/nats/nats-server.conf keeps 256 MB of memory for all streams
+                   STT_DURABLE_MAX_BYTES=str(64 << 20))
+
+
 def collect(sessions: list[Session]) -> Callable[[Any], Awaitable[None]]:
     """A subscription callback that files each transcript message under its session."""
     by_sid = {s.sid: s for s in sessions}
@@ -191,20 +208,15 @@ async def one_replica(args: argparse.Namespace, speech: np.ndarray, tmp: Path) -
     sessions = new_sessions(args, speech, "c")
     with NatsServer.for_replicas() as server:
         nc = await nats.connect(server.url)
-        replica = Replica(server.url, tmp / "one-replica.log", args.engine,
-                          STT_PARTIAL_INTERVAL=str(Settings.from_env({}).session.partial_interval_s))
+        alone = replica(server.url, tmp / "one-replica.log", args)
         try:
             await wait_balanced(nc, 1, REPLICAS_PARTITIONS, timeout_s=120)
             await nc.subscribe("ai.voice.transcription.*", cb=collect(sessions))
             await subscribed(nc)
-            for s in sessions:
-                await nc.publish(f"ai.voice.stream.{s.sid}", protocol.pack(
-                    {"type": "start", "sample_rate": SAMPLE_RATE}))
             await stream(nc, sessions, seq=args.seq)
-            await poll_until(lambda: all(any(m.get("type") == "end" for _, m, _ in s.out)
-                                         for s in sessions), 60)
+            await poll_until(lambda: all(s.ended() for s in sessions), 60)
         finally:
-            replica.stop()
+            alone.stop()
             await nc.close()
     return [s.finals() for s in sessions]
 
@@ -216,13 +228,7 @@ async def one_run(args: argparse.Namespace, run: int, engine: Any, speech: np.nd
     step = int(CHUNK_S * SAMPLE_RATE)
     with NatsServer.for_replicas() as server:
         nc = await nats.connect(server.url)
-        partials_s = Settings.from_env({}).session.partial_interval_s
-        replicas = [Replica(server.url, tmp / f"{mode}-run{run}-r{i}.log", args.engine,
-                            STT_PARTIAL_INTERVAL=str(partials_s),
-                            STT_DURABLE="0" if mode == "core" else "1",
-                            STT_DURABLE_STORAGE="memory" if mode == "durable-memory" else "file",
-                            # k8s/nats/nats-server.conf keeps 256 MB of memory for all streams
-                            STT_DURABLE_MAX_BYTES=str(64 << 20))
+        replicas = [replica(server.url, tmp / f"{mode}-run{run}-r{i}.log", args, mode)
                     for i in range(3)]
         cpu0: dict[int, float] = {}  # pid -> CPU seconds when the sessions started
         cpu_end: dict[int, float] = {}
@@ -236,9 +242,6 @@ async def one_run(args: argparse.Namespace, run: int, engine: Any, speech: np.nd
             await subscribed(nc)
             procs = [server.proc.pid if server.proc else 0, *(r.proc.pid for r in replicas)]
             cpu0 = {pid: cpu_s(pid) for pid in procs}
-            for s in sessions:
-                await nc.publish(f"ai.voice.stream.{s.sid}", protocol.pack(
-                    {"type": "start", "sample_rate": SAMPLE_RATE}))
 
             pumping = asyncio.create_task(stream(nc, sessions, seq=args.seq))
             t0 = time.monotonic()
@@ -281,8 +284,7 @@ async def one_run(args: argparse.Namespace, run: int, engine: Any, speech: np.nd
             term_at = time.monotonic() - t0
             term_rc = await asyncio.to_thread(stopped.proc.wait, 60)
             await pumping
-            await poll_until(lambda: all(any(m.get("type") == "end" for _, m, _ in s.out)
-                                         for s in sessions), 60)
+            await poll_until(lambda: all(s.ended() for s in sessions), 60)
             cpu_end.update({pid: cpu_s(pid) for pid in procs if pid not in cpu_end})
         finally:
             for r in replicas:
