@@ -52,9 +52,9 @@ def test_the_model_is_not_asked_when_the_words_already_decide() -> None:
     turn = Turn(params)
     assert turn.query_due(0.15, None)                     # no words yet: ask
     turn.asked(0.15)
-    turn.scored(0.3)
+    turn.scored(0.05)
     assert not turn.query_due(0.45, "Book a table for the")  # dangling: skipped ...
-    assert turn.query_due(0.9, "Book a table for four")      # no full stop: 0 < 0.1, ask
+    assert turn.query_due(0.9, "Book a table for four")      # no full stop: 0.05 < 0.1, ask
     turn = Turn(params)
     turn.asked(0.15)
     turn.scored(0.3)
@@ -72,6 +72,38 @@ def test_a_confident_model_and_a_finished_sentence_end_the_turn_early() -> None:
     turn.scored(0.8)
     assert turn.decide(0.2, None) is Verdict.HOLD             # the words are not decoded yet
     assert turn.decide(0.3, "Book a table for four.") is Verdict.END  # 0.8 + 0.15 >= 0.9
+
+
+def test_an_early_answer_is_judged_at_its_own_silence_and_not_asked_again() -> None:
+    """The thresholds rise with the silence because the model's probability does, for
+    hesitations too. An answer asked at 0.06 s is held to the 0.06 s step even when the words
+    it is combined with come in after 0.3 s (two sessions' decodes on two cores), and it is
+    not asked again while it would end the turn with words that end a sentence: that query
+    would only slow the decode the turn is waiting for."""
+    params = TurnParams(query_s=(0.06, 0.3, 0.6), thresholds=((0.06, 0.8), (0.3, 1.1), (0.6, 0.3)),
+                        finished_bonus=0.3)
+    turn = Turn(params)
+    assert turn.query_due(0.06)
+    turn.asked(0.06)
+    turn.scored(0.6)
+    assert turn.bar(0.4) == 0.8
+    assert not turn.query_due(0.3)                     # 0.6 + 0.3 >= 0.8: its answer is enough
+    assert turn.decide(0.4, "Book a table for four") is not Verdict.END  # no full stop: 0.6
+    assert turn.decide(0.45, "Book a table for four.") is Verdict.END   # 0.6 + 0.3 >= 0.8
+    assert turn.queries == 1
+    # an unsure first answer: asked again, and the new one is held to its own, higher step
+    turn = Turn(params)
+    turn.asked(0.06)
+    turn.scored(0.3)
+    assert turn.query_due(0.3)                         # 0.3 + 0.3 < 0.8
+    turn.asked(0.3)
+    assert turn.bar(0.35) == 0.8                       # the answer in is still the early one
+    turn.scored(0.75)
+    assert turn.bar(0.35) == 1.1
+    assert turn.decide(0.4, "Book a table for four.") is not Verdict.END  # 1.05 < 1.1
+    assert turn.decide(0.6, "Book a table for four.") is Verdict.END    # the last step: 0.3
+    turn.resumed()
+    assert turn.measured_at_s is None and turn.bar(0.4) == 1.1
 
 
 def test_dangling_words_hold_the_turn_until_the_maximum_silence() -> None:

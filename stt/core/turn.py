@@ -14,10 +14,12 @@ silence is judged from two sources:
   ``finished_bonus`` to the model's probability.
 
 :meth:`Turn.decide` ends the turn when the combined score clears the threshold for the silence
-so far (``thresholds``: a step function of the silence), sends an *eager* end of turn once when it
-clears ``eager`` first (an assistant can start preparing its answer), and ends the turn
-regardless after ``max_silence_s``. Fixed silence endpointing (``mode == "silence"``) never asks
-the model: the segmenter's ``STT_CHUNK_TIMEOUT`` ends the utterance, as before.
+so far (``thresholds``: a step function of the silence; an answer of the model is held to the
+step of the silence it was asked at, when that one is lower: :meth:`Turn.bar`), sends an
+*eager* end of turn once when it clears ``eager`` first (an assistant can start preparing its
+answer), and ends the turn regardless after ``max_silence_s``. Fixed silence endpointing
+(``mode == "silence"``) never asks the model: the segmenter's ``STT_CHUNK_TIMEOUT`` ends the
+utterance, as before.
 
 One :class:`Turn` per utterance; the session feeds it and carries out what it says.
 """
@@ -51,9 +53,10 @@ class TurnParams:
     """How the end of a turn is decided, in seconds of trailing silence."""
 
     mode: str = "model"
-    query_s: tuple[float, ...] = (0.06, 0.3, 0.75)   # the model is asked at these silences
-    # (from this silence on, this combined score ends the turn), ascending in silence
-    thresholds: tuple[tuple[float, float], ...] = ((0.06, 0.8), (0.3, 1.1), (0.75, 0.3))
+    query_s: tuple[float, ...] = (0.06, 0.3, 0.6, 0.8)  # the model is asked at these silences
+    # (from this silence on, this combined score ends the turn), ascending in silence; an
+    # answer of the model is held to the step of the silence it was asked at (Turn.bar)
+    thresholds: tuple[tuple[float, float], ...] = ((0.06, 0.8), (0.3, 1.1), (0.6, 0.3))
     finished_bonus: float = 0.3    # added when the words end like a finished sentence
     eager: float = 0.6             # combined score that sends eager_end_of_turn
     sure: float = 2.0              # the model alone this sure ends the turn before the words
@@ -117,7 +120,8 @@ class Turn:
     def __init__(self, params: TurnParams) -> None:
         self.params = params
         self.probability: float | None = None   # the latest answer of the model
-        self.asked_at_s: float | None = None    # the silence it was asked at
+        self.asked_at_s: float | None = None    # the silence the latest query was asked at
+        self.measured_at_s: float | None = None  # the silence ``probability`` was asked at
         self.in_flight = False
         self.eager_sent = False
         self.model_failed = False  # no answer for this pause: silence and words decide
@@ -126,24 +130,41 @@ class Turn:
 
     def query_due(self, silence_s: float, words: str | None = None) -> bool:
         """Ask the model now? Once per query point reached, one query at a time, and not when
-        ``words`` (the speculative final's text) already decide whatever it would answer: they
-        announce more, or they end the turn at this silence with any probability. A query
-        costs 30-150 ms of a CPU that two sessions' finals are decoding on."""
+        its answer cannot change what happens: ``words`` (the speculative final's text)
+        announce more, or they end the turn at this silence with any probability, or the
+        answer already in ends it with any words that end a sentence. A query costs 30-150 ms
+        of a CPU that two sessions' finals are decoding on (the final it would delay is the
+        one the turn waits for)."""
         p = self.params
         if not p.uses_model or self.in_flight or self._next_query >= len(p.query_s):
             return False
         if silence_s + 1e-9 < p.query_s[self._next_query]:
             return False
-        if words is not None and not self._worth_asking(silence_s, words):
+        if not self._worth_asking(silence_s, words):
             self._next_query += 1  # this point is passed, unasked
             return False
         return True
 
-    def _worth_asking(self, silence_s: float, words: str) -> bool:
-        signal = words_signal(words, self.params.finished_bonus)
+    def _worth_asking(self, silence_s: float, words: str | None) -> bool:
+        bonus = self.params.finished_bonus
+        if words is None:  # the words may still end a sentence: would this answer do then?
+            return self.probability is None or self.probability + bonus < self.bar(silence_s)
+        signal = words_signal(words, bonus)
         if signal is None:
             return False
-        return self.probability is None or signal < self.params.threshold(silence_s)
+        return self.probability is None or (signal < self.params.threshold(silence_s)
+                                            and self.probability + signal < self.bar(silence_s))
+
+    def bar(self, silence_s: float) -> float:
+        """The score that ends the turn at this silence: the threshold for the silence so far,
+        or for the silence the model's answer was asked at when that one is lower. The
+        thresholds step with the silence because the model's probability rises with it, for
+        hesitations too; an answer asked early is judged as early, however late the words it
+        is combined with come in."""
+        bar = self.params.threshold(silence_s)
+        if self.probability is not None and self.measured_at_s is not None:
+            bar = min(bar, self.params.threshold(self.measured_at_s))
+        return bar
 
     def asked(self, silence_s: float) -> None:
         self.in_flight = True
@@ -156,6 +177,7 @@ class Turn:
     def scored(self, probability: float) -> None:
         self.in_flight = False
         self.probability = probability
+        self.measured_at_s = self.asked_at_s
 
     def failed(self) -> None:
         self.in_flight = False
@@ -167,7 +189,7 @@ class Turn:
         if not self._next_query and not self.in_flight:
             return False  # never asked in this silence: nothing to undo (every speech frame)
         eager, self.eager_sent = self.eager_sent, False
-        self.probability = self.asked_at_s = None
+        self.probability = self.asked_at_s = self.measured_at_s = None
         self.in_flight = self.model_failed = False  # an answer still in flight is for a silence that is over
         self._next_query = 0
         return eager
@@ -196,7 +218,7 @@ class Turn:
         score = self.score(words)
         if score is None:
             return Verdict.HOLD
-        if score >= p.threshold(silence_s):
+        if score >= self.bar(silence_s):
             return Verdict.END
         if not self.eager_sent and score >= p.eager:
             self.eager_sent = True
