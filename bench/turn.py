@@ -3,6 +3,7 @@
     python -m bench.turn                      # all corpus clips: collect, fit on half, report the rest
     python -m bench.turn --limit 20           # quicker
     python -m bench.turn --json turn.json
+    python -m bench.turn --cache cases.json --decode-scale 2 --answer-s 0.08 --last-steps 0.5,0.6,0.75
 
 Every corpus sentence three times: **finished** (its speech, then room tone), **cut after a
 function word** near its middle ("... in the", "... to": the speaker hesitates) and **cut after
@@ -40,7 +41,7 @@ import itertools
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,8 @@ SPEC_AT_S = 0.15                # the speculative decode collected (the words di
                                 # whether it starts at 0.06 or 0.15 s of silence)
 TAIL_S = 1.8
 SPECULATIVE_S = 0.2             # STT_SPECULATIVE_MS
+HANGOVER_S = 0.15               # STT_HANGOVER_MS: the speculative decode starts no sooner
+DECODE_SCALE = 1.0              # --decode-scale: decodes this many times slower than collected
 KINDS = ("finished", "cut-function", "cut-other")
 
 
@@ -191,14 +194,15 @@ def p_at(case: Case, t: float) -> float:
     return case.p[best]
 
 
-def combined_time(case: Case, params: TurnParams, decode_scale: float = 1.0) -> float:
+def combined_time(case: Case, params: TurnParams, decode_scale: float | None = None) -> float:
     """When the worker's Turn ends this case's turn (silence s), run event by event."""
     # the worker starts the speculative final's decode when the model's first answer says the
-    # turn is probably over, else at STT_SPECULATIVE_MS
+    # turn is probably over, else at STT_SPECULATIVE_MS; never before the final's tail of
+    # silence (STT_HANGOVER_MS) is in
     first = params.first_query_s
-    spec_at = (first + MODEL_LATENCY_S if p_at(case, first) >= params.speculate_p
-               else max(first, SPECULATIVE_S))
-    words_at = spec_at + case.decode_s * decode_scale
+    spec_at = max(HANGOVER_S, first + MODEL_LATENCY_S if p_at(case, first) >= params.speculate_p
+                  else max(first, SPECULATIVE_S))
+    words_at = spec_at + case.decode_s * (DECODE_SCALE if decode_scale is None else decode_scale)
     events = sorted({*params.query_s, *(q + MODEL_LATENCY_S for q in params.query_s),
                      *(s for s, _ in params.thresholds), words_at, params.max_silence_s})
     turn = Turn(params)
@@ -336,7 +340,25 @@ def goal_rows(params: TurnParams, cases: list[Case]) -> list[str]:
     return rows
 
 
+def moved_last_step(params: TurnParams, silence_s: float) -> TurnParams:
+    """``params`` with its last threshold step, and the query point there, at ``silence_s``."""
+    last, score = params.thresholds[-1]
+    query = sorted({q for q in params.query_s if q != last} | {silence_s})
+    return replace(params, query_s=tuple(query),
+                   thresholds=(*params.thresholds[:-1], (silence_s, score)))
+
+
+def step_row(params: TurnParams, cases: list[Case]) -> str:
+    times = times_for("combined", params, cases)
+    fin = [t for t, c in zip(times, cases, strict=True) if c.finished]
+    cut = [np.mean([t < pause for t, c in zip(times, cases, strict=True) if c.kind == kind
+                    for pause in GOAL_PAUSES_S]) for kind in KINDS[1:]]
+    return (" / ".join(f"{percentile(fin, q):.2f}" for q in (50, 75, 95)) + " s, "
+            + " / ".join(f"{x:.0%}" for x in cut))
+
+
 def main(argv: list[str] | None = None) -> int:
+    global DECODE_SCALE, MODEL_LATENCY_S
     ap = argparse.ArgumentParser(prog="python -m bench.turn", description=__doc__.split("\n")[0])
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     ap.add_argument("--limit", type=int, default=0, help="clips (0 = all)")
@@ -345,7 +367,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--p95-s", type=float, default=1.5,
                     help="the fitted default's finished-sentence decision p95 at most this")
+    ap.add_argument("--decode-scale", type=float, default=1.0,
+                    help="the decodes this many times slower than collected (2: two sessions "
+                         "at once on two cores, as bench.turn_live measures them)")
+    ap.add_argument("--answer-s", type=float, default=MODEL_LATENCY_S,
+                    help="the model's answer this long after it is asked")
+    ap.add_argument("--last-steps", type=lambda v: [float(x) for x in v.split(",")],
+                    default=[], help="also the worker's default with its last threshold step "
+                                     "(and query point) at each of these silences, both halves")
     args = ap.parse_args(argv)
+    DECODE_SCALE, MODEL_LATENCY_S = args.decode_scale, args.answer_s
     if not (args.corpus / "references.tsv").exists():
         print(f"corpus not available at {args.corpus}", file=sys.stderr)
         return 2
@@ -366,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(cases)} cases from {len(names)} clips ({sum(c.finished for c in cases)} "
           f"finished); fit on {len(fit_names)} clips, figures on the other {len(names) - len(fit_names)}")
     print(f"speculative decode here: p50 {percentile(decode, 50):.2f} s, p95 "
-          f"{percentile(decode, 95):.2f} s; the model's answer counted {MODEL_LATENCY_S} s after "
-          "it is asked")
+          f"{percentile(decode, 95):.2f} s (counted {DECODE_SCALE:g} times that); the model's "
+          f"answer counted {MODEL_LATENCY_S} s after it is asked")
     table = {}
     for family in FAMILIES:
         table[family] = operating_points(family, fit, held)
@@ -404,6 +435,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nthe worker's default ({describe(default)}), held-out clips:")
     for row in goal_rows(default, held):
         print(row)
+    if args.last_steps:
+        print("\nthe default's last threshold step moved (fit half | held-out half): finished "
+              "sentences' decision p50 / p75 / p95; hesitations of 0.6-1.2 s that ended the "
+              "turn, after a function word / another word")
+        for step in args.last_steps:
+            print(f"  {step:.2f} s: " + " | ".join(
+                step_row(moved_last_step(default, step), part) for part in (fit, held)))
     if args.json:
         args.json.write_text(json.dumps({"table": table, "cases": len(cases)}, indent=1,
                                         default=str))

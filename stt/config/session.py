@@ -120,15 +120,16 @@ class TurnSettings(Area):
     endpoint_max_s: float = setting(1.2, "STT_ENDPOINT_MAX_S",
                                     "Adaptive endpointing: the silence that ends an utterance "
                                     "that reads as unfinished.")
-    turn_query_s: str = setting("0.06,0.3,0.75", "STT_TURN_QUERY_S",
+    turn_query_s: str = setting("0.06,0.3,0.6,0.8", "STT_TURN_QUERY_S",
                                 "Model endpointing: the trailing silences (seconds, ascending) "
                                 "at which the end-of-turn model is asked.")
-    turn_thresholds: str = setting("0.06:0.8,0.3:1.1,0.75:0.3", "STT_TURN_THRESHOLDS",
+    turn_thresholds: str = setting("0.06:0.8,0.3:1.1,0.6:0.3", "STT_TURN_THRESHOLDS",
                                    "Model endpointing: silence:score pairs; from that much "
                                    "silence on, a combined score (the model's probability, plus "
                                    "STT_TURN_FINISHED_BONUS when the words end a sentence; never "
                                    "when they end on 'the', 'to', 'and', 'um' or a comma) at "
-                                   "least this high ends the turn.")
+                                   "least this high ends the turn. A probability is held to the "
+                                   "pair of the silence it was asked at when that one is lower.")
     turn_finished_bonus: float = setting(0.3, "STT_TURN_FINISHED_BONUS",
                                          "Model endpointing: added to the model's probability "
                                          "when the speculative final ends like a finished "
