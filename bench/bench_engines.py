@@ -16,7 +16,8 @@ on CPU, the default thread counts), with ``--set KEY=VALUE`` applied to all of t
    word error rate against the human transcripts.
 2. **Batching**: N concurrent 2 s partials (N sessions' segments
    arriving together) with ``WHISPER_BATCH_SIZE=16`` against one by one (batch size 1), in
-   segments per second.
+   segments per second; and the first 12 clips as finals one at a time against two at once
+   (two sessions ending their turns together), three rounds: how much longer each takes.
 3. **Capacity**: ``python -m bench.load --engine E --find-max`` in a subprocess per engine:
    1, 2, 3, 4, 6, ... real-time sessions of corpus speech through nats-server and the worker,
    until final latency p95 exceeds ``STT_CHUNK_TIMEOUT`` + 0.5 s; the largest N that held.
@@ -50,6 +51,8 @@ from stt.engines import Engine, TranscribeOptions, create_engine
 ENGINES = ("faster-whisper", "whisper")
 CONCURRENCY = (1, 4, 8, 16)
 BATCH_SEGMENT_S = 2.0
+PAIR_CLIPS = 12                  # finals: one at a time, then two at once
+PAIR_ROUNDS = 3
 CURVE_STEPS = 2  # capacity steps run past the first that misses the target, to show the curve
 
 
@@ -115,6 +118,31 @@ async def bench_batching(settings: Settings, speech: np.ndarray) -> dict[str, An
     return out
 
 
+async def bench_pairs(settings: Settings, audio: list[np.ndarray]) -> dict[str, Any]:
+    """Finals one at a time against two at once (two sessions ending their turns together):
+    how much longer each takes. 1.0 would be two cores fully used side by side."""
+    engine = await started(settings)
+    options = TranscribeOptions(language="en")
+
+    async def timed(clip: np.ndarray) -> float:
+        t0 = time.perf_counter()
+        await engine.transcribe(clip, options)
+        return time.perf_counter() - t0
+
+    try:
+        await timed(audio[0])  # warm up
+        alone, paired = [], []
+        for _ in range(PAIR_ROUNDS):
+            alone += [await timed(clip) for clip in audio]
+            for a, b in zip(audio[0::2], audio[1::2], strict=False):
+                paired += await asyncio.gather(timed(a), timed(b))
+    finally:
+        await engine.close()
+    return {"alone_s": round(statistics.mean(alone), 3),
+            "two_at_once_s": round(statistics.mean(paired), 3),
+            "ratio": round(statistics.mean(paired) / statistics.mean(alone), 2)}
+
+
 def bench_capacity(engine: str, overrides: dict[str, str], duration_s: float,
                    corpus: Path) -> dict[str, Any]:
     """``bench.load --find-max`` in its own process tree (it starts nats-server and the worker)."""
@@ -174,6 +202,11 @@ def print_report(report: dict[str, Any]) -> None:
         elif cap:
             print(f"\n{name}, capacity: FAILED\n{cap['error']}")
     for name, r in results.items():
+        pairs = r.get("pairs")
+        if pairs:
+            print(f"\n{name}: a final alone {pairs['alone_s']:.3f} s, two at once "
+                  f"{pairs['two_at_once_s']:.3f} s each ({pairs['ratio']:.2f}x)")
+    for name, r in results.items():
         b = r.get("batching")
         if b:
             print(f"\n{name}: concurrent {BATCH_SEGMENT_S:g} s partials   one by one seg/s   "
@@ -196,6 +229,7 @@ async def measure(args: argparse.Namespace, overrides: dict[str, str],
         result: dict[str, Any] = {"corpus": await bench_corpus(settings, audio, references)}
         if not args.no_batching:
             result["batching"] = await bench_batching(settings, speech)
+            result["pairs"] = await bench_pairs(settings, audio[:PAIR_CLIPS])
         results[name] = result
         print(f"{name}: corpus RTF {result['corpus']['rtf']}, WER {result['corpus']['wer']}",
               flush=True)

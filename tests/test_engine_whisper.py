@@ -332,6 +332,32 @@ async def test_batcher_runs_as_many_passes_at_once_as_it_has_workers() -> None:
         await batcher.close()
 
 
+async def test_batcher_spreads_requests_over_idle_workers_before_grouping_them() -> None:
+    """On a CPU with a thread per worker, a pass of two takes as long as the two one after the
+    other: requests that find two idle workers go to both. A worker that just finished counts
+    as idle for the requests its callers send at once."""
+    passes: list[list[str]] = []
+
+    def run(items: list[str]) -> list[str]:
+        passes.append(items)
+        time.sleep(0.05)
+        return [i.upper() for i in items]
+
+    with ThreadPoolExecutor(2) as pool:
+        batcher: MicroBatcher[str, str] = MicroBatcher(run, pool, max_batch=8, max_wait_s=0.01,
+                                                       workers=2)
+        batcher.start()
+        for _ in range(3):  # each pair right after the last one's answers
+            passes.clear()
+            assert await asyncio.gather(batcher.submit("a", "en"), batcher.submit("b", "en")) \
+                == ["A", "B"]
+            assert sorted(passes) == [["a"], ["b"]]
+        passes.clear()
+        assert len(await asyncio.gather(*(batcher.submit(x, "en") for x in "cdefg"))) == 5
+        assert sorted(map(len, passes)) == [2, 3]  # shared, not one pass of five
+        await batcher.close()
+
+
 # --- GPU ----------------------------------------------------------------------------------
 
 

@@ -7,9 +7,13 @@ group holds requests with the same ``key`` (those that can share one decoder pas
 language, prompt, window), at most ``max_batch`` of them, lowest ``priority`` first (finals
 before partials), oldest first within a priority.
 
-When a worker is idle and a request arrives, the batcher waits up to ``max_wait_s`` for
-others to join (a few milliseconds: the price of batching when load is light). When every
-worker is busy, requests pile up on their own and the next group leaves as soon as one is free.
+Requests are spread over the idle workers before they are grouped: with two idle workers, two
+requests go to a pass each, side by side (on a CPU with a thread per worker, a pass of two takes
+about as long as the two one after the other while the other core waits). When the last idle
+worker takes a request that arrived alone, the batcher waits up to ``max_wait_s`` for others to
+join (a few milliseconds: the price of batching when load is light). When every worker is busy,
+requests pile up on their own and the next group leaves as soon as one is free, as large as
+``max_batch`` allows.
 A request whose caller gave up (timeout, cancellation) is dropped before it costs a pass.
 """
 
@@ -73,6 +77,7 @@ class MicroBatcher(Generic[T, R]):
         self._seq = itertools.count()
         self._task: asyncio.Task[None] | None = None
         self._passes: set[asyncio.Task[None]] = set()
+        self._running = 0  # passes whose results are not handed out yet
 
     def start(self) -> None:
         if self._task is None:
@@ -113,11 +118,13 @@ class MicroBatcher(Generic[T, R]):
             if not self._pending:
                 self._arrived.clear()
                 await self._arrived.wait()
-                await self._gather_companions(loop)
-            batch = self._take()
+                if self._running == self.workers - 1:  # else a companion gets a worker of its own
+                    await self._gather_companions(loop)
+            batch = self._take(idle=self.workers - self._running)
             if not batch:
                 free.release()
                 continue
+            self._running += 1
             self.stats.batches += 1
             self.stats.requests += len(batch)
             self.stats.largest = max(self.stats.largest, len(batch))
@@ -143,6 +150,10 @@ class MicroBatcher(Generic[T, R]):
             raise
         except Exception as exc:
             outcomes = [exc] * len(batch)
+        finally:
+            # counted free before the callers hear back: a request they send at once is
+            # spread as if this worker were idle (it is, as soon as this task ends)
+            self._running -= 1
         for p, outcome in zip(batch, outcomes, strict=True):
             if p.future.done():
                 continue
@@ -164,7 +175,8 @@ class MicroBatcher(Generic[T, R]):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
 
-    def _take(self) -> list[_Pending[T]]:
+    def _take(self, idle: int = 1) -> list[_Pending[T]]:
+        """The next group: requests with the first one's key, shared among ``idle`` workers."""
         live = [p for p in self._pending if not p.future.done()]
         self.stats.dropped += len(self._pending) - len(live)
         if not live:
@@ -172,7 +184,8 @@ class MicroBatcher(Generic[T, R]):
             return []
         live.sort()
         key = live[0].key
-        batch = [p for p in live if p.key == key][: self.max_batch]
+        same = [p for p in live if p.key == key]
+        batch = same[: min(self.max_batch, -(-len(same) // max(1, idle)))]
         chosen = {id(p) for p in batch}
         self._pending = [p for p in live if id(p) not in chosen]
         return batch
