@@ -332,10 +332,11 @@ async def test_batcher_runs_as_many_passes_at_once_as_it_has_workers() -> None:
         await batcher.close()
 
 
-async def test_batcher_spreads_requests_over_idle_workers_before_grouping_them() -> None:
+async def test_batcher_spreads_finals_over_idle_workers_and_keeps_partials_in_one_pass() -> None:
     """On a CPU with a thread per worker, a pass of two takes as long as the two one after the
-    other: requests that find two idle workers go to both. A worker that just finished counts
-    as idle for the requests its callers send at once."""
+    other: finals that find two idle workers go to both, and a worker that just finished counts
+    as idle for the finals its callers send at once. Partials keep to one pass, leaving the
+    other worker free for a final."""
     passes: list[list[str]] = []
 
     def run(items: list[str]) -> list[str]:
@@ -355,6 +356,10 @@ async def test_batcher_spreads_requests_over_idle_workers_before_grouping_them()
         passes.clear()
         assert len(await asyncio.gather(*(batcher.submit(x, "en") for x in "cdefg"))) == 5
         assert sorted(map(len, passes)) == [2, 3]  # shared, not one pass of five
+        passes.clear()
+        partials = [batcher.submit(x, "en", priority=1) for x in "hijk"]
+        assert len(await asyncio.gather(*partials)) == 4
+        assert passes == [["h", "i", "j", "k"]]
         await batcher.close()
 
 

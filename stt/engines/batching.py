@@ -7,14 +7,14 @@ group holds requests with the same ``key`` (those that can share one decoder pas
 language, prompt, window), at most ``max_batch`` of them, lowest ``priority`` first (finals
 before partials), oldest first within a priority.
 
-Requests are spread over the idle workers before they are grouped: with two idle workers, two
-requests go to a pass each, side by side (on a CPU with a thread per worker, a pass of two takes
-about as long as the two one after the other while the other core waits). When the last idle
-worker takes a request that arrived alone, the batcher waits up to ``max_wait_s`` for others to
-join (a few milliseconds: the price of batching when load is light). When every worker is busy,
-requests pile up on their own and the next group leaves as soon as one is free, as large as
-``max_batch`` allows.
-A request whose caller gave up (timeout, cancellation) is dropped before it costs a pass.
+Finals (priority 0) are spread over the idle workers before they are grouped: with two idle
+workers, two finals go to a pass each, side by side (on a CPU with a thread per worker, a pass
+of two takes about as long as the two one after the other while the other core waits). Partials
+keep to one pass, so the other workers stay free for finals. When a worker takes a request that
+arrived alone and no other worker is idle for it (or it is a partial), the batcher waits up to
+``max_wait_s`` for others to join (a few milliseconds: the price of batching when load is
+light). When every worker is busy, requests pile up on their own and the next group leaves as
+soon as one is free, as large as ``max_batch`` allows. A request whose caller gave up (timeout, cancellation) is dropped before it costs a pass.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class MicroBatcher(Generic[T, R]):
             if not self._pending:
                 self._arrived.clear()
                 await self._arrived.wait()
-                if self._running == self.workers - 1:  # else a companion gets a worker of its own
+                if not self._spread(self.workers - self._running):
                     await self._gather_companions(loop)
             batch = self._take(idle=self.workers - self._running)
             if not batch:
@@ -175,8 +175,15 @@ class MicroBatcher(Generic[T, R]):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
 
+    def _spread(self, idle: int) -> bool:
+        """Share the next group among the idle workers? Only requests of the first priority
+        (finals): a lower one (partials) keeps to one pass, leaving the others free for the
+        finals that may come (``stt.transport.scheduler`` keeps passes for them too)."""
+        return idle > 1 and min((p.priority for p in self._pending), default=1) <= 0
+
     def _take(self, idle: int = 1) -> list[_Pending[T]]:
-        """The next group: requests with the first one's key, shared among ``idle`` workers."""
+        """The next group: requests with the first one's key, shared among the ``idle``
+        workers when they are finals (:meth:`_spread`)."""
         live = [p for p in self._pending if not p.future.done()]
         self.stats.dropped += len(self._pending) - len(live)
         if not live:
@@ -185,7 +192,8 @@ class MicroBatcher(Generic[T, R]):
         live.sort()
         key = live[0].key
         same = [p for p in live if p.key == key]
-        batch = same[: min(self.max_batch, -(-len(same) // max(1, idle)))]
+        share = idle if self._spread(idle) else 1
+        batch = same[: min(self.max_batch, -(-len(same) // share))]
         chosen = {id(p) for p in batch}
         self._pending = [p for p in live if id(p) not in chosen]
         return batch
