@@ -58,8 +58,9 @@ Metrics (table columns are scenario groups; ``all`` pools the speech groups):
 * partial churn — of the words published in partials, the fraction at a position whose word
   differs in the segment's next partial (or its final): how much the text on screen jumps.
 * stable words withdrawn — words of a partial's ``stable_text`` that do not appear at the same
-  position in every later partial and the final of its segment. Must be 0. ("n/a" while the
-  worker sends no ``stable_text``; a missing field counts as empty.)
+  position in every later partial of its segment. Must be 0. ("n/a" while the worker sends no
+  ``stable_text``; a missing field counts as empty.) Beside it, those only the final changed:
+  with ``STT_FINAL_WINDOW=full`` (the default) a final may revise a stable word.
 * interrupt latency — interrupt arrival minus the barge-in speech onset; missed interrupts —
   barge-ins (speech >= 0.5 s) with no interrupt at or after the onset; false interrupts — any
   interrupt before the onset (lead-in noise) or during noise/silence sessions.
@@ -343,7 +344,8 @@ class Score:
     changed_words: int = 0
     stable_partials: int = 0
     stable_words: int = 0
-    withdrawn: int = 0
+    withdrawn: int = 0          # by a later partial: never
+    stable_revised: int = 0     # by the final only (STT_FINAL_WINDOW=full may)
     expected_interrupts: int = 0
     interrupt_latency_s: list[float] = field(default_factory=list)
     missed_interrupts: int = 0
@@ -430,10 +432,13 @@ def score_session(p: Played, offline: dict[str, Offline], settings: Settings,
             stable = words(m.get("stable_text"))
             s.stable_words += len(stable)
             withdrawn: set[int] = set()
-            for later in texts[j + 1:]:
-                withdrawn.update(i for i, w in enumerate(stable)
-                                 if i >= len(later) or later[i] != w)
+            revised: set[int] = set()
+            for k in range(j + 1, len(msgs)):
+                later = texts[k]
+                (withdrawn if msgs[k].get("is_partial") else revised).update(
+                    i for i, w in enumerate(stable) if i >= len(later) or later[i] != w)
             s.withdrawn += len(withdrawn)
+            s.stable_revised += len(revised - withdrawn)
 
     # --- WER ----------------------------------------------------------------------------------
     detail: dict[str, Any] = {"name": sc.name, "group": sc.group, "kind": sc.kind,
@@ -627,6 +632,7 @@ def summary(s: Score, column: str) -> dict[str, Any]:
         "partial_words": s.partial_words, "changed_words": s.changed_words,
         "stable_text_present": s.stable_partials, "stable_words": s.stable_words,
         "stable_words_withdrawn": s.withdrawn if s.stable_partials else None,
+        "stable_words_revised_by_final": s.stable_revised if s.stable_partials else None,
         "chunk_lag_ms_p99": pct(s.lag_ms, 99), "chunk_lag_ms_max": max(s.lag_ms, default=None),
         "interrupt_cancelled": s.cancelled,
     }
@@ -728,9 +734,12 @@ def table(columns: dict[str, Score], present: list[str]) -> str:
         row("partial churn (words changed later)",
             lambda s, d, c: (fmt_ratio(s.changed_words, s.partial_words)
                              if s.partial_words else None)),
-        row("stable words withdrawn (must be 0)",
+        row("stable words withdrawn by a later partial (must be 0)",
             lambda s, d, c: (f"{s.withdrawn} of {s.stable_words}" if s.stable_partials
                              else ("n/a (no stable_text)" if s.partials else None))),
+        row("  stable words the final revised (full window may)",
+            lambda s, d, c: (f"{s.stable_revised} of {s.stable_words}" if s.stable_partials
+                             else None)),
         row("interrupt latency p50/p95",
             when(("barge", "synth", "all"), dist("interrupt_latency_s"))),
         row("missed interrupts",
