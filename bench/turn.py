@@ -194,7 +194,7 @@ def p_at(case: Case, t: float) -> float:
     return case.p[best]
 
 
-def combined_time(case: Case, params: TurnParams, decode_scale: float | None = None) -> float:
+def combined_time(case: Case, params: TurnParams) -> float:
     """When the worker's Turn ends this case's turn (silence s), run event by event."""
     # the worker starts the speculative final's decode when the model's first answer says the
     # turn is probably over, else at STT_SPECULATIVE_MS; never before the final's tail of
@@ -202,7 +202,7 @@ def combined_time(case: Case, params: TurnParams, decode_scale: float | None = N
     first = params.first_query_s
     spec_at = max(HANGOVER_S, first + MODEL_LATENCY_S if p_at(case, first) >= params.speculate_p
                   else max(first, SPECULATIVE_S))
-    words_at = spec_at + case.decode_s * (DECODE_SCALE if decode_scale is None else decode_scale)
+    words_at = spec_at + case.decode_s * DECODE_SCALE
     events = sorted({*params.query_s, *(q + MODEL_LATENCY_S for q in params.query_s),
                      *(s for s, _ in params.thresholds), words_at, params.max_silence_s})
     turn = Turn(params)
@@ -272,9 +272,7 @@ def fit_default(fit: list[Case], p95_s: float) -> tuple[str, TurnParams] | None:
         fin = [t for t, c in zip(times, fit, strict=True) if c.finished]
         if (percentile(fin, 95) or 0.0) > p95_s:
             continue
-        cut = {kind: float(np.mean([t < pause for t, c in zip(times, fit, strict=True)
-                                    if c.kind == kind for pause in GOAL_PAUSES_S]))
-               for kind in KINDS[1:]}
+        cut = goal_cutoffs(times, fit)
         if cut["cut-function"] > 0.15 or cut["cut-other"] > 0.30:
             continue
         key = (float(np.median(fin)), cut["cut-other"])
@@ -323,9 +321,20 @@ def operating_points(family: str, fit: list[Case], held: list[Case]) -> dict[str
     return out
 
 
+def goal_cutoffs(times: list[float], cases: list[Case]) -> dict[str, float]:
+    """Per cut kind: the share of its hesitations of :data:`GOAL_PAUSES_S` the turn ended."""
+    out = {}
+    for kind in KINDS[1:]:
+        ended = [t < pause for t, c in zip(times, cases, strict=True) if c.kind == kind
+                 for pause in GOAL_PAUSES_S]
+        out[kind] = float(np.mean(ended)) if ended else 0.0
+    return out
+
+
 def goal_rows(params: TurnParams, cases: list[Case]) -> list[str]:
     times = times_for("combined", params, cases)
     fin = [t for t, c in zip(times, cases, strict=True) if c.finished]
+    cut = goal_cutoffs(times, cases)
     offset = [c.silence_start_s - c.speech_end_s for c in cases if c.finished]
     rows = [f"  finished sentences: decision p50 {percentile(fin, 50):.2f} s, p95 "
             f"{percentile(fin, 95):.2f} s after the worker's silence starts (which is "
@@ -334,9 +343,8 @@ def goal_rows(params: TurnParams, cases: list[Case]) -> list[str]:
         sub = [(t, c) for t, c in zip(times, cases, strict=True) if c.kind == kind]
         per = "  ".join(f"{pause:.1f} s: {sum(t < pause for t, _ in sub)}/{len(sub)}"
                         for pause in PAUSES_S)
-        goal = np.mean([t < pause for t, _ in sub for pause in GOAL_PAUSES_S]) if sub else 0
         rows.append(f"  {kind}: turns ended during a hesitation of {per}; 0.6-1.2 s: "
-                    f"{goal:.0%}")
+                    f"{cut[kind]:.0%}")
     return rows
 
 
@@ -351,10 +359,8 @@ def moved_last_step(params: TurnParams, silence_s: float) -> TurnParams:
 def step_row(params: TurnParams, cases: list[Case]) -> str:
     times = times_for("combined", params, cases)
     fin = [t for t, c in zip(times, cases, strict=True) if c.finished]
-    cut = [np.mean([t < pause for t, c in zip(times, cases, strict=True) if c.kind == kind
-                    for pause in GOAL_PAUSES_S]) for kind in KINDS[1:]]
     return (" / ".join(f"{percentile(fin, q):.2f}" for q in (50, 75, 95)) + " s, "
-            + " / ".join(f"{x:.0%}" for x in cut))
+            + " / ".join(f"{x:.0%}" for x in goal_cutoffs(times, cases).values()))
 
 
 def main(argv: list[str] | None = None) -> int:
