@@ -14,7 +14,8 @@ keep to one pass, so the other workers stay free for finals. When a worker takes
 arrived alone and no other worker is idle for it (or it is a partial), the batcher waits up to
 ``max_wait_s`` for others to join (a few milliseconds: the price of batching when load is
 light). When every worker is busy, requests pile up on their own and the next group leaves as
-soon as one is free, as large as ``max_batch`` allows. A request whose caller gave up (timeout, cancellation) is dropped before it costs a pass.
+soon as one is free, as large as ``max_batch`` allows. A request whose caller gave up (timeout,
+cancellation) is dropped before it costs a pass.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ class MicroBatcher(Generic[T, R]):
             if not self._pending:
                 self._arrived.clear()
                 await self._arrived.wait()
-                if not self._spread(self.workers - self._running):
+                idle = self.workers - self._running  # a pass may have ended meanwhile
+                if not self._spreads(idle, min(p.priority for p in self._pending)):
                     await self._gather_companions(loop)
             batch = self._take(idle=self.workers - self._running)
             if not batch:
@@ -175,15 +177,16 @@ class MicroBatcher(Generic[T, R]):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
 
-    def _spread(self, idle: int) -> bool:
-        """Share the next group among the idle workers? Only requests of the first priority
-        (finals): a lower one (partials) keeps to one pass, leaving the others free for the
-        finals that may come (``stt.transport.scheduler`` keeps passes for them too)."""
-        return idle > 1 and min((p.priority for p in self._pending), default=1) <= 0
+    @staticmethod
+    def _spreads(idle: int, priority: int) -> bool:
+        """Share a group of this priority among the idle workers? Only finals (priority 0): a
+        lower one (partials) keeps to one pass, leaving the others free for the finals that may
+        come (``stt.transport.scheduler`` keeps passes for them too)."""
+        return idle > 1 and priority <= 0
 
     def _take(self, idle: int = 1) -> list[_Pending[T]]:
         """The next group: requests with the first one's key, shared among the ``idle``
-        workers when they are finals (:meth:`_spread`)."""
+        workers when they are finals (:meth:`_spreads`)."""
         live = [p for p in self._pending if not p.future.done()]
         self.stats.dropped += len(self._pending) - len(live)
         if not live:
@@ -192,7 +195,7 @@ class MicroBatcher(Generic[T, R]):
         live.sort()
         key = live[0].key
         same = [p for p in live if p.key == key]
-        share = idle if self._spread(idle) else 1
+        share = idle if self._spreads(idle, live[0].priority) else 1
         batch = same[: min(self.max_batch, -(-len(same) // share))]
         chosen = {id(p) for p in batch}
         self._pending = [p for p in live if id(p) not in chosen]
